@@ -1,0 +1,82 @@
+"""DeepFashion Category and Attribute Prediction reader: one row per image, 50 categories, 1,000 attributes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ._annotations import read_annotation, read_annotation_matrix, require_path
+from ._common import finish_table, image_base
+
+STATUSES = ("train", "val", "test")
+CATEGORY_TYPES = {1: "upper-body", 2: "lower-body", 3: "full-body"}
+ATTRIBUTE_TYPES = {1: "texture", 2: "fabric", 3: "shape", 4: "part", 5: "style"}
+
+
+def read_attribute_names(dataset_dir: str | os.PathLike) -> pd.DataFrame:
+    """Anno/list_attr_cloth.txt as a frame (attribute_name, attribute_type, group); names may hold spaces."""
+    names = read_annotation(
+        Path(dataset_dir) / "Anno" / "list_attr_cloth.txt", ["attribute_name", "attribute_type"],
+        converters={"attribute_type": int}, merge_extra_into="attribute_name", dataset="attributes",
+    )
+    names["group"] = names["attribute_type"].map(ATTRIBUTE_TYPES)
+    return names
+
+
+def read_attributes(
+    dataset_dir: str | os.PathLike, attributes: bool = True, check_images: bool = True
+) -> pd.DataFrame:
+    """Read Category-Attribute: categories (1-based labels), train/val/test partition, attributes, boxes.
+
+    label = category; domain 'shop'; item_id = the image's folder (a product title, e.g.
+    'Sheer_Pleated-Front_Blouse'). attributes=True adds column `attributes`: a tuple of the names
+    of the attributes marked 1 for that image (the full name list is read_attribute_names());
+    attributes=False skips the 1,000-column file. Boxes come from Anno/list_bbox.txt when present.
+    """
+    folder = Path(dataset_dir)
+    anno = folder / "Anno"
+    cats = read_annotation(anno / "list_category_cloth.txt", ["category_name", "category_type"],
+                           converters={"category_type": int}, merge_extra_into="category_name", dataset="attributes")
+    labels = read_annotation(anno / "list_category_img.txt", ["image_name", "category_label"],
+                             converters={"category_label": int}, dataset="attributes")
+    part = read_annotation(folder / "Eval" / "list_eval_partition.txt", ["image_name", "evaluation_status"],
+                           choices={"evaluation_status": STATUSES}, dataset="attributes")
+    bad = labels.loc[(labels["category_label"] < 1) | (labels["category_label"] > len(cats))]
+    if len(bad):
+        raise ValueError(f"{anno / 'list_category_img.txt'}: category_label must be 1..{len(cats)} "
+                         f"(list_category_cloth.txt), got {int(bad['category_label'].iloc[0])} for {bad['image_name'].iloc[0]}")
+    base = image_base(folder, "attributes")
+    table = part.merge(labels, on="image_name", how="inner", validate="one_to_one")
+    if len(table) != len(part) or len(table) != len(labels):
+        raise ValueError(f"{folder}: Eval/list_eval_partition.txt lists {len(part)} images and "
+                         f"Anno/list_category_img.txt {len(labels)}; {len(table)} in both")
+    index = table["category_label"].to_numpy() - 1
+    table["category"] = cats["category_name"].to_numpy()[index]
+    table["category_type"] = cats["category_type"].to_numpy()[index]
+    table["split"] = table.pop("evaluation_status")
+    table["label"] = table["category"]
+    table["item_id"] = table["image_name"].str.split("/").str[-2].fillna(table["image_name"])
+    table["domain"] = "shop"
+    table["path"] = [str(base / n) for n in table["image_name"]]
+    bbox_file = anno / "list_bbox.txt"
+    if bbox_file.exists():
+        box = read_annotation(bbox_file, ["image_name", "x1", "y1", "x2", "y2"],
+                              converters={c: float for c in ("x1", "y1", "x2", "y2")}, dataset="attributes")
+        table = table.merge(box.drop_duplicates("image_name"), on="image_name", how="left")
+    else:
+        table[["x1", "y1", "x2", "y2"]] = np.nan
+    if attributes:
+        names = read_attribute_names(folder)["attribute_name"].to_numpy()
+        images, matrix = read_annotation_matrix(require_path(anno / "list_attr_img.txt", "attributes", "annotation file"))
+        if matrix.shape[1] != len(names):
+            raise ValueError(f"{anno / 'list_attr_img.txt'}: {matrix.shape[1]} values per image but "
+                             f"list_attr_cloth.txt names {len(names)} attributes")
+        active = [tuple(names[np.flatnonzero(row == 1)]) for row in matrix]
+        lookup = dict(zip(reversed(images.tolist()), reversed(active)))  # first occurrence wins
+        table["attributes"] = [lookup.get(n, ()) for n in table["image_name"]]
+    table = table[["path", "item_id", "label", "category", "domain", "split", "x1", "y1", "x2", "y2",
+                   "image_name", "category_label", "category_type"] + (["attributes"] if attributes else [])]
+    return finish_table(table, "attributes", check_images)

@@ -1,0 +1,78 @@
+"""DeepFashion Consumer-to-shop Clothes Retrieval reader: one row per (image, role), official protocol."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from ._annotations import read_annotation
+from ._common import finish_table, image_base
+
+STATUSES = ("train", "val", "test")
+SOURCE_TYPES = {1: "shop", 2: "consumer"}
+
+
+def assign_consumer2shop_splits(pairs: pd.DataFrame, eval_split: str = "test") -> pd.DataFrame:
+    """Turn (consumer, shop, item_id, status) pairs into one row per (image, role) with the protocol split.
+
+    train pairs -> both images 'train'; consumer images of `eval_split` -> 'query'; consumer images
+    of the other held-out split -> 'val' (or 'test' when eval_split='val'); shop images of val+test
+    -> 'gallery'. An image listed in several pairs appears once per role.
+    """
+    if eval_split not in ("val", "test"):
+        raise ValueError(f"eval_split must be 'val' or 'test', got {eval_split!r}")
+    other = "val" if eval_split == "test" else "test"
+    consumer_split = {"train": "train", eval_split: "query", other: other}
+    shop_split = {"train": "train", "val": "gallery", "test": "gallery"}
+    consumer = pd.DataFrame({
+        "image_name": pairs["consumer"], "item_id": pairs["item_id"], "domain": "consumer",
+        "split": pairs["evaluation_status"].map(consumer_split), "status": pairs["evaluation_status"],
+    })
+    shop = pd.DataFrame({
+        "image_name": pairs["shop"], "item_id": pairs["item_id"], "domain": "shop",
+        "split": pairs["evaluation_status"].map(shop_split), "status": pairs["evaluation_status"],
+    })
+    rows = pd.concat([consumer, shop], ignore_index=True)
+    n_pairs = rows.groupby(["image_name", "domain", "split"], sort=False)["item_id"].transform("size")
+    rows = rows.assign(n_pairs=n_pairs).drop_duplicates(["image_name", "domain", "split"]).reset_index(drop=True)
+    return rows
+
+
+def read_consumer2shop(dataset_dir: str | os.PathLike, eval_split: str = "test", check_images: bool = True) -> pd.DataFrame:
+    """Read Consumer-to-shop: Eval/list_eval_partition.txt pairs + Anno/list_bbox_consumer2shop.txt.
+
+    label = item_id; domain shop/consumer; category 'CLOTHING/Blouse' (img/<CATEGORY>/<SUB>/id/...);
+    extra columns image_name, group (<CATEGORY>), subcategory, status (the official partition of the
+    image's pairs), n_pairs, clothes_type, source_type.
+    """
+    folder = Path(dataset_dir)
+    pairs = read_annotation(
+        folder / "Eval" / "list_eval_partition.txt",
+        ["consumer", "shop", "item_id", "evaluation_status"],
+        choices={"evaluation_status": STATUSES},
+        dataset="consumer2shop",
+    )
+    box = read_annotation(
+        folder / "Anno" / "list_bbox_consumer2shop.txt",
+        ["image_name", "clothes_type", "source_type", "x1", "y1", "x2", "y2"],
+        converters={"clothes_type": int, "source_type": int, "x1": float, "y1": float, "x2": float, "y2": float},
+        dataset="consumer2shop",
+    )
+    base = image_base(folder, "consumer2shop")
+    table = assign_consumer2shop_splits(pairs, eval_split)
+    table = table.merge(box.drop_duplicates("image_name"), on="image_name", how="left")
+    parts = table["image_name"].str.split("/")
+    table["group"] = parts.str[-4].fillna("")
+    table["subcategory"] = parts.str[-3].fillna("")
+    table["category"] = table["group"] + "/" + table["subcategory"]
+    table["path"] = [str(base / n) for n in table["image_name"]]
+    table["label"] = table["item_id"]
+    table["clothes_type"] = table["clothes_type"].astype("Int64")
+    table["source_type"] = table["source_type"].astype("Int64")
+    table = table[
+        ["path", "item_id", "label", "category", "domain", "split", "x1", "y1", "x2", "y2", "image_name",
+         "group", "subcategory", "status", "n_pairs", "clothes_type", "source_type"]
+    ]
+    return finish_table(table, "consumer2shop", check_images)

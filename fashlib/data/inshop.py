@@ -1,0 +1,65 @@
+"""DeepFashion In-shop Clothes Retrieval reader: one row per image, official train/query/gallery split."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ._annotations import read_annotation
+from ._common import finish_table, image_base
+
+SPLITS = ("train", "query", "gallery")
+CLOTHES_TYPES = {1: "upper-body", 2: "lower-body", 3: "full-body"}
+POSE_TYPES = {1: "frontal", 2: "side", 3: "back", 4: "zoom-out", 5: "zoom-in", 6: "stand-alone"}
+
+
+def parse_inshop_name(image_name: str) -> dict[str, object]:
+    """Split 'img/WOMEN/Dresses/id_00000002/02_1_front.jpg' into gender, category, view, pose."""
+    parts = image_name.split("/")
+    if len(parts) < 5:
+        raise ValueError(f"In-shop image name does not look like img/<GENDER>/<CATEGORY>/<ITEM>/<file>: {image_name!r}")
+    gender, sub = parts[-4], parts[-3]
+    stem = parts[-1].rsplit(".", 1)[0].split("_")
+    view = int(stem[0]) if stem and stem[0].isdigit() else np.nan
+    pose = "_".join(stem[2:]) if len(stem) >= 3 else (stem[-1] if stem else "")
+    return {"category": f"{gender}/{sub}", "gender": gender, "subcategory": sub, "view": view, "pose": pose}
+
+
+def read_inshop(dataset_dir: str | os.PathLike, check_images: bool = True) -> pd.DataFrame:
+    """Read In-shop: Eval/list_eval_partition.txt + Anno/list_bbox_inshop.txt into the contract table.
+
+    label = item_id; domain 'shop'; category 'WOMEN/Dresses' (gender/category from the path);
+    extra columns image_name, gender, subcategory, view, pose (from the file name), clothes_type,
+    pose_type (from the bbox file, ints as documented in FORMATS.md).
+    """
+    folder = Path(dataset_dir)
+    part = read_annotation(
+        folder / "Eval" / "list_eval_partition.txt",
+        ["image_name", "item_id", "evaluation_status"],
+        choices={"evaluation_status": SPLITS},
+        dataset="inshop",
+    )
+    box = read_annotation(
+        folder / "Anno" / "list_bbox_inshop.txt",
+        ["image_name", "clothes_type", "pose_type", "x1", "y1", "x2", "y2"],
+        converters={"clothes_type": int, "pose_type": int, "x1": float, "y1": float, "x2": float, "y2": float},
+        dataset="inshop",
+    )
+    base = image_base(folder, "inshop")
+    table = part.merge(box.drop_duplicates("image_name"), on="image_name", how="left")
+    names = pd.DataFrame([parse_inshop_name(n) for n in table["image_name"]], index=table.index)
+    table = pd.concat([table, names], axis=1)
+    table["path"] = [str(base / n) for n in table["image_name"]]
+    table["label"] = table["item_id"]
+    table["domain"] = "shop"
+    table["split"] = table.pop("evaluation_status")
+    table["clothes_type"] = table["clothes_type"].astype("Int64")
+    table["pose_type"] = table["pose_type"].astype("Int64")
+    table = table[
+        ["path", "item_id", "label", "category", "domain", "split", "x1", "y1", "x2", "y2", "image_name",
+         "gender", "subcategory", "clothes_type", "pose_type", "pose", "view"]
+    ]
+    return finish_table(table, "inshop", check_images)
