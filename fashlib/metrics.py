@@ -1,0 +1,221 @@
+"""Retrieval search and metrics: faiss inner-product search, top-k recall, MAP@R, ranked lists.
+
+Scores are inner products, so pass L2-normalised embeddings to rank by cosine similarity
+(fashlib Embedders already return normalised vectors). Inputs may be numpy arrays or torch
+tensors; labels may be strings or integers (compared with ``==``).
+
+Self-exclusion rule (``exclude_self=True``): the queries ARE the gallery, row for row; query i's
+own row i is removed from its ranked list (by position, whatever the scores), and also from its
+relevant set when computing R for MAP@R. Query and gallery must then have the same number of rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import faiss
+import numpy as np
+
+# ---------------------------------------------------------------- inputs
+
+
+def _as_matrix(x: Any, name: str) -> np.ndarray:
+    """A C-contiguous float32 (N, D) array from numpy / torch input; ValueError when not 2-D."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (N, D), got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _as_labels(labels: Any, n: int, name: str) -> np.ndarray:
+    """Labels as a 1-D numpy array of length ``n``."""
+    if hasattr(labels, "detach"):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != n:
+        raise ValueError(f"{name} must be 1-D with one label per row ({n}), got shape {labels.shape}")
+    return labels
+
+
+def _check_pair(query: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bool = False) -> None:
+    if len(gallery) == 0:
+        raise ValueError("gallery is empty")
+    if len(query) == 0:
+        raise ValueError("query set is empty")
+    if query.shape[1] != gallery.shape[1]:
+        raise ValueError(f"query dim {query.shape[1]} != gallery dim {gallery.shape[1]}")
+    if exclude_self and len(query) != len(gallery):
+        raise ValueError(f"exclude_self needs the queries to be the gallery row for row, got "
+                         f"{len(query)} queries and {len(gallery)} gallery rows")
+    available = len(gallery) - int(exclude_self)
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > available:
+        raise ValueError(f"k={k} is larger than the gallery ({available} items"
+                         f"{' once self is excluded' if exclude_self else ''})")
+
+
+# ---------------------------------------------------------------- faiss indexes
+
+
+def _flat(gallery: np.ndarray, k: int) -> faiss.Index:
+    """Exact inner-product index."""
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(gallery)
+    return index
+
+
+def _ivf(gallery: np.ndarray, k: int, nlist: int | None = None, nprobe: int = 16) -> faiss.Index:
+    """Inverted file over k-means cells (nlist cells, nprobe visited); default nlist ~ 4 sqrt(N)."""
+    n, d = gallery.shape
+    if nlist is None:
+        nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
+    if nlist > n:
+        raise ValueError(f"nlist={nlist} needs at least as many gallery items, got {n}")
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = 1234
+    index.train(gallery)
+    index.add(gallery)
+    index.nprobe = min(nprobe, nlist)
+    return index
+
+
+def _hnsw(gallery: np.ndarray, k: int, M: int = 32, efConstruction: int = 40, efSearch: int = 64) -> faiss.Index:
+    """HNSW graph index on inner product; efSearch is raised to k when smaller."""
+    index = faiss.IndexHNSWFlat(gallery.shape[1], M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = efConstruction
+    index.add(gallery)
+    index.hnsw.efSearch = max(efSearch, k)
+    return index
+
+
+INDEXES: dict[str, Callable[..., faiss.Index]] = {"flat": _flat, "ivf": _ivf, "hnsw": _hnsw}
+
+
+def build_index(gallery: Any, index: str = "flat", k: int = 1, **index_options: Any) -> faiss.Index:
+    """Build the faiss index ``index`` ("flat" | "ivf" | "hnsw") over gallery rows (inner product)."""
+    if index not in INDEXES:
+        raise ValueError(f"unknown index {index!r}; known: {sorted(INDEXES)}")
+    return INDEXES[index](_as_matrix(gallery, "gallery"), k, **index_options)
+
+
+def search(query: Any, gallery: Any, k: int, index: str = "flat",
+           **index_options: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k gallery rows per query by inner product: (scores (Q, k) float32, indices (Q, k) int64).
+
+    Approximate indexes may return index -1 (score -inf) when fewer than k items were reached.
+    """
+    query, gallery = _as_matrix(query, "query"), _as_matrix(gallery, "gallery")
+    _check_pair(query, gallery, k)
+    scores, indices = build_index(gallery, index, k=k, **index_options).search(query, k)
+    return scores, indices
+
+
+# ---------------------------------------------------------------- ranked lists
+
+
+class Neighbours(NamedTuple):
+    """Ranked retrieval lists: scores/indices (Q, k); matches (Q, k) bool or None without labels."""
+
+    scores: np.ndarray
+    indices: np.ndarray
+    matches: np.ndarray | None
+
+
+def neighbours(query_emb: Any, gallery_emb: Any, k: int = 10, query_labels: Any = None,
+               gallery_labels: Any = None, exclude_self: bool = False, index: str = "flat",
+               **index_options: Any) -> Neighbours:
+    """The k best gallery rows for every query (self excluded on request), with label matches."""
+    query, gallery = _as_matrix(query_emb, "query"), _as_matrix(gallery_emb, "gallery")
+    _check_pair(query, gallery, k, exclude_self)
+    scores, indices = search(query, gallery, k + int(exclude_self), index, **index_options)
+    if exclude_self:
+        is_self = indices == np.arange(len(query))[:, None]
+        order = np.argsort(is_self, axis=1, kind="stable")[:, :k]  # self moved last, then cut
+        scores = np.take_along_axis(scores, order, 1)
+        indices = np.take_along_axis(indices, order, 1)
+    matches = None
+    if query_labels is not None or gallery_labels is not None:
+        if query_labels is None or gallery_labels is None:
+            raise ValueError("give both query_labels and gallery_labels, or neither")
+        q_lab = _as_labels(query_labels, len(query), "query_labels")
+        g_lab = _as_labels(gallery_labels, len(gallery), "gallery_labels")
+        matches = (indices >= 0) & (g_lab[np.maximum(indices, 0)] == q_lab[:, None])
+    return Neighbours(scores, indices, matches)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def recall_at_k(query_emb: Any, query_labels: Any, gallery_emb: Any, gallery_labels: Any,
+                ks: Sequence[int] = (1, 5, 10, 20, 50), exclude_self: bool = False,
+                index: str = "flat", **index_options: Any) -> dict[int, float]:
+    """DeepFashion top-k retrieval accuracy: share of queries with a same-label item in their top k.
+
+    Every query counts in the denominator (one without any relevant gallery item is a miss).
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks:
+        raise ValueError("ks is empty")
+    nb = neighbours(query_emb, gallery_emb, max(ks), query_labels, gallery_labels,
+                    exclude_self, index, **index_options)
+    found = np.logical_or.accumulate(nb.matches, axis=1)
+    return {k: float(found[:, k - 1].mean()) for k in ks}
+
+
+def _relevant_counts(q_lab: np.ndarray, g_lab: np.ndarray, exclude_self: bool) -> np.ndarray:
+    """R per query: number of gallery items sharing its label (own row removed under exclude_self)."""
+    uniques, counts = np.unique(g_lab, return_counts=True)
+    pos = np.clip(np.searchsorted(uniques, q_lab), 0, len(uniques) - 1)
+    r = np.where(uniques[pos] == q_lab, counts[pos], 0)
+    if exclude_self:
+        r = r - (g_lab == q_lab)
+    return r
+
+
+def map_at_r(query_emb: Any, query_labels: Any, gallery_emb: Any, gallery_labels: Any,
+             exclude_self: bool = False, index: str = "flat", **index_options: Any) -> float:
+    """MAP@R (Musgrave, Belongie & Lim, "A Metric Learning Reality Check", ECCV 2020).
+
+    Per query with R relevant gallery items: (1/R) sum_{i<=R} P@i * rel(i). Queries with R = 0 are left
+    out and 0.0 is returned when none has R > 0 (as PML AccuracyCalculator does).
+    """
+    query, gallery = _as_matrix(query_emb, "query"), _as_matrix(gallery_emb, "gallery")
+    q_lab = _as_labels(query_labels, len(query), "query_labels")
+    g_lab = _as_labels(gallery_labels, len(gallery), "gallery_labels")
+    _check_pair(query, gallery, 1, exclude_self)
+    r = _relevant_counts(q_lab, g_lab, exclude_self)
+    keep = r > 0
+    if not keep.any():
+        return 0.0
+    query, q_lab, r = query[keep], q_lab[keep], r[keep]
+    rows = np.flatnonzero(keep)
+    r_max = int(r.max())
+    if exclude_self:
+        # the self row must stay "row i of the gallery" for the kept queries
+        nb = _neighbours_with_rows(query, gallery, r_max, rows, index, index_options)
+    else:
+        nb = search(query, gallery, r_max, index, **index_options)[1]
+    rel = (nb >= 0) & (g_lab[np.maximum(nb, 0)] == q_lab[:, None])
+    rel &= np.arange(r_max)[None, :] < r[:, None]
+    precision = np.cumsum(rel, axis=1) / np.arange(1, r_max + 1)[None, :]
+    return float(((precision * rel).sum(1) / r).mean())
+
+
+def _neighbours_with_rows(query: np.ndarray, gallery: np.ndarray, k: int, rows: np.ndarray,
+                          index: str, index_options: dict) -> np.ndarray:
+    """Top-k gallery indices for queries that are gallery rows ``rows``, their own row dropped."""
+    _, indices = search(query, gallery, k + 1, index, **index_options)
+    order = np.argsort(indices == rows[:, None], axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(indices, order, 1)
+
+
+def index_recall(query: Any, gallery: Any, k: int, index: str = "hnsw", **index_options: Any) -> float:
+    """Recall of an approximate index against exact search: mean |approx top-k & exact top-k| / k."""
+    exact = search(query, gallery, k, "flat")[1]
+    approx = search(query, gallery, k, index, **index_options)[1]
+    hits = [len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approx, exact)]
+    return float(np.mean(hits) / k)
