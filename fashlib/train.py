@@ -1,0 +1,560 @@
+"""Training engine: an embedder and a metric-learning loss over P x K batches, resumable and exact.
+
+``fit`` runs AdamW with a per-step linear warm-up then cosine decay, mixed precision on CUDA, a tqdm bar,
+periodic evaluation, an atomic checkpoint per epoch (``out_dir/last.pt``) and exact resumption.
+
+Determinism. The data order is a pure function of ``(seed, epoch)``: the P x K sampler is told
+``set_epoch(epoch)`` and a fresh DataLoader is built every epoch with a ``torch.Generator`` seeded from
+``(seed, epoch, rank)`` (this seeds the DataLoader workers, hence their augmentations). The python, numpy,
+torch and CUDA RNG states are saved in every checkpoint and restored on resume, and the learning-rate
+schedule is a pure function of the global step and the configured total number of epochs. A run stopped
+after epoch ``e`` and resumed therefore ends with the same weights, bit for bit, and the same history as an
+uninterrupted run (on CUDA also pass ``deterministic=True`` so kernels are deterministic).
+
+Distributed. Under ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) ``fit`` initialises the
+process group (nccl on CUDA, gloo on CPU) and wraps the model in DistributedDataParallel. Every rank builds
+the same sampler, so every rank sees the same GLOBAL batch of ``p * k`` indices; rank ``r`` takes the
+contiguous slice ``[r * n, (r + 1) * n)`` with ``n = p * k / world_size``. After the forward pass the
+embeddings and labels of all ranks are all-gathered (in rank order, which restores the global batch order),
+the local slice keeping its autograd graph, so the loss is computed on the whole global batch on every rank.
+The gather's backward sums the embedding gradients over ranks (world_size times the local share, as every
+rank computes the same loss) and DDP then averages parameter gradients, which gives exactly the gradient of
+the single-process run. The loss module's own parameters (proxies) get the full gradient on every rank and
+are averaged across ranks to stay in sync. Only rank 0 writes checkpoints, shows the bar and runs
+``eval_fn``; its metrics are broadcast so every rank returns the same history. BatchNorm layers see only the
+local slice (convert them with ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` on CUDA if that matters).
+``out_dir`` must be on a filesystem every rank sees (resume reads it on every rank). ``p * k`` must be
+divisible by the number of ranks; with ``p`` divisible too, each rank's share is exactly
+``PKSampler(labels, p // world_size, k, seed, rank=rank, world_size=world_size)``.
+
+Usage::
+
+    from fashlib.train import TrainConfig, fit
+    history = fit(model, loss, dataset, dataset.labels, TrainConfig(epochs=20, p=16, k=4), "runs/x",
+                  eval_fn=lambda m: {"recall@1": ...}, resume="auto")
+    # same script on 4 GPUs:  torchrun --nproc_per_node=4 train_script.py  (no code change)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "TrainConfig",
+    "NonFiniteLossError",
+    "fit",
+    "load_checkpoint",
+    "lr_factor",
+    "all_gather_with_grad",
+    "batch_loss",
+    "average_loss_grads",
+    "CHECKPOINT_NAME",
+]
+
+CHECKPOINT_NAME = "last.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of ``fit``; ``epochs`` is the TOTAL number of epochs and defines the lr schedule."""
+
+    epochs: int = 10
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    p: int = 16  # labels per batch
+    k: int = 4  # images per label
+    seed: int = 0
+    amp: bool | None = None  # None: on for CUDA only (float16 autocast + GradScaler)
+    eval_every: int = 1  # evaluate every N epochs (and always after the last); 0: only after the last
+    num_workers: int = 0
+    device: str | None = None  # None: cuda if available else cpu (cuda:LOCAL_RANK under torchrun)
+    grad_clip: float | None = None  # max global grad norm, None: no clipping
+    loss_lr: float = 1.0  # lr multiplier for the loss module's parameters (proxies, class weights)
+    deterministic: bool = False  # torch.use_deterministic_algorithms for exact resume on GPU
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the loss becomes NaN/inf; the message names the epoch and the step."""
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier at 0-based ``step``: linear warm-up to 1, then cosine decay towards 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradients over ranks and returns the local rank's share."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        stacked = torch.stack([g.contiguous() for g in grads])
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks in rank order; gradients flow back to the local part."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(_AllGatherWithGrad.apply(x), dim=0)
+
+
+def _all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (equal shapes) from all ranks in rank order, without gradient."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def batch_loss(
+    train_model: nn.Module, loss_fn: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, amp: bool = False
+) -> torch.Tensor:
+    """Loss of the GLOBAL batch: embed the local images, all-gather embeddings and labels, apply the loss.
+
+    Single process: plain ``loss_fn(model(images), targets)``. Distributed: backward sums the embedding
+    gradients over ranks, so after DDP's averaging the parameters get the single-process gradient.
+    """
+    with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
+        embeddings = train_model(images)
+    embeddings = embeddings.float()  # the loss runs in float32, outside autocast
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        embeddings = all_gather_with_grad(embeddings)
+        targets = _all_gather_no_grad(targets)
+    return loss_fn(embeddings, targets)
+
+
+def average_loss_grads(params: Sequence[torch.Tensor]) -> None:
+    """Average the loss module's parameter gradients over ranks (they are the full gradient on every rank)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in params:  # identical on every rank in exact arithmetic; keep the replicas in sync
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+class _RankSlice:
+    """Batch sampler that hands this rank its contiguous slice of every global batch."""
+
+    def __init__(self, batch_sampler: Any, rank: int, world_size: int):
+        self.batch_sampler, self.rank, self.world_size = batch_sampler, rank, world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batch_sampler:
+            batch = list(batch)
+            if len(batch) % self.world_size:
+                raise ValueError(
+                    f"global batch of {len(batch)} indices cannot be split over {self.world_size} ranks"
+                )
+            n = len(batch) // self.world_size
+            yield batch[self.rank * n : (self.rank + 1) * n]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+@dataclass
+class _Dist:
+    """Where this process stands in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device: str | None) -> tuple[_Dist, torch.device]:
+    """Initialise the process group when launched by torchrun; pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = all(v in os.environ for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if dist.is_available() and dist.is_initialized():  # a group set up by the caller
+        world_size, launched = dist.get_world_size(), True
+    if not launched or world_size == 1:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return _Dist(), torch.device(device)
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        owns = True
+    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns), dev
+
+
+def _rng_state() -> dict[str, Any]:
+    """Snapshot of every RNG that training consumes (tensors only, so weights_only loading works)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a snapshot made by ``_rng_state``."""
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A seed that depends only on (seed, epoch, rank): DataLoader worker seeds for that epoch."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace (never a torn file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by ``fit`` (plain tensors and python values: safe weights_only load)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _all_finite(modules: Sequence[nn.Module]) -> bool:
+    """True when every parameter of every module is finite."""
+    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
+
+
+def _param_groups(model: nn.Module, loss_fn: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: model weights (decayed), model biases/norm scales (not decayed), loss parameters."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay, "lr": config.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": config.lr},
+        {"params": loss_params, "weight_decay": 0.0, "lr": config.lr * config.loss_lr},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _resolve_resume(resume: bool | str | os.PathLike, out_dir: Path) -> Path | None:
+    """Which checkpoint to resume from: None (fresh), out_dir/last.pt, or an explicit path."""
+    if resume is False or resume is None:
+        return None
+    last = out_dir / CHECKPOINT_NAME
+    if resume is True or resume == "auto":
+        if last.exists():
+            return last
+        if resume is True:
+            raise FileNotFoundError(f"resume=True but no checkpoint at {last}")
+        return None
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"resume checkpoint not found: {path}")
+    return path
+
+
+def _new_history() -> dict[str, list[Any]]:
+    return {"epoch": [], "loss": [], "lr": []}
+
+
+def _record(history: dict[str, list[Any]], row: dict[str, Any]) -> None:
+    """Append one epoch; metric columns absent in an epoch hold None (pandas.DataFrame(history) works)."""
+    n = len(history["epoch"])
+    for key in row:
+        history.setdefault(key, [None] * n)
+    for key, column in history.items():
+        column.append(row.get(key))
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train_dataset: Dataset,
+    labels: Sequence[int] | np.ndarray | None,
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    *,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    resume: bool | str | os.PathLike = False,
+    progress: bool = True,
+    batch_sampler: Any | None = None,
+    on_epoch_end: Callable[[int, dict[str, list[Any]]], None] | None = None,
+) -> dict[str, list[Any]]:
+    """Train ``model`` with ``loss_fn(embeddings, labels)`` on P x K batches; return the per-epoch history.
+
+    ``train_dataset[i]`` -> (image, label_index, row_index). ``labels`` (default: ``train_dataset.labels``)
+    feed the PKSampler unless ``batch_sampler`` (anything with ``__iter__``, ``__len__`` and
+    ``set_epoch``) is given. ``eval_fn(model) -> dict`` runs every ``config.eval_every`` epochs and after
+    the last one. ``resume``: False (fresh start), "auto" (continue ``out_dir/last.pt`` if present), True
+    (must exist) or a checkpoint path. ``on_epoch_end(epoch, history)`` runs after each checkpoint.
+    History: {"epoch", "loss" (mean over the epoch), "lr" (last step), <metric>: value or None}.
+    """
+    out_dir = Path(out_dir)
+    dist_info, device = _setup_distributed(config.device)
+    try:
+        return _fit(
+            model, loss_fn, train_dataset, labels, config, out_dir, dist_info, device,
+            eval_fn=eval_fn, resume=resume, progress=progress, batch_sampler=batch_sampler,
+            on_epoch_end=on_epoch_end,
+        )
+    finally:
+        if dist_info.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _fit(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train_dataset: Dataset,
+    labels: Sequence[int] | np.ndarray | None,
+    config: TrainConfig,
+    out_dir: Path,
+    dist_info: _Dist,
+    device: torch.device,
+    *,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None,
+    resume: bool | str | os.PathLike,
+    progress: bool,
+    batch_sampler: Any | None,
+    on_epoch_end: Callable[[int, dict[str, list[Any]]], None] | None,
+) -> dict[str, list[Any]]:
+    from tqdm.auto import tqdm
+
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    if dist_info.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    amp = (device.type == "cuda") if config.amp is None else bool(config.amp and device.type == "cuda")
+
+    if batch_sampler is None:
+        from fashlib.data.sampler import PKSampler
+
+        if labels is None:
+            labels = getattr(train_dataset, "labels")
+        batch_sampler = PKSampler(np.asarray(labels), config.p, config.k, seed=config.seed)
+    steps_per_epoch = len(batch_sampler)
+    if steps_per_epoch == 0:
+        raise ValueError("the batch sampler yields no batch: too few labels with enough images for p x k")
+    total_steps = config.epochs * steps_per_epoch
+    warmup = config.warmup_steps
+    if warmup is None:
+        warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup = max(0, min(warmup, total_steps))
+
+    model.to(device)
+    loss_fn.to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, loss_fn, config), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup)
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    history = _new_history()
+    start_epoch, global_step = 0, 0
+
+    ckpt_file = _resolve_resume(resume, out_dir)
+    if ckpt_file is not None:
+        state = load_checkpoint(ckpt_file)  # on CPU: RNG states must stay CPU tensors
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
+        if state["config"].get("epochs") != config.epochs and dist_info.main:
+            warnings.warn(
+                f"resuming a run configured for {state['config'].get('epochs')} epochs with epochs="
+                f"{config.epochs}: the lr schedule now follows {config.epochs} epochs", stacklevel=3,
+            )
+        # the schedule is a function of the CURRENT total: re-derive the lr of the next step from it
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * lr_factor(global_step, total_steps, warmup)
+        rngs = state["rng"]
+        _set_rng_state(rngs[dist_info.rank] if dist_info.rank < len(rngs) else rngs[0])
+    else:
+        _seed_everything(config.seed + dist_info.rank)
+
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    all_params = [p for g in optimizer.param_groups for p in g["params"]]
+    sampler = _RankSlice(batch_sampler, dist_info.rank, dist_info.world_size)
+
+    for epoch in range(start_epoch, config.epochs):
+        if hasattr(batch_sampler, "set_epoch"):
+            batch_sampler.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, dist_info.rank))
+        loader = DataLoader(
+            train_dataset, batch_sampler=sampler, num_workers=config.num_workers,
+            generator=generator, pin_memory=device.type == "cuda",
+        )
+        model.train()
+        loss_fn.train()
+        bar = tqdm(
+            total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not (progress and dist_info.main), leave=True, dynamic_ncols=True,
+        )
+        loss_sum, n_steps = 0.0, 0
+        for step, (images, targets, _rows) in enumerate(loader):
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            loss = batch_loss(train_model, loss_fn, images, targets, amp=amp)
+            value = loss.detach().float()
+            if dist_info.enabled:  # every rank computes the same loss; agree anyway before deciding
+                flag = (~torch.isfinite(value)).float()
+                dist.all_reduce(flag)
+                finite = flag.item() == 0
+            else:
+                finite = bool(torch.isfinite(value))
+            if not finite:
+                bar.close()
+                good = f"{ckpt_path} (after epoch {epoch})" if epoch > 0 else "none (failed in the first epoch)"
+                raise NonFiniteLossError(
+                    f"non-finite loss ({value.item()}) at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}"
+                    f" (global step {global_step + 1}); last good checkpoint: {good}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            average_loss_grads(loss_params)
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(all_params, config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            global_step += 1
+            loss_sum += value.item()
+            n_steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / n_steps:.4f}", lr=f"{lr:.2e}")
+
+        row: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / max(1, n_steps), "lr": lr}
+        is_last = epoch + 1 == config.epochs
+        due = config.eval_every > 0 and (epoch + 1) % config.eval_every == 0
+        if eval_fn is not None and (due or is_last):
+            metrics = _evaluate(eval_fn, model, dist_info)
+            row.update(metrics)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", **{k: _short(v) for k, v in metrics.items()})
+        bar.close()
+        _record(history, row)
+
+        if not _all_finite([model, loss_fn]):
+            raise NonFiniteLossError(
+                f"non-finite weights after epoch {epoch + 1}; last good checkpoint {ckpt_path} kept"
+            )
+        rngs = [_rng_state()]
+        if dist_info.enabled:
+            gathered: list[Any] = [None] * dist_info.world_size
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if dist_info.main:
+            _atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "loss": loss_fn.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": global_step,
+                    "sampler_epoch": epoch,
+                    "history": history,
+                    "rng": rngs,
+                    "config": dataclasses.asdict(config),
+                    "world_size": dist_info.world_size,
+                },
+                ckpt_path,
+            )
+        if dist_info.enabled:
+            dist.barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, history)
+    return history
+
+
+def _short(value: Any) -> Any:
+    return f"{value:.4f}" if isinstance(value, float) else value
+
+
+def _evaluate(eval_fn: Callable[[nn.Module], dict[str, float]], model: nn.Module, dist_info: _Dist) -> dict:
+    """Run eval_fn on rank 0 (model in eval mode, no grad) and share its metrics with every rank."""
+    metrics: dict[str, Any] = {}
+    if dist_info.main:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            raw = eval_fn(model) or {}
+        model.train(was_training)
+        metrics = {str(k): (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
+                   for k, v in raw.items()}
+    if dist_info.enabled:
+        box = [metrics]
+        dist.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    return metrics
