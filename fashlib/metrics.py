@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError:  # e.g. a GPU box without faiss: exact search falls back to numpy (see _flat)
+    faiss = None
 
 # ---------------------------------------------------------------- inputs
 
@@ -60,8 +64,29 @@ def _check_pair(query: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bo
 # ---------------------------------------------------------------- faiss indexes
 
 
+class NumpyFlatIP:
+    """Exact inner-product search in numpy, the stand-in for faiss.IndexFlatIP when faiss is absent."""
+
+    def __init__(self, gallery: np.ndarray):
+        self.gallery = gallery
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = query @ self.gallery.T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, 1)
+        order = np.lexsort((top, -top_scores), axis=1)  # best score first, ties by gallery row
+        return np.take_along_axis(top_scores, order, 1), np.take_along_axis(top, order, 1).astype(np.int64)
+
+
+def _require_faiss(what: str) -> None:
+    if faiss is None:
+        raise ImportError(f"the {what} index needs faiss: pip install faiss-cpu")
+
+
 def _flat(gallery: np.ndarray, k: int) -> faiss.Index:
-    """Exact inner-product index."""
+    """Exact inner-product index (faiss, or NumpyFlatIP where faiss is not installed)."""
+    if faiss is None:
+        return NumpyFlatIP(gallery)
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(gallery)
     return index
@@ -69,6 +94,7 @@ def _flat(gallery: np.ndarray, k: int) -> faiss.Index:
 
 def _ivf(gallery: np.ndarray, k: int, nlist: int | None = None, nprobe: int = 16) -> faiss.Index:
     """Inverted file over k-means cells (nlist cells, nprobe visited); default nlist ~ 4 sqrt(N)."""
+    _require_faiss("IVF")
     n, d = gallery.shape
     if nlist is None:
         nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
@@ -85,6 +111,7 @@ def _ivf(gallery: np.ndarray, k: int, nlist: int | None = None, nprobe: int = 16
 
 def _hnsw(gallery: np.ndarray, k: int, M: int = 32, efConstruction: int = 40, efSearch: int = 64) -> faiss.Index:
     """HNSW graph index on inner product; efSearch is raised to k when smaller."""
+    _require_faiss("HNSW")
     index = faiss.IndexHNSWFlat(gallery.shape[1], M, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = efConstruction
     index.add(gallery)

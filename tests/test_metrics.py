@@ -220,3 +220,16 @@ def test_pml_accuracy_calculator_agrees(data):
     r1 = metrics.neighbours(gallery, gallery, k=1, query_labels=g_lab, gallery_labels=g_lab,
                             exclude_self=True).matches[:, 0]
     assert r1[~lone].mean() == pytest.approx(acc["precision_at_1"], abs=1e-6)
+
+
+def test_numpy_fallback_matches_faiss_flat():
+    """The numpy stand-in used where faiss is absent ranks exactly as faiss.IndexFlatIP does."""
+    from fashlib import metrics
+
+    rng = np.random.default_rng(3)
+    gallery = rng.normal(size=(300, 16)).astype(np.float32)
+    query = rng.normal(size=(40, 16)).astype(np.float32)
+    want_scores, want_idx = metrics._flat(gallery, 10).search(query, 10)
+    got_scores, got_idx = metrics.NumpyFlatIP(gallery).search(query, 10)
+    np.testing.assert_array_equal(got_idx, want_idx)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
