@@ -1,0 +1,498 @@
+"""Build the course book: execute the notebooks with papermill, then render them with Jupyter Book.
+
+Usage (from the repository root)::
+
+    python3 -m fashlib.book build                              # whole book, CC0 defaults on CPU
+    python3 -m fashlib.book build --set device=cuda            # override a parameter for every notebook
+    python3 -m fashlib.book build --set 03_loss_comparison.epochs=5 --only 03_loss_comparison
+    python3 -m fashlib.book build --config book/params-smoke.yaml --output-dir /tmp/site
+
+Parameters come from one YAML file (``book/params.yaml``): top-level keys are shared by every notebook,
+``notebooks:`` lists the notebooks in book order, each with a section of its own overrides. A notebook
+receives only the parameters its ``parameters`` cell declares. A notebook whose source, parameters and
+fashlib source are unchanged since its last successful run is not executed again (a stamp json sits next
+to the executed copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = Path("book") / "params.yaml"
+EXECUTED_DIR = Path("book") / "notebooks"
+# Parameter names whose string values are paths: made absolute against the project root before a
+# notebook sees them, so a notebook behaves the same whatever its working directory.
+PATH_KEYS = ("data_root",)
+PATH_SUFFIXES = ("_dir", "_root", "_path", "_file")
+# What the book sources are: copied into --output-dir when the book is built elsewhere.
+BOOK_SOURCES = ("_config.yml", "_toc.yml", "book")
+KERNEL = "python3"
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised while papermill executed it; names the notebook, the cell and the exception."""
+
+    def __init__(self, notebook: str, output_path: Path, cell_index: int | None, first_line: str,
+                 ename: str, evalue: str):
+        self.notebook, self.output_path, self.cell_index = notebook, Path(output_path), cell_index
+        self.first_line, self.ename, self.evalue = first_line, ename, evalue
+        where = f"cell {cell_index}" if cell_index is not None else "an unknown cell"
+        super().__init__(
+            f"notebook {notebook!r} failed in {where} (first line: {first_line!r}):\n"
+            f"    {ename}: {evalue}\n"
+            f"The executed notebook, with the traceback, is at {output_path}")
+
+
+@dataclass
+class NotebookRun:
+    """What happened to one notebook in run_notebooks."""
+
+    name: str
+    status: str  # "executed", "skipped" (unchanged) or "missing" (no source notebook)
+    output_path: Path | None = None
+    seconds: float = 0.0
+    parameters: dict = field(default_factory=dict)
+    ignored: list = field(default_factory=list)  # parameters the notebook does not declare
+
+
+@dataclass
+class BuildResult:
+    """Outcome of a jupyter-book build."""
+
+    returncode: int
+    warnings: int
+    index_html: Path
+    log: str
+    warning_lines: list = field(default_factory=list)
+    dropped: list = field(default_factory=list)  # toc entries left out because their file is missing
+
+
+# --------------------------------------------------------------------------- parameters
+
+def deep_merge(base: Mapping, override: Mapping) -> dict:
+    """Return base updated by override, recursing into nested dicts (lists and scalars are replaced)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in (override or {}).items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_params(path: str | os.PathLike) -> dict:
+    """Read a parameter file; a top-level ``extends: other.yaml`` (relative to it) is merged underneath."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        params = yaml.safe_load(fh) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: a parameter file must hold a mapping, got {type(params).__name__}")
+    # An empty section (`name:` with only comments under it) means "no overrides", never "erase".
+    params["notebooks"] = {name: (section or {}) for name, section in (params.get("notebooks") or {}).items()}
+    parent = params.pop("extends", None)
+    if parent:
+        params = deep_merge(load_params(path.parent / parent), params)
+    return params
+
+
+def parse_set(items: Iterable[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``key=value`` / ``notebook.key=value`` strings; values are YAML (``5``, ``true``, ``[a, b]``)."""
+    parsed = []
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ValueError(f"--set has an empty key: {item!r}")
+        parsed.append((key.split("."), yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def apply_overrides(params: Mapping, overrides: Iterable[str]) -> dict:
+    """Apply --set overrides: ``key=v`` sets a shared key and wins over every notebook section too;
+    ``<notebook>.key=v`` sets a key for that notebook only."""
+    out = copy.deepcopy(dict(params))
+    out.setdefault("notebooks", {})
+    for keys, value in parse_set(overrides):
+        if len(keys) == 1:
+            out[keys[0]] = value
+            for section in out["notebooks"].values():
+                section.pop(keys[0], None)
+        elif keys[0] in out["notebooks"]:
+            section = out["notebooks"][keys[0]]
+            for key in keys[1:-1]:
+                section = section.setdefault(key, {})
+            section[keys[-1]] = value
+        else:
+            raise KeyError(f"--set {'.'.join(keys)}: no notebook {keys[0]!r} in the parameter file "
+                           f"(notebooks: {', '.join(out['notebooks']) or 'none'})")
+    return out
+
+
+def notebook_params(params: Mapping, name: str, root: str | os.PathLike = PROJECT_ROOT) -> dict:
+    """Parameters for one notebook: shared keys overlaid by its section, path values made absolute."""
+    shared = {k: v for k, v in params.items() if k != "notebooks"}
+    merged = deep_merge(shared, params.get("notebooks", {}).get(name) or {})
+    return resolve_paths(merged, root)
+
+
+def resolve_paths(values: Mapping, root: str | os.PathLike) -> dict:
+    """Make relative path-valued parameters (data_root, *_dir, ...) absolute against root."""
+    out = dict(values)
+    for key, value in values.items():
+        if isinstance(value, str) and value and (key in PATH_KEYS or key.endswith(PATH_SUFFIXES)):
+            p = Path(value).expanduser()
+            out[key] = str(p if p.is_absolute() else (Path(root) / p).resolve())
+    return out
+
+
+# --------------------------------------------------------------------------- stamps
+
+def sha256_files(paths: Iterable[Path], base: Path | None = None) -> str:
+    """Hash a set of files (names relative to base, plus contents) in sorted order."""
+    h = hashlib.sha256()
+    for p in sorted(Path(x) for x in paths):
+        h.update(str(p.relative_to(base) if base else p).encode())
+        h.update(b"\0")
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def fashlib_hash(package_dir: str | os.PathLike = Path(__file__).resolve().parent) -> str:
+    """Hash of the fashlib sources: a change in the library re-executes the notebooks."""
+    package_dir = Path(package_dir)
+    return sha256_files((p for p in package_dir.rglob("*.py") if "__pycache__" not in p.parts), package_dir)
+
+
+def make_stamp(source: Path, parameters: Mapping, library_hash: str) -> dict:
+    """The fingerprint of one notebook run: source notebook, parameters, library."""
+    return {
+        "source": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
+        "parameters": hashlib.sha256(json.dumps(parameters, sort_keys=True, default=str).encode()).hexdigest(),
+        "fashlib": library_hash,
+    }
+
+
+def stamp_path(output_path: Path) -> Path:
+    """Where the stamp of an executed notebook lives: next to it."""
+    return Path(output_path).with_suffix(".stamp.json")
+
+
+def is_up_to_date(output_path: Path, stamp: Mapping) -> bool:
+    """True when the executed copy exists and its stamp matches the current fingerprint."""
+    sp = stamp_path(output_path)
+    if not Path(output_path).exists() or not sp.exists():
+        return False
+    try:
+        old = json.loads(sp.read_text())
+    except (OSError, ValueError):
+        return False
+    return all(old.get(k) == v for k, v in stamp.items())
+
+
+def write_stamp(output_path: Path, stamp: Mapping, seconds: float) -> Path:
+    """Record a successful run next to the executed notebook."""
+    sp = stamp_path(output_path)
+    sp.write_text(json.dumps({**stamp, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                             indent=1))
+    return sp
+
+
+# --------------------------------------------------------------------------- execution
+
+def declared_parameters(notebook: str | os.PathLike) -> set[str]:
+    """Names declared in the notebook's ``parameters`` cell (empty when it has none)."""
+    import papermill as pm
+
+    return set(pm.inspect_notebook(str(notebook)).keys())
+
+
+def _failure(name: str, output_path: Path, err: Exception) -> NotebookFailed:
+    """Turn a PapermillExecutionError into NotebookFailed, with the cell index of the *source* notebook."""
+    import nbformat
+
+    cell_index = getattr(err, "cell_index", None)
+    source = getattr(err, "source", "") or ""
+    added = {"injected-parameters", "papermill-error-cell-tag"}  # cells papermill adds to the copy
+    try:
+        cells = nbformat.read(str(output_path), as_version=4).cells
+        own = [c for c in cells if not added & set(c.get("metadata", {}).get("tags", []))]
+        cell_index = next(i for i, c in enumerate(own) if c.get("cell_type") == "code" and c.get("source") == source)
+    except Exception:  # keep papermill's own index when the copy cannot be read
+        pass
+    first = next((ln.strip() for ln in source.splitlines() if ln.strip()), "")
+    return NotebookFailed(name, output_path, cell_index, first, getattr(err, "ename", type(err).__name__),
+                          getattr(err, "evalue", str(err)))
+
+
+def _tag_injected_cell(output_path: Path) -> None:
+    """Fold the injected-parameters cell in the book (a toggle, still one click away)."""
+    import nbformat
+
+    nb = nbformat.read(str(output_path), as_version=4)
+    changed = False
+    for cell in nb.cells:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if "injected-parameters" in tags and "hide-input" not in tags:
+            tags.append("hide-input")
+            changed = True
+    if changed:
+        nbformat.write(nb, str(output_path))
+
+
+def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path,
+                 progress_bar: bool = True) -> tuple[float, list[str]]:
+    """Execute one notebook with papermill, passing only the parameters it declares.
+
+    Returns (seconds, ignored parameter names); raises NotebookFailed naming the failing cell."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    declared = declared_parameters(source)
+    passed = {k: v for k, v in parameters.items() if k in declared}
+    ignored = sorted(set(parameters) - declared)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(str(source), str(output_path), parameters=passed, kernel_name=KERNEL,
+                            cwd=str(cwd), progress_bar=progress_bar, log_output=False)
+    except PapermillExecutionError as err:
+        raise _failure(source.stem, output_path, err) from None
+    _tag_injected_cell(output_path)
+    return time.perf_counter() - start, ignored
+
+
+def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_ROOT / "notebooks",
+                  output_dir: str | os.PathLike = PROJECT_ROOT / EXECUTED_DIR, only: Sequence[str] | None = None,
+                  force: bool = False, allow_missing: bool = False, root: str | os.PathLike = PROJECT_ROOT,
+                  progress_bar: bool = True, library_hash: str | None = None, log=print) -> list[NotebookRun]:
+    """Execute the notebooks listed in params (book order) into output_dir, skipping unchanged ones.
+
+    library_hash defaults to fashlib_hash(). Stops at the first failing notebook with NotebookFailed. Listed notebooks without a source file raise
+    FileNotFoundError unless allow_missing (then they are reported as "missing")."""
+    notebooks_dir, output_dir, root = Path(notebooks_dir), Path(output_dir), Path(root)
+    names = list(params.get("notebooks", {}))
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise KeyError(f"--only {', '.join(unknown)}: not listed in the parameter file ({', '.join(names)})")
+        names = [n for n in names if n in only]
+    missing = [n for n in names if not (notebooks_dir / f"{n}.ipynb").exists()]
+    if missing and not allow_missing:
+        raise FileNotFoundError(f"notebooks listed in the parameter file but not found in {notebooks_dir}: "
+                                f"{', '.join(missing)}")
+    library = library_hash or fashlib_hash()
+    runs: list[NotebookRun] = []
+    for i, name in enumerate(names, 1):
+        source = notebooks_dir / f"{name}.ipynb"
+        out = output_dir / f"{name}.ipynb"
+        prefix = f"[{i}/{len(names)}] {name}"
+        if name in missing:
+            log(f"{prefix}: MISSING ({source} does not exist), left out")
+            runs.append(NotebookRun(name, "missing"))
+            continue
+        wanted = notebook_params(params, name, root)
+        declared = declared_parameters(source)
+        parameters = {k: v for k, v in wanted.items() if k in declared}
+        ignored = sorted(set(wanted) - declared)
+        stamp = make_stamp(source, parameters, library)  # what the notebook would actually receive
+        if not force and is_up_to_date(out, stamp):
+            log(f"{prefix}: unchanged, skipped ({out})")
+            runs.append(NotebookRun(name, "skipped", out, 0.0, parameters, ignored))
+            continue
+        stamp_path(out).unlink(missing_ok=True)
+        log(f"{prefix}: executing ...")
+        seconds, _ = run_notebook(source, out, parameters, cwd=root, progress_bar=progress_bar)
+        write_stamp(out, stamp, seconds)
+        log(f"{prefix}: done in {seconds:.1f} s -> {out}")
+        runs.append(NotebookRun(name, "executed", out, seconds, parameters, ignored))
+    return runs
+
+
+# --------------------------------------------------------------------------- html
+
+_SUMMARY = re.compile(r"build succeeded, (\d+) warnings?")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_WARNING_LINE = re.compile(r"(WARNING|ERROR|CRITICAL):")
+
+
+def count_warnings(log: str) -> tuple[int, list[str]]:
+    """Number of Sphinx warnings in a build log (its summary line, else the WARNING lines) and the lines."""
+    log = _ANSI.sub("", log)
+    lines = [ln.strip() for ln in log.splitlines() if _WARNING_LINE.search(ln)]
+    m = _SUMMARY.findall(log)
+    return (int(m[-1]) if m else len(lines)), lines
+
+
+def toc_files(toc: Mapping) -> list[str]:
+    """Every document named by a jb-book toc (root first)."""
+    found = [toc["root"]] if "root" in toc else []
+
+    def walk(node):
+        if isinstance(node, Mapping):
+            if "file" in node:
+                found.append(node["file"])
+            for value in node.values():
+                if isinstance(value, (list, dict)):
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk({k: v for k, v in toc.items() if k != "root"})
+    return found
+
+
+def _exists(root: Path, doc: str) -> bool:
+    return any((root / f"{doc}{ext}").exists() for ext in ("", ".md", ".ipynb", ".rst"))
+
+
+def prune_toc(toc: Mapping, root: Path) -> tuple[dict, list[str]]:
+    """Drop toc entries whose file does not exist under root (and parts left empty); return (toc, dropped)."""
+    dropped: list[str] = []
+
+    def keep(entries):
+        out = []
+        for entry in entries:
+            entry = dict(entry)
+            if "file" in entry and not _exists(root, entry["file"]):
+                dropped.append(entry["file"])
+                continue
+            for key in ("sections", "chapters", "parts"):
+                if key in entry:
+                    entry[key] = keep(entry[key])
+                    if not entry[key]:
+                        del entry[key]
+            if "file" in entry or any(k in entry for k in ("sections", "chapters", "parts", "url", "glob")):
+                out.append(entry)
+        return out
+
+    toc = copy.deepcopy(dict(toc))
+    for key in ("parts", "chapters"):
+        if key in toc:
+            toc[key] = keep(toc[key])
+    return toc, dropped
+
+
+def build_html(book_root: str | os.PathLike = PROJECT_ROOT, allow_missing: bool = False,
+               timeout: float = 900) -> BuildResult:
+    """Run ``jupyter-book build`` on book_root (which holds _config.yml and _toc.yml).
+
+    Entries of the toc whose file is missing raise FileNotFoundError, or with allow_missing are left out of
+    a pruned toc (written under _build/). Returns warnings count and the path of index.html."""
+    book_root = Path(book_root).resolve()
+    toc_path = book_root / "_toc.yml"
+    toc = yaml.safe_load(toc_path.read_text())
+    pruned, dropped = prune_toc(toc, book_root)
+    if dropped and not allow_missing:
+        raise FileNotFoundError(f"_toc.yml names files that do not exist under {book_root}: {', '.join(dropped)} "
+                                "(execute the notebooks first)")
+    cmd = [sys.executable, "-m", "jupyter_book", "build", str(book_root), "--all"]
+    if dropped:
+        (book_root / "_build").mkdir(exist_ok=True)
+        toc_path = book_root / "_build" / "_toc.pruned.yml"
+        toc_path.write_text(yaml.safe_dump(pruned, sort_keys=False))
+        cmd += ["--toc", str(toc_path)]
+    jb = shutil.which("jupyter-book")
+    if jb:
+        cmd = [jb] + cmd[3:]
+    proc = subprocess.run(cmd, cwd=book_root, capture_output=True, text=True, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    log = _ANSI.sub("", log)
+    warnings, lines = count_warnings(log)
+    return BuildResult(proc.returncode, warnings, book_root / "_build" / "html" / "index.html", log, lines, dropped)
+
+
+def prepare_site(output_dir: str | os.PathLike, root: str | os.PathLike = PROJECT_ROOT) -> Path:
+    """Copy the book sources (_config.yml, _toc.yml, book/ without executed notebooks) into output_dir."""
+    output_dir, root = Path(output_dir).resolve(), Path(root)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for item in BOOK_SOURCES:
+        src, dst = root / item, output_dir / item
+        if not src.exists():
+            continue  # build_html names a missing _config.yml / _toc.yml itself
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("notebooks", "_build", ".ipynb_checkpoints"))
+        else:
+            shutil.copy2(src, dst)
+    return output_dir
+
+
+# --------------------------------------------------------------------------- CLI
+
+def build(config: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[str] = (), only: Sequence[str] | None = None,
+          output_dir: str | os.PathLike | None = None, skip_html: bool = False, force: bool = False,
+          allow_missing: bool = False, root: str | os.PathLike = PROJECT_ROOT,
+          log=print) -> tuple[list[NotebookRun], BuildResult | None]:
+    """The whole pipeline: parameters -> papermill -> jupyter-book. Returns (runs, build result or None)."""
+    root = Path(root).resolve()
+    config = Path(config)
+    params = apply_overrides(load_params(config if config.is_absolute() else root / config), overrides)
+    site = prepare_site(output_dir, root) if output_dir else root
+    t0 = time.perf_counter()
+    runs = run_notebooks(params, root / "notebooks", site / EXECUTED_DIR, only=only, force=force,
+                         allow_missing=allow_missing, root=root, log=log)
+    log(f"notebooks: {sum(r.status == 'executed' for r in runs)} executed, "
+        f"{sum(r.status == 'skipped' for r in runs)} unchanged, {sum(r.status == 'missing' for r in runs)} missing "
+        f"({time.perf_counter() - t0:.1f} s)")
+    if skip_html:
+        return runs, None
+    log("jupyter-book build ...")
+    result = build_html(site, allow_missing=allow_missing)
+    if result.returncode != 0:
+        log(result.log[-4000:])
+        raise RuntimeError(f"jupyter-book build failed (exit {result.returncode}); log above")
+    for line in result.warning_lines:
+        log(f"  {line}")
+    if result.dropped:
+        log(f"left out of the toc (missing): {', '.join(result.dropped)}")
+    log(f"book built: {result.warnings} Sphinx warning(s); open {result.index_html}")
+    return runs, result
+
+
+def main(argv: Sequence[str] | None = None, root: str | os.PathLike = PROJECT_ROOT) -> int:
+    """Command line entry point: ``python3 -m fashlib.book build ...``."""
+    parser = argparse.ArgumentParser(prog="python3 -m fashlib.book", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="execute the notebooks with papermill and build the HTML book")
+    b.add_argument("--config", default=str(DEFAULT_CONFIG), help="parameter file (default: %(default)s)")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter (YAML value); NOTEBOOK.KEY=VALUE for one notebook; repeatable")
+    b.add_argument("--only", nargs="+", metavar="NAME", help="execute only these notebooks (others stay as they are)")
+    b.add_argument("--output-dir", help="build the site here (sources copied) instead of in the repository")
+    b.add_argument("--skip-html", action="store_true", help="execute the notebooks only")
+    b.add_argument("--force", action="store_true", help="re-execute even unchanged notebooks")
+    b.add_argument("--allow-missing", action="store_true",
+                   help="leave out listed notebooks that do not exist yet instead of failing")
+    args = parser.parse_args(argv)
+    try:
+        build(args.config, args.overrides, args.only, args.output_dir, args.skip_html, args.force, args.allow_missing,
+              root=root)
+    except NotebookFailed as err:
+        print(f"\nERROR: {err}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
+        print(f"\nERROR: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
