@@ -341,7 +341,7 @@ def finetune(backbone: str, table: pd.DataFrame, out_dir: str | os.PathLike, *, 
     table with `embed_images`. The loss's own parameters (proxies, class weights) train with the model.
     """
     from .data import ImageTableDataset, build_transforms
-    from .features import _create_loss
+    from .features import create_loss
     from .models import create_embedder
     from .train import TrainConfig, fit
 
@@ -353,7 +353,7 @@ def finetune(backbone: str, table: pd.DataFrame, out_dir: str | os.PathLike, *, 
     train_table = table.iloc[rows].reset_index(drop=True)
     dataset = ImageTableDataset(train_table, transform=build_transforms(
         True, image_size=size, mean=tuple(config["mean"]), std=tuple(config["std"])))
-    loss_fn = _create_loss(loss, loss_options, len(dataset.classes), embedding_dim)
+    loss_fn = create_loss(loss, loss_options, len(dataset.classes), embedding_dim)
     query, gallery = eval_rows(table)
     eval_table = table.iloc[np.concatenate([query, gallery])].reset_index(drop=True)
 

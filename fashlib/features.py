@@ -275,7 +275,6 @@ def create_loss(name: str, options: dict | None, num_classes: int, embedding_dim
     return losses.create(name, **options)
 
 
-_create_loss = create_loss  # former private name, still imported by fashlib.experiments
 
 
 def train_head(

@@ -233,8 +233,24 @@ def _safe_norm(v: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- proxy / classifier losses
 
+class _ClassWeightLoss(nn.Module):
+    """Base of the classifier-style losses: one learnable weight vector per class, (C, D)."""
+
+    requires_classes = True
+
+    def __init__(self, num_classes: int, embedding_dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
+        nn.init.normal_(self.weight)
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity (N, C) of every embedding to every class weight."""
+        return F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=1).T
+
+
 @register("arcface")
-class ArcFaceLoss(nn.Module):
+class ArcFaceLoss(_ClassWeightLoss):
     """Additive angular margin loss (Deng et al., ArcFace, CVPR 2019).
 
     Cross-entropy over ``scale * cos(theta_j)`` with the target angle replaced by theta + margin
@@ -244,20 +260,16 @@ class ArcFaceLoss(nn.Module):
     math.degrees(margin) and PML ``W`` = ``weight.T``.
     """
 
-    requires_classes = True
-
     def __init__(self, num_classes: int, embedding_dim: int, margin: float = 0.5, scale: float = 64.0):
-        super().__init__()
-        self.num_classes, self.margin, self.scale = num_classes, margin, scale
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
-        nn.init.normal_(self.weight)
+        super().__init__(num_classes, embedding_dim)
+        self.margin, self.scale = margin, scale
 
     def forward(self, embeddings: torch.Tensor, labels: Any) -> torch.Tensor:
         labels = _as_labels(labels, embeddings)
         _check_classes(labels, self.num_classes)
         if len(labels) == 0:
             return _zero(embeddings, self.weight)
-        cos = F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=1).T
+        cos = self.cosine(embeddings)
         eps = 1e-7
         target = cos.gather(1, labels[:, None]).clamp(-1 + eps, 1 - eps)
         theta = torch.acos(target)
@@ -268,7 +280,7 @@ class ArcFaceLoss(nn.Module):
 
 
 @register("normalized_softmax")
-class NormalizedSoftmaxLoss(nn.Module):
+class NormalizedSoftmaxLoss(_ClassWeightLoss):
     """Normalised softmax / NormFace (Wang et al. 2017; Zhai & Wu, "Classification is a Strong
     Baseline for Deep Metric Learning", BMVC 2019).
 
@@ -276,20 +288,16 @@ class NormalizedSoftmaxLoss(nn.Module):
     (num_classes, embedding_dim). Equals PML NormalizedSoftmaxLoss with ``W`` = ``weight.T``.
     """
 
-    requires_classes = True
-
     def __init__(self, num_classes: int, embedding_dim: int, temperature: float = 0.05):
-        super().__init__()
-        self.num_classes, self.temperature = num_classes, temperature
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))
-        nn.init.normal_(self.weight)
+        super().__init__(num_classes, embedding_dim)
+        self.temperature = temperature
 
     def forward(self, embeddings: torch.Tensor, labels: Any) -> torch.Tensor:
         labels = _as_labels(labels, embeddings)
         _check_classes(labels, self.num_classes)
         if len(labels) == 0:
             return _zero(embeddings, self.weight)
-        logits = F.normalize(embeddings, dim=1) @ F.normalize(self.weight, dim=1).T / self.temperature
+        logits = self.cosine(embeddings) / self.temperature
         return F.cross_entropy(logits, labels)
 
 
