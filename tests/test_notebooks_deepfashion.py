@@ -1,96 +1,78 @@
 """Notebooks executed with papermill on generated DeepFashion trees (fashlib.data.synthetic): no error outputs,
-saved runs with metrics. Authors append their sections; none are removed."""
+saved runs with metrics."""
+
+import json
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-# ---------------------------------------------------------------- 02_backbone_comparison, 03_loss_comparison
-import json as _json02
-from pathlib import Path as _Path02
+def _execute(tmp_path, name, dataset, max_images, **parameters):
+    """Run notebook `name` with papermill on a generated DeepFashion tree.
 
-import nbformat as _nbformat02
-import papermill as _pm02
-import pytest as _pytest02
-
-_REPO02 = _Path02(__file__).resolve().parents[1]
-
-
-def _execute_02_03(tmp_path, name, dataset, **parameters):
-    """Run a notebook with papermill on a generated DeepFashion tree; return (executed notebook, out_dir)."""
+    Returns (executed notebook, its text and markdown outputs joined, the notebook's output folder)."""
     from fashlib.data import synthetic
 
     root, out_dir = tmp_path / "data", tmp_path / "runs"
     synthetic.make_all(root)
     output = tmp_path / f"{name}.out.ipynb"
-    _pm02.execute_notebook(str(_REPO02 / "notebooks" / f"{name}.ipynb"), str(output), cwd=str(tmp_path),
-                           kernel_name="python3", progress_bar=False,
-                           parameters=dict(dataset=dataset, data_root=str(root), max_images=24, epochs=1,
-                                           cache_dir=str(tmp_path / "cache"), out_dir=str(out_dir), **parameters))
-    nb = _nbformat02.read(str(output), as_version=4)
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    pm.execute_notebook(str(REPO / "notebooks" / f"{name}.ipynb"), str(output), cwd=str(tmp_path),
+                        kernel_name="python3", progress_bar=False,
+                        parameters=dict(dataset=dataset, data_root=str(root), max_images=max_images,
+                                        cache_dir=str(tmp_path / "cache"), out_dir=str(out_dir), **parameters))
+    nb = nbformat.read(str(output), as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    errors = [o for o in outputs if o.output_type == "error"]
     assert not errors, errors
-    return nb, out_dir / name
+    text = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+    return nb, text, out_dir / name
 
 
 def _saved_metrics(folder):
     files = sorted(folder.glob("*/metrics.json"))
     assert files, f"no saved run under {folder}"
     for f in files:
-        metrics = _json02.loads(f.read_text())["metrics"]
+        metrics = json.loads(f.read_text())["metrics"]
         assert "map@r" in metrics and "recall@1" in metrics and 0.0 <= metrics["recall@1"] <= 1.0
         assert (f.parent / "embeddings.npz").exists()
     return files
 
 
 def test_02_backbone_comparison_on_generated_inshop(tmp_path):
-    nb, folder = _execute_02_03(tmp_path, "02_backbone_comparison", "inshop", backbones=["tf_efficientnet_lite0"],
-                                random_controls=True, throughput_batch_size=2, throughput_batches=1, image_size=64)
+    _, text, folder = _execute(tmp_path, "02_backbone_comparison", "inshop", 24, epochs=1,
+                               backbones=["tf_efficientnet_lite0"], random_controls=True,
+                               throughput_batch_size=2, throughput_batches=1, image_size=64)
     names = {f.parent.name for f in _saved_metrics(folder)}
     assert names == {f"tf_efficientnet_lite0-{w}-{s}" for w in ("imagenet", "random") for s in ("frozen", "head")}
-    text = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", ""))
-                   for c in nb.cells for o in c.get("outputs", []))
     assert "no validation protocol" in text  # inshop falls back to the test protocol and says so
 
 
-@_pytest02.mark.parametrize("dataset", ["consumer2shop", "deepfashion2"])
+@pytest.mark.parametrize("dataset", ["consumer2shop", "deepfashion2"])
 def test_03_loss_comparison_on_generated_trees(tmp_path, dataset):
-    _, folder = _execute_02_03(tmp_path, "03_loss_comparison", dataset, image_size=64,
-                               losses=["triplet_semi_hard", "proxy_anchor"], embedding_dims=[32, 256])
+    _, _, folder = _execute(tmp_path, "03_loss_comparison", dataset, 24, epochs=1, image_size=64,
+                            losses=["triplet_semi_hard", "proxy_anchor"], embedding_dims=[32, 256])
     names = {f.parent.name for f in _saved_metrics(folder)}
     assert {"triplet_semi_hard-256", "proxy_anchor-256", "frozen-1280"} <= names
     assert any(n.endswith("-32") for n in names)  # the embedding-size ablation ran
 
 
 # ---------------------------------------------------------------- 01_dataset_analysis, 04_embedding_umap
-def _execute_01_04(tmp_path, name, dataset, **parameters):
-    """Run notebook `name` with papermill on a generated DeepFashion tree; return (text outputs, out_dir)."""
-    from fashlib.data import synthetic
-
-    root, out_dir = tmp_path / "data", tmp_path / "runs"
-    synthetic.make_all(root)
-    output = tmp_path / f"{name}.out.ipynb"
-    _pm02.execute_notebook(str(_REPO02 / "notebooks" / f"{name}.ipynb"), str(output), cwd=str(tmp_path),
-                           kernel_name="python3", progress_bar=False,
-                           parameters=dict(dataset=dataset, data_root=str(root), max_images=32,
-                                           cache_dir=str(tmp_path / "cache"), out_dir=str(out_dir), **parameters))
-    nb = _nbformat02.read(str(output), as_version=4)
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    errors = [o for o in outputs if o.output_type == "error"]
-    assert not errors, errors
-    text = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
-    return text, out_dir / name
-
-
-@_pytest02.mark.parametrize("dataset", ["inshop", "deepfashion2"])
+@pytest.mark.parametrize("dataset", ["inshop", "deepfashion2"])
 def test_01_dataset_analysis_on_generated_trees(tmp_path, dataset):
-    text, _ = _execute_01_04(tmp_path, "01_dataset_analysis", dataset, size_sample=16)
+    _, text, _ = _execute(tmp_path, "01_dataset_analysis", dataset, 32, size_sample=16)
     assert f"**{dataset}** holds" in text  # the answer cell ran and quoted the numbers
     assert "item_ids are shared between training and query/gallery" in text.replace("`", "")
     assert "0 item_ids are shared" in text  # items never cross from training to evaluation
 
 
 def test_04_embedding_umap_on_generated_consumer2shop(tmp_path):
-    text, folder = _execute_01_04(tmp_path, "04_embedding_umap", "consumer2shop", epochs=1, image_size=64,
-                                  projection="pca", embedding_dim=32, n_examples=2, top_k=3)
-    saved = _json02.loads((folder / "metrics.json").read_text())
+    _, text, folder = _execute(tmp_path, "04_embedding_umap", "consumer2shop", 32, epochs=1, image_size=64,
+                               projection="pca", embedding_dim=32, n_examples=2, top_k=3)
+    saved = json.loads((folder / "metrics.json").read_text())
     assert 0.0 <= saved["metrics"]["recall@1"] <= 1.0 and "map@r" in saved["metrics"]
     assert "silhouette" in saved["metrics"] and "frozen" in saved["metrics"]
     assert saved["config"]["eval_split"] == "val" and (folder / "embeddings.npz").exists()
@@ -99,15 +81,15 @@ def test_04_embedding_umap_on_generated_consumer2shop(tmp_path):
 
 
 # ---------------------------------------------------------------- 05_recall_at_k_results
-@_pytest02.mark.parametrize("dataset,finetune", [("inshop", True), ("consumer2shop", False)])
+@pytest.mark.parametrize("dataset,finetune", [("inshop", True), ("consumer2shop", False)])
 def test_05_recall_at_k_results_on_generated_trees(tmp_path, dataset, finetune):
     """inshop: no val protocol, so selection on a held-out part of train, plus the fine-tuning path (1 epoch);
     consumer2shop: its own val protocol, head reused on test."""
-    text, folder = _execute_01_04(tmp_path, "05_recall_at_k_results", dataset, image_size=64, epochs=1,
-                                  candidate_backbones=["tf_efficientnet_lite0"], ensemble=False,
-                                  candidate_losses=["multi_similarity", "proxy_anchor"], finetune=finetune,
-                                  finetune_epochs=1, n_examples=2, top_k=3, n_failures=2)
-    saved = _json02.loads((folder / "best_test" / "metrics.json").read_text())
+    _, text, folder = _execute(tmp_path, "05_recall_at_k_results", dataset, 32, image_size=64, epochs=1,
+                               candidate_backbones=["tf_efficientnet_lite0"], ensemble=False,
+                               candidate_losses=["multi_similarity", "proxy_anchor"], finetune=finetune,
+                               finetune_epochs=1, n_examples=2, top_k=3, n_failures=2)
+    saved = json.loads((folder / "best_test" / "metrics.json").read_text())
     assert 0.0 <= saved["metrics"]["recall@1"] <= 1.0 and "map@r" in saved["metrics"]
     assert (folder / "best_test" / "embeddings.npz").exists() and (folder / "frozen_baseline_test").is_dir()
     assert saved["config"]["finetune"] is finetune
