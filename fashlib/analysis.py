@@ -28,31 +28,24 @@ def split_summary(table: pd.DataFrame, group: str | None = None) -> pd.DataFrame
     `group` (e.g. "sender_id") adds the number of distinct contributors; columns missing from the
     table are simply left out.
     """
-    rows = []
-    for split in _split_order(table):
-        part = table[table["split"] == split]
-        per_label = part["label"].value_counts()
-        row: dict[str, Any] = {"split": split, "images": len(part), "labels": part["label"].nunique(),
-                               "items": part["item_id"].nunique(), "categories": part["category"].nunique(),
-                               "images/label (median)": float(per_label.median()),
-                               "images/label (max)": int(per_label.max())}
-        if "domain" in part:
-            for domain in sorted(table["domain"].dropna().unique()):
-                row[f"{domain} images"] = int((part["domain"] == domain).sum())
-        if group is not None and group in part:
-            row[f"{group}s"] = part[group].nunique()
-        rows.append(row)
-    total = {"split": "all", "images": len(table), "labels": table["label"].nunique(),
-             "items": table["item_id"].nunique(), "categories": table["category"].nunique()}
-    per_label = table["label"].value_counts()
-    total.update({"images/label (median)": float(per_label.median()), "images/label (max)": int(per_label.max())})
-    if "domain" in table:
-        for domain in sorted(table["domain"].dropna().unique()):
-            total[f"{domain} images"] = int((table["domain"] == domain).sum())
-    if group is not None and group in table:
-        total[f"{group}s"] = table[group].nunique()
-    rows.append(total)
+    domains = sorted(table["domain"].dropna().unique()) if "domain" in table else []
+    rows = [_summary_row(table[table["split"] == split], split, domains, group) for split in _split_order(table)]
+    rows.append(_summary_row(table, "all", domains, group))
     return pd.DataFrame(rows).set_index("split")
+
+
+def _summary_row(part: pd.DataFrame, name: str, domains: list[str], group: str | None) -> dict[str, Any]:
+    """The split_summary row of one part of the table (a split, or the whole table as "all")."""
+    per_label = part["label"].value_counts()
+    row: dict[str, Any] = {"split": name, "images": len(part), "labels": part["label"].nunique(),
+                           "items": part["item_id"].nunique(), "categories": part["category"].nunique(),
+                           "images/label (median)": float(per_label.median()),
+                           "images/label (max)": int(per_label.max())}
+    for domain in domains:
+        row[f"{domain} images"] = int((part["domain"] == domain).sum())
+    if group is not None and group in part:
+        row[f"{group}s"] = part[group].nunique()
+    return row
 
 
 def count_table(table: pd.DataFrame, column: str) -> pd.DataFrame:
