@@ -108,15 +108,17 @@ def split_leakage(table: pd.DataFrame, group: str, train: Sequence[str] = ("trai
 
 # ------------------------------------------------------------------------------------------ images and boxes
 def image_sizes(paths: Sequence[str]) -> pd.DataFrame:
-    """Width and height of each image file (reads headers only; NaN for unreadable files)."""
-    from PIL import Image
+    """Width and height of each image as displayed (EXIF orientation applied; headers only; NaN if unreadable).
+
+    Same frame as fashlib.data.images.open_rgb, which the dataset and the plots use.
+    """
+    from .data.images import DECODE_ERRORS, oriented_size
 
     sizes = []
     for path in paths:
         try:
-            with Image.open(path) as im:
-                sizes.append(im.size)
-        except (OSError, ValueError):
+            sizes.append(oriented_size(path))
+        except DECODE_ERRORS:
             sizes.append((np.nan, np.nan))
     return pd.DataFrame(sizes, columns=["width", "height"], dtype=np.float64)
 

@@ -22,15 +22,18 @@ from .paths import data_root
 
 KS: tuple[int, ...] = (1, 5, 10, 20, 50)
 EVAL_ROLES = ("query", "gallery")
+DECODE_CACHE = ".cache/decodable"  # per-file "does it decode" results (data.drop_undecodable)
 
 
 # ------------------------------------------------------------------------------------------ tables
 def load_table(dataset: str, root: str | os.PathLike | None = None, *, eval_split: str = "test",
                max_images: int | None = None, seed: int = 0, download: bool = True,
-               **options: Any) -> pd.DataFrame:
+               decode_cache: str | os.PathLike | None = DECODE_CACHE, **options: Any) -> pd.DataFrame:
     """Read `dataset` (downloading the CC0 default when it is absent) and cap it to `max_images` rows.
 
     `eval_split` is passed to the readers that have a validation protocol (consumer2shop, clothing).
+    Rows whose image cannot be decoded are dropped before capping (data.drop_undecodable: one warning,
+    counts per split in table.attrs["undecodable"]; per-file results cached in `decode_cache`).
     """
     if dataset in ("consumer2shop", "clothing"):
         options.setdefault("eval_split", eval_split)
@@ -40,6 +43,7 @@ def load_table(dataset: str, root: str | os.PathLike | None = None, *, eval_spli
         if download and not (folder / "images.csv").exists():
             data.download("clothing", root)
     table = data.load(dataset, root, **options)
+    table = data.drop_undecodable(table, dataset, cache_dir=decode_cache)
     return cap_table(table, max_images, seed=seed)
 
 

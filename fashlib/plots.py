@@ -23,26 +23,28 @@ FRAME_WIDTH = 4.0
 
 
 def load_image(image: Any, max_side: int | None = 256) -> np.ndarray:
-    """Read an image path (or pass an array through) as an RGB uint8 array, shrunk to max_side for speed."""
+    """Read an image path (or pass an array through) as an RGB uint8 array (H, W, 3), shrunk to max_side.
+
+    Opened with fashlib.data.images.open_rgb, as the dataset does: EXIF orientation applied, every mode
+    converted to RGB, transparency on white. Raises UndecodableImageError naming an undecodable file.
+    """
     if isinstance(image, np.ndarray):
         return image
-    from PIL import Image
+    from .data.images import open_rgb
 
-    with Image.open(image) as im:
-        im = im.convert("RGB")
-        if max_side:
-            im.thumbnail((max_side, max_side))
-        return np.asarray(im)
+    im = open_rgb(image, draft_size=(max_side, max_side) if max_side else None)
+    if max_side:
+        im.thumbnail((max_side, max_side))
+    return np.asarray(im)
 
 
 def _scale(max_side: int | None, image: Any) -> float:
-    """Factor from original pixel coordinates to the displayed (thumbnailed) image."""
+    """Factor from original (oriented) pixel coordinates to the displayed (thumbnailed) image."""
     if isinstance(image, np.ndarray) or not max_side:
         return 1.0
-    from PIL import Image
+    from .data.images import oriented_size
 
-    with Image.open(image) as im:
-        w, h = im.size
+    w, h = oriented_size(image)
     return min(1.0, max_side / max(w, h))
 
 

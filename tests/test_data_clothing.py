@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from fashlib.data.clothing import NON_GARMENT_LABELS, read_clothing
-from fashlib.data.dataset import BadImagesWarning, ImageTableDataset, build_transforms, crop_box
+from fashlib.data.dataset import ImageTableDataset, UndecodableImageError, build_transforms, crop_box
 from fashlib.data.download import SOURCES, DownloadError, download, tree_digest
 from fashlib.data.sampler import PKSampler
 
@@ -362,30 +362,24 @@ def _bad_table(tmp_path: Path) -> pd.DataFrame:
     )
 
 
-def test_dataset_bad_images_substituted_and_reported_once(tmp_path):
-    ds = ImageTableDataset(_bad_table(tmp_path))
-    good = ds[0][0]
-    for i in (1, 2):  # same label: the good image instead
-        x, label, idx = ds[i]
-        assert idx == i and label == ds.labels[i] and torch.equal(x, good)
-    blank, label, _ = ds[3]  # no other image with its label: blank
-    assert label == ds.classes.index("alone") and blank.shape == (3, 256, 256) and blank.abs().sum() == 0
-    with pytest.warns(BadImagesWarning, match="3 of 4 images") as record:
-        bad = ds.report_bad()
-    assert len(record) == 1
-    assert sorted(Path(p).name for p in bad) == ["garbage.jpg", "lonely.jpg", "truncated.jpg"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert len(ds.report_bad()) == 3  # already reported: no second warning
+def test_dataset_bad_image_is_an_error_never_another_rows_image(tmp_path):
+    """No substitution: the good row gives its own pixels, every undecodable row an error naming its file."""
+    table = _bad_table(tmp_path)
+    ds = ImageTableDataset(table)
+    x, label, idx = ds[0]
+    assert idx == 0 and x.shape == (3, 20, 30) and torch.allclose(x[0], torch.ones(20, 30), atol=0.02)
+    for i in (1, 2, 3):
+        name = Path(table["path"][i]).name
+        with pytest.raises(UndecodableImageError, match=name) as err:
+            ds[i]
+        assert "drop_undecodable" in str(err.value)
 
 
-def test_dataset_bad_images_counted_across_workers(tmp_path):
+def test_dataset_bad_image_error_reaches_through_workers(tmp_path):
     ds = ImageTableDataset(_bad_table(tmp_path), transform=build_transforms(False, image_size=16))
-    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2)
-    batches = list(loader)
-    assert len(batches) == 4 and all(b[0].shape == (1, 3, 16, 16) for b in batches)
-    with pytest.warns(BadImagesWarning, match="3 of 4"):
-        assert len(ds.report_bad()) == 3
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [0, 2]), batch_size=1, num_workers=1)
+    with pytest.raises(Exception, match="truncated.jpg"):
+        list(loader)
 
 
 def test_build_transforms_shapes_and_normalisation():

@@ -18,8 +18,10 @@ from ._annotations import DOWNLOAD_PAGES, AnnotationCountWarning, read_annotatio
 from ._common import BASE_COLUMNS, SUBFOLDERS, MissingImagesWarning, dataset_dir, drop_missing_images, summarize_missing
 from .attributes import read_attribute_names, read_attributes
 from .consumer2shop import read_consumer2shop
+from .decodable import UndecodableImagesWarning, decode_errors, drop_undecodable
 from .deepfashion2 import read_deepfashion2
 from .download import download  # eager: binds the name `download` to the function, not the submodule
+from .images import UndecodableImageError, open_rgb, oriented_size
 from .inshop import read_inshop
 
 
@@ -74,5 +76,6 @@ __all__ = [
     "load", "DATASETS", "SUBFOLDERS", "DOWNLOAD_PAGES", "BASE_COLUMNS", "dataset_dir",
     "read_inshop", "read_consumer2shop", "read_deepfashion2", "read_attributes", "read_attribute_names",
     "read_clothing", "read_annotation", "read_annotation_matrix", "drop_missing_images", "summarize_missing",
-    "MissingImagesWarning", "AnnotationCountWarning", "download", *_LAZY,
+    "MissingImagesWarning", "AnnotationCountWarning", "download", "drop_undecodable", "decode_errors",
+    "UndecodableImagesWarning", "UndecodableImageError", "open_rgb", "oriented_size", *_LAZY,
 ]

@@ -1,14 +1,13 @@
 """Torch Dataset over a fashlib table (path, label, optional box) and the standard image transforms.
 
-Undecodable images never stop an epoch: the item is replaced by another image of the same label
-(or a blank one), flagged in a shared-memory mask that DataLoader workers write to as well, and
-summarised by `ImageTableDataset.report_bad()` (one warning; call it after each pass).
+Images are opened with fashlib.data.images.open_rgb (EXIF orientation applied, every mode to RGB,
+transparency on white). An undecodable image is an error naming the file: never is another row's
+image substituted (that would give a query a gallery photo's features). Clean tables first with
+fashlib.data.drop_undecodable (fashlib.experiments.load_table does).
 """
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,7 +18,9 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-__all__ = ["ImageTableDataset", "BadImagesWarning", "build_transforms", "crop_box", "INTERPOLATIONS"]
+from .images import UndecodableImageError, open_rgb
+
+__all__ = ["ImageTableDataset", "UndecodableImageError", "build_transforms", "crop_box", "INTERPOLATIONS"]
 
 INTERPOLATIONS: dict[str, T.InterpolationMode] = {
     "bicubic": T.InterpolationMode.BICUBIC,
@@ -27,14 +28,6 @@ INTERPOLATIONS: dict[str, T.InterpolationMode] = {
     "nearest": T.InterpolationMode.NEAREST,
     "lanczos": T.InterpolationMode.LANCZOS,
 }
-
-_BLANK_SIZE = (256, 256)
-_SUBSTITUTE_TRIES = 8
-
-
-class BadImagesWarning(UserWarning):
-    """Some images could not be decoded and were replaced during loading."""
-
 
 def crop_box(size: tuple[int, int], box: Sequence[float], margin: float = 0.1) -> tuple[int, int, int, int] | None:
     """Pixel crop (left, top, right, bottom) of `box` grown by `margin` x its width/height, clamped.
@@ -88,66 +81,23 @@ class ImageTableDataset(Dataset):
             self.boxes = None
         self.transform = transform
         self.margin = float(margin)
-        # 1 where an image failed to decode; shared memory so DataLoader workers' flags reach report_bad()
-        self._bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
-        self._reported = 0
-        by_label = pd.Series(np.arange(len(self.labels))).groupby(self.labels)
-        self._same_label: dict[int, np.ndarray] = {int(k): v.to_numpy() for k, v in by_label}
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _open(self, i: int) -> Image.Image:
-        with Image.open(self.paths[i]) as img:
-            img.load()
-            img = img.convert("RGB")
+    def load_image(self, i: int) -> Image.Image:
+        """Oriented RGB image of row i (cropped to its box if asked); UndecodableImageError if it won't decode."""
+        img = open_rgb(self.paths[i])
         if self.boxes is not None:
             box = crop_box(img.size, self.boxes[i], self.margin)
             if box is not None:
                 img = img.crop(box)
         return img
 
-    def _substitutes(self, i: int) -> list[int]:
-        """Other rows with the same label, in a fixed order starting after i."""
-        same = self._same_label[int(self.labels[i])]
-        start = int(np.searchsorted(same, i))
-        order = np.concatenate([same[start:], same[:start]])
-        return [int(j) for j in order if j != i][:_SUBSTITUTE_TRIES]
-
-    def load_image(self, i: int) -> Image.Image:
-        """RGB image of row i (cropped if asked); a same-label substitute or blank if it won't decode."""
-        for j in [i, *self._substitutes(i)]:
-            if self._bad[j]:
-                continue
-            try:
-                return self._open(j)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                self._bad[j] = 1
-        return Image.new("RGB", _BLANK_SIZE)
-
     def __getitem__(self, i: int):
         img = self.load_image(i)
         x = self.transform(img) if self.transform is not None else TF.to_tensor(img)
         return x, int(self.labels[i]), i
-
-    @property
-    def bad_paths(self) -> list[str]:
-        """Paths found undecodable so far (in this process and its DataLoader workers)."""
-        return [self.paths[j] for j in torch.nonzero(self._bad).flatten().tolist()]
-
-    def report_bad(self, limit: int = 5) -> list[str]:
-        """Warn once (per new finding) how many images were undecodable and replaced; return their paths."""
-        bad = self.bad_paths
-        if len(bad) > self._reported:
-            more = " ..." if len(bad) > limit else ""
-            warnings.warn(
-                f"{len(bad)} of {len(self)} images could not be decoded and were replaced by another image "
-                f"of the same label (or a blank one): {', '.join(os.path.basename(p) for p in bad[:limit])}{more}",
-                BadImagesWarning,
-                stacklevel=2,
-            )
-            self._reported = len(bad)
-        return bad
 
 
 def build_transforms(
