@@ -44,6 +44,56 @@ class AnnotationCountWarning(UserWarning):
     """Line 1 of an annotation file disagrees with the number of records that follow."""
 
 
+class DuplicateLinesWarning(UserWarning):
+    """Exact duplicate record lines were dropped from an annotation file."""
+
+
+def encoding_error(path: str | os.PathLike, data: bytes, err: UnicodeDecodeError,
+                   offset: int = 0, lines_before: int = 0) -> ValueError:
+    """ValueError naming the file, the undecodable bytes, their byte offset and line, and the fix.
+
+    `data` is the decoded buffer, starting `offset` bytes (and `lines_before` newlines) into the file.
+    """
+    line = lines_before + data.count(b"\n", 0, err.start) + 1
+    bad = data[err.start : err.end]
+    return ValueError(
+        f"{path}: not UTF-8 text: byte(s) {bad!r} at byte offset {offset + err.start} (line {line}) cannot be "
+        f"decoded ({err.reason}). Annotation files must be UTF-8 (a byte-order mark is fine); re-save it as "
+        "UTF-8, e.g. iconv -f latin1 -t utf-8."
+    )
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """Whole text of a UTF-8 file (BOM stripped); ValueError naming file, byte offset and line if not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise encoding_error(path, data, err) from None
+
+
+def check_utf8(path: str | os.PathLike, chunk: int = 1 << 24) -> None:
+    """Raise encoding_error at the first non-UTF-8 byte of a (possibly large) file, read in chunks."""
+    offset, lines, carry = 0, 0, b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            data = carry + block
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as err:
+                if block and err.reason == "unexpected end of data" and err.end == len(data):
+                    carry = data[err.start:]  # a character split across two blocks: decode with the next
+                    data = data[: err.start]
+                else:
+                    raise encoding_error(path, data, err, offset, lines) from None
+            if not block:
+                return
+            offset += len(data)
+            lines += data.count(b"\n")
+
+
 def missing_path_error(path: str | os.PathLike, dataset: str, what: str = "file") -> FileNotFoundError:
     """Build the FileNotFoundError readers raise: expected path, download page, and $FASHLIB_DATA."""
     title = _TITLES.get(dataset, dataset)
@@ -76,13 +126,19 @@ def read_annotation(
     choices: Mapping[str, Iterable[str]] | None = None,
     merge_extra_into: str | None = None,
     dataset: str = "deepfashion",
+    line_column: str | None = None,
 ) -> pd.DataFrame:
     """Parse a DeepFashion annotation file into a DataFrame with `columns` (in file order).
 
     converters: column -> function applied to each field (e.g. float); choices: column -> allowed
     values; merge_extra_into: a column whose value may contain spaces (e.g. attribute names), so
-    extra fields on a line are joined into it. Malformed lines raise ValueError naming file, line
-    number and text; a line-1 count that disagrees with the records read gives a warning.
+    extra fields on a line are joined into it; line_column: name of an extra column holding each
+    record's line number in the file (for error messages of the readers).
+    Text: UTF-8 with or without byte-order mark, LF or CRLF line ends, fields separated by any run of
+    spaces/tabs, trailing blanks ignored. Not UTF-8: ValueError naming file, byte offset and line.
+    Malformed lines raise ValueError naming file, line number and text; exact duplicate record lines
+    (same fields) are dropped with one DuplicateLinesWarning naming the lines; a line-1 count that
+    disagrees with the record lines read gives an AnnotationCountWarning.
     """
     path = require_path(path, dataset, "annotation file")
     columns = list(columns)
@@ -91,8 +147,7 @@ def read_annotation(
     merge_at = columns.index(merge_extra_into) if merge_extra_into is not None else None
     n_cols = len(columns)
 
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
+    lines = read_text(path).splitlines()
     if not lines:
         raise ValueError(f"{path}, line 1: empty annotation file, expected a record count")
     try:
@@ -106,10 +161,18 @@ def read_annotation(
         raise _malformed(path, 2, lines[1], f"header should name {n_cols} columns ({' '.join(columns)})")
 
     records: list[list[object]] = []
+    first_seen: dict[tuple[str, ...], int] = {}
+    duplicates: list[tuple[int, int]] = []  # (line, the earlier line it repeats)
+    n_lines = 0
     for line_no, text in enumerate(lines[2:], start=3):
         fields = text.split()
         if not fields:
             continue  # blank lines (trailing newlines) carry no record
+        n_lines += 1
+        if tuple(fields) in first_seen:
+            duplicates.append((line_no, first_seen[tuple(fields)]))
+            continue
+        first_seen[tuple(fields)] = line_no
         if len(fields) != n_cols:
             if merge_at is None or len(fields) < n_cols:
                 raise _malformed(path, line_no, text, f"expected {n_cols} fields ({' '.join(columns)}), got {len(fields)}")
@@ -125,15 +188,42 @@ def read_annotation(
                 except (TypeError, ValueError):
                     raise _malformed(path, line_no, text, f"cannot read {name} from {value!r}") from None
             row.append(value)
-        records.append(row)
+        records.append(row + [line_no] if line_column else row)
 
-    if declared != len(records):
+    if declared != n_lines:
         warnings.warn(
-            f"{path}: line 1 declares {declared} records but {len(records)} were read",
+            f"{path}: line 1 declares {declared} records but {n_lines} were read",
             AnnotationCountWarning,
             stacklevel=2,
         )
-    return pd.DataFrame(records, columns=columns)
+    if duplicates:
+        listed = ", ".join(f"line {a} repeats line {b}" for a, b in duplicates[:5])
+        more = " ..." if len(duplicates) > 5 else ""
+        warnings.warn(f"{path}: {len(duplicates)} exact duplicate record line(s) dropped ({listed}{more})",
+                      DuplicateLinesWarning, stacklevel=2)
+    return pd.DataFrame(records, columns=columns + ([line_column] if line_column else []))
+
+
+def require_unique(table: pd.DataFrame, key: str, path: str | os.PathLike, rule: str,
+                   line_column: str = "line") -> None:
+    """ValueError naming `path` and the two lines of the first `key` listed twice (after exact duplicates went)."""
+    clash = conflicting_rows(table, key, line_column)
+    if clash is not None:
+        a, b = clash
+        value = table.loc[table[line_column] == a, key].iloc[0]
+        raise ValueError(
+            f"{path}: {key} {value!r} is listed on line {a} and again, with other values, on line {b}; {rule}. "
+            "Fix the file (keep the right line)."
+        )
+
+
+def conflicting_rows(table: pd.DataFrame, key: str, line_column: str = "line") -> tuple[int, int] | None:
+    """(earlier line, later line) of the first two records sharing `key`, or None when keys are unique."""
+    repeated = table[key].duplicated(keep=False)
+    if not repeated.any():
+        return None
+    first = table.loc[repeated].groupby(key, sort=False)[line_column].agg(list).iloc[0]
+    return int(first[0]), int(first[1])
 
 
 def read_annotation_matrix(path: str | os.PathLike, dataset: str = "attributes", chunksize: int = 20_000):
@@ -145,10 +235,14 @@ def read_annotation_matrix(path: str | os.PathLike, dataset: str = "attributes",
     import numpy as np
 
     path = require_path(path, dataset, "annotation file")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        first = f.readline()
-        second = f.readline()
-        third = f.readline()
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            first = f.readline()
+            second = f.readline()
+            third = f.readline()
+    except UnicodeDecodeError:
+        check_utf8(path)
+        raise
     try:
         declared = int(first.strip())
     except ValueError:
@@ -165,7 +259,7 @@ def read_annotation_matrix(path: str | os.PathLike, dataset: str = "attributes",
             reader = pd.read_csv(
                 path, sep=r"\s+", header=None, skiprows=2, chunksize=chunksize, engine="c",
                 names=["image_name", *range(n_values)], dtype={"image_name": str},
-                skip_blank_lines=True,
+                skip_blank_lines=True, encoding="utf-8-sig",
             )
             for chunk in reader:
                 values = chunk.iloc[:, 1:]
@@ -173,6 +267,9 @@ def read_annotation_matrix(path: str | os.PathLike, dataset: str = "attributes",
                     raise ValueError("irregular")
                 names.append(chunk["image_name"].to_numpy(dtype=object))
                 blocks.append(values.to_numpy(dtype=np.int8))
+        except UnicodeDecodeError:
+            check_utf8(path)
+            raise
         except (ValueError, pd.errors.ParserError):
             _locate_matrix_error(path, n_values)
             raise  # _locate_matrix_error raises; this is a safety net
@@ -189,7 +286,7 @@ def read_annotation_matrix(path: str | os.PathLike, dataset: str = "attributes",
 
 def _locate_matrix_error(path: Path, n_values: int) -> None:
     """Scan a matrix annotation file line by line and raise ValueError at the first bad line."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, text in enumerate(f, start=1):
             if line_no <= 2:
                 continue

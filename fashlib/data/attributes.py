@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._annotations import read_annotation, read_annotation_matrix, require_path
+from ._annotations import read_annotation, read_annotation_matrix, require_path, require_unique
 from ._common import finish_table, image_base
 
 STATUSES = ("train", "val", "test")
@@ -41,9 +41,12 @@ def read_attributes(
     cats = read_annotation(anno / "list_category_cloth.txt", ["category_name", "category_type"],
                            converters={"category_type": int}, merge_extra_into="category_name", dataset="attributes")
     labels = read_annotation(anno / "list_category_img.txt", ["image_name", "category_label"],
-                             converters={"category_label": int}, dataset="attributes")
+                             converters={"category_label": int}, dataset="attributes", line_column="line")
+    require_unique(labels, "image_name", anno / "list_category_img.txt", "an image must have one category")
     part = read_annotation(folder / "Eval" / "list_eval_partition.txt", ["image_name", "evaluation_status"],
-                           choices={"evaluation_status": STATUSES}, dataset="attributes")
+                           choices={"evaluation_status": STATUSES}, dataset="attributes", line_column="line")
+    require_unique(part, "image_name", folder / "Eval" / "list_eval_partition.txt", "an image must have one split")
+    labels, part = labels.drop(columns="line"), part.drop(columns="line")
     bad = labels.loc[(labels["category_label"] < 1) | (labels["category_label"] > len(cats))]
     if len(bad):
         raise ValueError(f"{anno / 'list_category_img.txt'}: category_label must be 1..{len(cats)} "
@@ -64,8 +67,10 @@ def read_attributes(
     bbox_file = anno / "list_bbox.txt"
     if bbox_file.exists():
         box = read_annotation(bbox_file, ["image_name", "x1", "y1", "x2", "y2"],
-                              converters={c: float for c in ("x1", "y1", "x2", "y2")}, dataset="attributes")
-        table = table.merge(box.drop_duplicates("image_name"), on="image_name", how="left")
+                              converters={c: float for c in ("x1", "y1", "x2", "y2")}, dataset="attributes",
+                              line_column="line")
+        require_unique(box, "image_name", bbox_file, "an image must have one box")
+        table = table.merge(box.drop(columns="line"), on="image_name", how="left")
     else:
         table[["x1", "y1", "x2", "y2"]] = np.nan
     if attributes:

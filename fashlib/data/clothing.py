@@ -8,7 +8,9 @@ gallery, so no query meets a photo of its own sender's floor, bed or camera.
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..paths import ENV_VAR, data_root
+from ._annotations import DuplicateLinesWarning, read_text, require_unique
 from ._common import BASE_COLUMNS, drop_missing_images
 
 __all__ = ["read_clothing", "group_split", "NON_GARMENT_LABELS", "FOLDER"]
@@ -101,6 +104,27 @@ def _query_gallery(eval_rows: pd.DataFrame, gallery_fraction: float, seed: int) 
     return gallery
 
 
+def read_images_csv(csv: Path) -> pd.DataFrame:
+    """images.csv as a frame: UTF-8 (BOM allowed, else ValueError naming byte offset and line), CRLF or LF,
+    blanks around fields and names stripped; exact duplicate rows dropped with one DuplicateLinesWarning;
+    an image listed twice with other values is a ValueError naming both lines."""
+    raw = pd.read_csv(io.StringIO(read_text(csv)), dtype=str, skipinitialspace=True)
+    raw.columns = [str(c).strip() for c in raw.columns]
+    expected = {"image", "sender_id", "label", "kids"}
+    if not expected <= set(raw.columns):
+        raise ValueError(f"{csv}: expected columns {sorted(expected)}, found {list(raw.columns)}")
+    raw = raw.apply(lambda col: col.str.strip())
+    raw["line"] = np.arange(len(raw)) + 2  # line 1 is the header
+    exact = raw.drop(columns="line").duplicated()
+    if exact.any():
+        lines = raw.loc[exact, "line"].tolist()
+        warnings.warn(f"{csv}: {len(lines)} exact duplicate row(s) dropped (lines {lines[:5]}{' ...' if len(lines) > 5 else ''})",
+                      DuplicateLinesWarning, stacklevel=3)
+        raw = raw.loc[~exact]
+    require_unique(raw.dropna(subset=["image"]), "image", csv, "an image has one label and one sender")
+    return raw.drop(columns="line").reset_index(drop=True)
+
+
 def read_clothing(
     dataset_dir: str | os.PathLike | None = None,
     seed: int = 0,
@@ -130,10 +154,7 @@ def read_clothing(
     if not csv.is_file():
         raise _missing(csv, "annotation file images.csv")
 
-    raw = pd.read_csv(csv, dtype={"image": str, "label": str})
-    expected = {"image", "sender_id", "label", "kids"}
-    if not expected <= set(raw.columns):
-        raise ValueError(f"{csv}: expected columns {sorted(expected)}, found {list(raw.columns)}")
+    raw = read_images_csv(csv)
     raw = raw.dropna(subset=["image", "label", "sender_id"])
     table = pd.DataFrame(
         {

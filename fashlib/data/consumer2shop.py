@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ._annotations import read_annotation
+from ._annotations import read_annotation, require_unique
 from ._common import finish_table, image_base
 
 STATUSES = ("train", "val", "test")
@@ -40,29 +40,54 @@ def assign_consumer2shop_splits(pairs: pd.DataFrame, eval_split: str = "test") -
     return rows
 
 
+def check_pair_roles(pairs: pd.DataFrame, path: str | os.PathLike) -> None:
+    """ValueError naming two lines of `path` when an image changes role, item or partition between pairs.
+
+    A consumer photo listed as a shop photo would be its own gallery match (query also in gallery); an
+    image in pairs of two partitions would be both trained on and evaluated. `pairs` needs a "line" column.
+    """
+    both = sorted(set(pairs["consumer"]) & set(pairs["shop"]))
+    if both:
+        a = int(pairs.loc[pairs["consumer"] == both[0], "line"].iloc[0])
+        b = int(pairs.loc[pairs["shop"] == both[0], "line"].iloc[0])
+        raise ValueError(f"{path}: image {both[0]!r} is a consumer photo on line {a} and a shop photo on line {b} "
+                         f"({len(both)} such images); an image must keep one role. Fix the file.")
+    for role in ("consumer", "shop"):
+        per_image = pairs[[role, "item_id", "evaluation_status", "line"]].drop_duplicates([role, "item_id", "evaluation_status"])
+        require_unique(per_image, role, path, f"a {role} image belongs to one item and one partition (train/val/test)")
+
+
 def read_consumer2shop(dataset_dir: str | os.PathLike, eval_split: str = "test", check_images: bool = True) -> pd.DataFrame:
     """Read Consumer-to-shop: Eval/list_eval_partition.txt pairs + Anno/list_bbox_consumer2shop.txt.
 
     label = item_id; domain shop/consumer; category 'CLOTHING/Blouse' (img/<CATEGORY>/<SUB>/id/...);
     extra columns image_name, group (<CATEGORY>), subcategory, status (the official partition of the
     image's pairs), n_pairs, clothes_type, source_type.
+    Exact duplicate lines are dropped with a warning; an image that is both a consumer and a shop photo,
+    or is in pairs of two items or partitions, or has two boxes, is a ValueError naming both lines.
     """
     folder = Path(dataset_dir)
+    pair_file = folder / "Eval" / "list_eval_partition.txt"
     pairs = read_annotation(
-        folder / "Eval" / "list_eval_partition.txt",
+        pair_file,
         ["consumer", "shop", "item_id", "evaluation_status"],
         choices={"evaluation_status": STATUSES},
         dataset="consumer2shop",
+        line_column="line",
     )
+    check_pair_roles(pairs, pair_file)
+    box_file = folder / "Anno" / "list_bbox_consumer2shop.txt"
     box = read_annotation(
-        folder / "Anno" / "list_bbox_consumer2shop.txt",
+        box_file,
         ["image_name", "clothes_type", "source_type", "x1", "y1", "x2", "y2"],
         converters={"clothes_type": int, "source_type": int, "x1": float, "y1": float, "x2": float, "y2": float},
         dataset="consumer2shop",
+        line_column="line",
     )
+    require_unique(box, "image_name", box_file, "an image must have one box")
     base = image_base(folder, "consumer2shop")
-    table = assign_consumer2shop_splits(pairs, eval_split)
-    table = table.merge(box.drop_duplicates("image_name"), on="image_name", how="left")
+    table = assign_consumer2shop_splits(pairs.drop(columns="line"), eval_split)
+    table = table.merge(box.drop(columns="line"), on="image_name", how="left")
     parts = table["image_name"].str.split("/")
     table["group"] = parts.str[-4].fillna("")
     table["subcategory"] = parts.str[-3].fillna("")

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T

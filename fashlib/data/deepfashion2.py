@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._annotations import missing_path_error
+from ._annotations import missing_path_error, read_text
 from ._common import finish_table
 
 # release folder -> its role; a flat <df2>/{image,annos} is read as the evaluation part
@@ -30,8 +30,7 @@ ITEM_FIELDS = ("category_id", "category_name", "style", "bounding_box", "scale",
 def read_df2_annotation(json_path: Path) -> list[dict[str, object]]:
     """Read one DeepFashion2 json into one dict per item (item1, item2, ...); ValueError if malformed."""
     try:
-        with open(json_path, encoding="utf-8") as f:
-            anno = json.load(f)
+        anno = json.loads(read_text(json_path))  # UTF-8, BOM allowed; ValueError naming byte offset if not
     except json.JSONDecodeError as err:
         raise ValueError(f"{json_path}: not valid JSON ({err})") from None
     if not isinstance(anno, dict) or "source" not in anno or "pair_id" not in anno:

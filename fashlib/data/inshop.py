@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._annotations import read_annotation
+from ._annotations import read_annotation, require_unique
 from ._common import finish_table, image_base
 
 SPLITS = ("train", "query", "gallery")
@@ -34,22 +34,30 @@ def read_inshop(dataset_dir: str | os.PathLike, check_images: bool = True) -> pd
     label = item_id; domain 'shop'; category 'WOMEN/Dresses' (gender/category from the path);
     extra columns image_name, gender, subcategory, view, pose (from the file name), clothes_type,
     pose_type (from the bbox file, ints as documented in FORMATS.md).
+    Exact duplicate lines are dropped with a warning; an image listed twice with different values (e.g.
+    both as query and as gallery, which would make it its own top-1 match) is a ValueError naming both lines.
     """
     folder = Path(dataset_dir)
+    part_file = folder / "Eval" / "list_eval_partition.txt"
     part = read_annotation(
-        folder / "Eval" / "list_eval_partition.txt",
+        part_file,
         ["image_name", "item_id", "evaluation_status"],
         choices={"evaluation_status": SPLITS},
         dataset="inshop",
+        line_column="line",
     )
+    require_unique(part, "image_name", part_file, "an image must have one item and one role (train, query or gallery)")
+    box_file = folder / "Anno" / "list_bbox_inshop.txt"
     box = read_annotation(
-        folder / "Anno" / "list_bbox_inshop.txt",
+        box_file,
         ["image_name", "clothes_type", "pose_type", "x1", "y1", "x2", "y2"],
         converters={"clothes_type": int, "pose_type": int, "x1": float, "y1": float, "x2": float, "y2": float},
         dataset="inshop",
+        line_column="line",
     )
+    require_unique(box, "image_name", box_file, "an image must have one box")
     base = image_base(folder, "inshop")
-    table = part.merge(box.drop_duplicates("image_name"), on="image_name", how="left")
+    table = part.drop(columns="line").merge(box.drop(columns="line"), on="image_name", how="left")
     names = pd.DataFrame([parse_inshop_name(n) for n in table["image_name"]], index=table.index)
     table = pd.concat([table, names], axis=1)
     table["path"] = [str(base / n) for n in table["image_name"]]
