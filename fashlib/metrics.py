@@ -4,6 +4,16 @@ Scores are inner products, so pass L2-normalised embeddings to rank by cosine si
 (fashlib Embedders already return normalised vectors). Inputs may be numpy arrays or torch
 tensors; labels may be strings or integers (compared with ``==``).
 
+Tie rule of exact search (index="flat", with or without faiss installed): gallery rows are ranked
+by score, best first, and rows with EQUAL scores by gallery index, ascending (a stable sort). The
+top-k list is the first k of that one ranking, so Recall@K never depends on which other K are asked
+for, and a collapsed model (all scores equal) ranks the gallery in file order. Approximate indexes
+(ivf, hnsw) rank as faiss does; a query they answer with fewer than k rows gives an
+IncompleteSearchWarning.
+
+Inputs are checked: embeddings with NaN or infinite values, and query/gallery labels of kinds that
+can never be equal (numbers against strings), are a ValueError.
+
 Self-exclusion rule (``exclude_self=True``): the queries ARE the gallery, row for row; query i's
 own row i is removed from its ranked list (by position, whatever the scores), and also from its
 relevant set when computing R for MAP@R. Query and gallery must then have the same number of rows.
@@ -11,26 +21,37 @@ relevant set when computing R for MAP@R. Query and gallery must then have the sa
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 try:
     import faiss
-except ImportError:  # e.g. a GPU box without faiss: exact search falls back to numpy (see _flat)
+except ImportError:  # e.g. a GPU box without faiss: exact search needs only numpy (see _flat)
     faiss = None
 
 # ---------------------------------------------------------------- inputs
 
 
 def _as_matrix(x: Any, name: str) -> np.ndarray:
-    """A C-contiguous float32 (N, D) array from numpy / torch input; ValueError when not 2-D."""
+    """A C-contiguous float32 (N, D) array from numpy / torch input.
+
+    ValueError when not 2-D or when rows hold NaN or infinite values (count and first rows named).
+    """
     if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        x = (x.float() if x.is_floating_point() else x).numpy()  # bfloat16 has no numpy dtype
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (N, D), got shape {x.shape}")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if len(bad):
+        raise ValueError(f"{name} has {len(bad)} of {len(x)} rows with NaN or infinite values (rows "
+                         f"{bad[:5].tolist()}{' ...' if len(bad) > 5 else ''}); a diverged model or an empty "
+                         "crop gives such rows: fix or drop them before searching.")
+    return x
 
 
 def _as_labels(labels: Any, n: int, name: str) -> np.ndarray:
@@ -41,6 +62,30 @@ def _as_labels(labels: Any, n: int, name: str) -> np.ndarray:
     if labels.ndim != 1 or len(labels) != n:
         raise ValueError(f"{name} must be 1-D with one label per row ({n}), got shape {labels.shape}")
     return labels
+
+
+def _label_kinds(labels: np.ndarray) -> set[str]:
+    """{'number'}, {'text'} or both: what the labels are, for the comparability check."""
+    if labels.dtype.kind in "biuf":
+        return {"number"}
+    if labels.dtype.kind in "US":
+        return {"text"}
+    return {"text" if isinstance(v, (str, bytes)) else "number" if isinstance(v, (int, float, np.number)) else
+            type(v).__name__ for v in labels.tolist()}
+
+
+def _label_pair(query_labels: Any, gallery_labels: Any, n_query: int, n_gallery: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query labels, gallery labels) as arrays; ValueError when their kinds can never compare equal."""
+    q_lab = _as_labels(query_labels, n_query, "query_labels")
+    g_lab = _as_labels(gallery_labels, n_gallery, "gallery_labels")
+    q_kinds, g_kinds = _label_kinds(q_lab), _label_kinds(g_lab)
+    if len(q_lab) and len(g_lab) and not q_kinds & g_kinds:
+        raise ValueError(
+            f"query labels ({'/'.join(sorted(q_kinds))}, dtype {q_lab.dtype}, e.g. {q_lab[0]!r}) can never equal "
+            f"gallery labels ({'/'.join(sorted(g_kinds))}, dtype {g_lab.dtype}, e.g. {g_lab[0]!r}); "
+            "convert both to the same type (e.g. .astype(str))."
+        )
+    return q_lab, g_lab
 
 
 def _check_pair(query: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bool = False) -> None:
@@ -64,18 +109,56 @@ def _check_pair(query: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bo
 # ---------------------------------------------------------------- faiss indexes
 
 
-class NumpyFlatIP:
-    """Exact inner-product search in numpy, the stand-in for faiss.IndexFlatIP when faiss is absent."""
+def top_k_stable(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best columns per row of `scores` (Q, N): best first, equal scores by column ascending.
 
-    def __init__(self, gallery: np.ndarray):
+    Exactly the first k of a stable sort by descending score, in O(N) per row: the k-th largest value
+    by np.partition, the columns at or above it, and in rows with more tied columns than room, the
+    tied ones of lowest index. Returns (scores (Q, k), indices (Q, k) int64).
+    """
+    n_rows, n = scores.shape
+    if k >= n:
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, top, 1), top.astype(np.int64)
+    kth = np.partition(scores, n - k, axis=1)[:, n - k : n - k + 1]  # k-th largest per row
+    chosen = scores >= kth
+    crowded = np.flatnonzero(chosen.sum(axis=1) > k)  # more columns tie at the k-th score than fit
+    if len(crowded):
+        sub, sub_kth = scores[crowded], kth[crowded]
+        tied = sub == sub_kth
+        room = k - (sub > sub_kth).sum(axis=1, keepdims=True)
+        chosen[crowded] = (sub > sub_kth) | (tied & (np.cumsum(tied, axis=1) <= room))
+    top = np.nonzero(chosen)[1].reshape(n_rows, k)  # row-major: ascending column within a row
+    top_scores = np.take_along_axis(scores, top, 1)
+    order = np.lexsort((top, -top_scores))  # best score first, ties by column (gallery row)
+    return np.take_along_axis(top_scores, order, 1), np.take_along_axis(top, order, 1).astype(np.int64)
+
+
+class ExactIP:
+    """Exact inner-product search with the module's tie rule, in query blocks (numpy BLAS matmul).
+
+    The "flat" index, used with or without faiss so that rankings never depend on what is installed.
+    """
+
+    def __init__(self, gallery: np.ndarray, block: int = 1024):
         self.gallery = gallery
+        self.block = int(block)
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores = query @ self.gallery.T
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        top_scores = np.take_along_axis(scores, top, 1)
-        order = np.lexsort((top, -top_scores), axis=1)  # best score first, ties by gallery row
-        return np.take_along_axis(top_scores, order, 1), np.take_along_axis(top, order, 1).astype(np.int64)
+        """(scores (Q, k) float32, gallery indices (Q, k) int64) of the k best rows per query."""
+        scores = np.empty((len(query), k), dtype=np.float32)
+        indices = np.empty((len(query), k), dtype=np.int64)
+        for start in range(0, len(query), self.block):
+            rows = slice(start, start + self.block)
+            scores[rows], indices[rows] = top_k_stable(query[rows] @ self.gallery.T, k)
+        return scores, indices
+
+
+NumpyFlatIP = ExactIP  # former name
+
+
+class IncompleteSearchWarning(UserWarning):
+    """An approximate index returned fewer than k gallery rows for some queries (ids -1)."""
 
 
 def _require_faiss(what: str) -> None:
@@ -83,13 +166,9 @@ def _require_faiss(what: str) -> None:
         raise ImportError(f"the {what} index needs faiss: pip install faiss-cpu")
 
 
-def _flat(gallery: np.ndarray, k: int) -> faiss.Index:
-    """Exact inner-product index (faiss, or NumpyFlatIP where faiss is not installed)."""
-    if faiss is None:
-        return NumpyFlatIP(gallery)
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
-    return index
+def _flat(gallery: np.ndarray, k: int) -> ExactIP:
+    """Exact inner-product search with the module's tie rule (the same with and without faiss)."""
+    return ExactIP(gallery)
 
 
 def _ivf(gallery: np.ndarray, k: int, nlist: int | None = None, nprobe: int = 16) -> faiss.Index:
@@ -133,11 +212,19 @@ def search(query: Any, gallery: Any, k: int, index: str = "flat",
            **index_options: Any) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery rows per query by inner product: (scores (Q, k) float32, indices (Q, k) int64).
 
-    Approximate indexes may return index -1 (score -inf) when fewer than k items were reached.
+    Exact search ("flat") follows the module's tie rule. Approximate indexes may reach fewer than k
+    rows for a query; their slots hold index -1 (score -inf) and an IncompleteSearchWarning says how
+    many queries are affected and how to widen the search. ValueError for non-finite embeddings.
     """
     query, gallery = _as_matrix(query, "query"), _as_matrix(gallery, "gallery")
     _check_pair(query, gallery, k)
     scores, indices = build_index(gallery, index, k=k, **index_options).search(query, k)
+    short = (indices < 0).any(axis=1)
+    if short.any():
+        widen = {"ivf": "raise nprobe", "hnsw": "raise efSearch"}.get(index, "use index='flat'")
+        warnings.warn(f"the {index!r} index returned fewer than k={k} gallery rows for {int(short.sum())} of "
+                      f"{len(query)} queries (ids -1, counted as misses); {widen} or use index='flat'",
+                      IncompleteSearchWarning, stacklevel=2)
     return scores, indices
 
 
@@ -168,8 +255,7 @@ def neighbours(query_emb: Any, gallery_emb: Any, k: int = 10, query_labels: Any 
     if query_labels is not None or gallery_labels is not None:
         if query_labels is None or gallery_labels is None:
             raise ValueError("give both query_labels and gallery_labels, or neither")
-        q_lab = _as_labels(query_labels, len(query), "query_labels")
-        g_lab = _as_labels(gallery_labels, len(gallery), "gallery_labels")
+        q_lab, g_lab = _label_pair(query_labels, gallery_labels, len(query), len(gallery))
         matches = (indices >= 0) & (g_lab[np.maximum(indices, 0)] == q_lab[:, None])
     return Neighbours(scores, indices, matches)
 
@@ -211,8 +297,7 @@ def map_at_r(query_emb: Any, query_labels: Any, gallery_emb: Any, gallery_labels
     out and 0.0 is returned when none has R > 0 (as PML AccuracyCalculator does).
     """
     query, gallery = _as_matrix(query_emb, "query"), _as_matrix(gallery_emb, "gallery")
-    q_lab = _as_labels(query_labels, len(query), "query_labels")
-    g_lab = _as_labels(gallery_labels, len(gallery), "gallery_labels")
+    q_lab, g_lab = _label_pair(query_labels, gallery_labels, len(query), len(gallery))
     _check_pair(query, gallery, 1, exclude_self)
     r = _relevant_counts(q_lab, g_lab, exclude_self)
     keep = r > 0

@@ -222,14 +222,107 @@ def test_pml_accuracy_calculator_agrees(data):
     assert r1[~lone].mean() == pytest.approx(acc["precision_at_1"], abs=1e-6)
 
 
-def test_numpy_fallback_matches_faiss_flat():
-    """The numpy stand-in used where faiss is absent ranks exactly as faiss.IndexFlatIP does."""
-    from fashlib import metrics
-
+@pytest.mark.skipif(metrics.faiss is None, reason="faiss not installed")
+def test_exact_search_ranks_as_faiss_flat_without_ties():
+    """Exact search (numpy, the module's tie rule) ranks exactly as faiss.IndexFlatIP on tie-free data."""
     rng = np.random.default_rng(3)
     gallery = rng.normal(size=(300, 16)).astype(np.float32)
     query = rng.normal(size=(40, 16)).astype(np.float32)
-    want_scores, want_idx = metrics._flat(gallery, 10).search(query, 10)
-    got_scores, got_idx = metrics.NumpyFlatIP(gallery).search(query, 10)
+    index = metrics.faiss.IndexFlatIP(16)
+    index.add(gallery)
+    want_scores, want_idx = index.search(query, 10)
+    got_scores, got_idx = metrics.ExactIP(gallery, block=7).search(query, 10)
     np.testing.assert_array_equal(got_idx, want_idx)
     np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- one tie rule
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 19, 20])
+def test_top_k_stable_is_a_prefix_of_the_stable_sort(k):
+    scores = np.random.default_rng(k).integers(0, 4, size=(50, 20)).astype(np.float32)  # many ties
+    scores[0] = 1.0  # a fully collapsed row
+    got_scores, got_idx = metrics.top_k_stable(scores, k)
+    want = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(got_idx, want)
+    np.testing.assert_array_equal(got_scores, np.take_along_axis(scores, want, 1))
+
+
+@pytest.fixture(params=["faiss", "numpy"])
+def faiss_or_not(request, monkeypatch):
+    if request.param == "numpy":
+        monkeypatch.setattr(metrics, "faiss", None)
+    elif metrics.faiss is None:
+        pytest.skip("faiss not installed")
+    return request.param
+
+
+def test_collapsed_model_recall_independent_of_ks(faiss_or_not):
+    """All scores equal: the ranking is the gallery in file order, whatever ks and whatever is installed."""
+    gallery = np.ones((6, 4), dtype=np.float32) / 2
+    query = np.ones((5, 4), dtype=np.float32) / 2
+    g_lab = np.array([7, 3, 3, 9, 1, 1])
+    q_lab = np.array([3, 3, 7, 1, 9])
+    # by hand: top-1 is gallery row 0 (label 7), top-2 rows 0-1 (7, 3), top-4 rows 0-3 (7, 3, 3, 9)
+    want = {1: 1 / 5, 2: 3 / 5, 4: 4 / 5}
+    assert metrics.recall_at_k(query, q_lab, gallery, g_lab, ks=(1,)) == {1: want[1]}
+    assert metrics.recall_at_k(query, q_lab, gallery, g_lab, ks=(1, 2)) == {1: want[1], 2: want[2]}
+    assert metrics.recall_at_k(query, q_lab, gallery, g_lab, ks=(4, 1, 2)) == want
+    assert metrics.search(query, gallery, k=3)[1].tolist() == [[0, 1, 2]] * 5
+    # exclude_self: row i is removed, the rest stays in file order
+    nb = metrics.neighbours(gallery, gallery, k=2, exclude_self=True)
+    assert nb.indices.tolist() == [[1, 2], [0, 2], [0, 1], [0, 1], [0, 1], [0, 1]]
+    # MAP@R (R = 2 for label 3): ranks 1-2 are rows 0, 1 -> one hit at rank 2 -> AP = (1/2) / 2
+    assert metrics.map_at_r(query[:1], q_lab[:1], gallery, g_lab) == pytest.approx(0.25)
+
+
+def test_partial_ties_same_with_and_without_faiss(data, monkeypatch):
+    query, q_lab, gallery, g_lab = data
+    coarse_q, coarse_g = np.round(query * 2) / 2, np.round(gallery * 2) / 2  # many equal scores
+    with_faiss = metrics.recall_at_k(coarse_q, q_lab, coarse_g, g_lab, ks=(1, 5, 10))
+    singles = {k: metrics.recall_at_k(coarse_q, q_lab, coarse_g, g_lab, ks=(k,))[k] for k in (1, 5, 10)}
+    monkeypatch.setattr(metrics, "faiss", None)
+    assert metrics.recall_at_k(coarse_q, q_lab, coarse_g, g_lab, ks=(1, 5, 10)) == with_faiss == singles
+    scores = coarse_q.astype(np.float64) @ coarse_g.T.astype(np.float64)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(metrics.search(coarse_q, coarse_g, k=10)[1], order)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_non_finite_rows_are_an_error_naming_count_and_rows(data):
+    query, q_lab, gallery, g_lab = data
+    bad = query.copy()
+    bad[[3, 40]] = np.nan
+    bad[41, 0] = np.inf
+    with pytest.raises(ValueError, match=r"query has 3 of 150 rows with NaN or infinite values \(rows \[3, 40, 41\]"):
+        metrics.recall_at_k(bad, q_lab, gallery, g_lab, ks=(1,))
+    with pytest.raises(ValueError, match=r"gallery has 1 of 600 rows"):
+        metrics.search(query, np.where(np.arange(600)[:, None] == 7, np.nan, gallery), k=1)
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.map_at_r(bad, q_lab, gallery, g_lab)
+    as_bf16 = metrics.search(torch.from_numpy(query).bfloat16(), gallery, k=3)[1]  # accepted, no numpy bf16
+    assert as_bf16.shape == (150, 3)
+
+
+def test_labels_that_can_never_match_are_an_error(data):
+    query, q_lab, gallery, g_lab = data
+    with pytest.raises(ValueError, match=r"query labels \(number.*can never equal gallery labels \(text"):
+        metrics.recall_at_k(query, q_lab, gallery, g_lab.astype(str), ks=(1,))
+    with pytest.raises(ValueError, match="can never equal"):
+        metrics.map_at_r(query, q_lab.astype(object).astype(str).astype(object), gallery, g_lab)
+    with pytest.raises(ValueError, match="can never equal"):
+        metrics.neighbours(query, gallery, k=1, query_labels=list(map(str, q_lab)), gallery_labels=torch.from_numpy(g_lab))
+    same = metrics.recall_at_k(query, q_lab, gallery, g_lab, ks=(1,))
+    assert metrics.recall_at_k(query, q_lab.astype(float), gallery, g_lab, ks=(1,)) == same  # numbers compare
+    assert metrics.recall_at_k(query, q_lab.astype(str), gallery, g_lab.astype(str).astype(object), ks=(1,)) == same
+
+
+@pytest.mark.skipif(metrics.faiss is None, reason="faiss not installed")
+def test_search_never_returns_missing_ids_silently(data):
+    query, _, gallery, _ = data
+    with pytest.warns(metrics.IncompleteSearchWarning, match=r"fewer than k=200 gallery rows for \d+ of 150 queries.*nprobe"):
+        _, idx = metrics.search(query, gallery, k=200, index="ivf", nlist=12, nprobe=1)
+    assert (idx < 0).any()
