@@ -23,6 +23,9 @@ __all__ = [
     "GeM",
     "AvgPool",
     "POOLINGS",
+    "FEATURE_FORMATS",
+    "feature_format",
+    "channels_first",
     "EmbeddingHead",
     "Embedder",
     "PretrainedWeightsError",
@@ -71,6 +74,48 @@ class AvgPool(nn.Module):
 
 POOLINGS: dict[str, Callable[[], nn.Module]] = {"gem": GeM, "avg": AvgPool}
 
+# layouts of a timm backbone's unpooled output (timm's names): channels-first maps, channels-last maps,
+# and token sequences (batch, length, channels)
+FEATURE_FORMATS: tuple[str, ...] = ("NCHW", "NHWC", "NLC")
+
+
+def feature_format(model: nn.Module) -> str:
+    """Layout of the unpooled output of a timm model built with num_classes=0, global_pool="".
+
+    timm's own metadata: the model's `output_fmt` where it declares one (Swin, Swin V2, MambaOut,
+    Sequencer, Hiera: "NHWC"); "NLC" for token models (ViT family, which declare `num_prefix_tokens`);
+    otherwise "NCHW" (CNNs: ResNet, EfficientNet, ConvNeXt). A 3-D output is read as tokens in any case.
+    """
+    declared = getattr(model, "output_fmt", None)
+    declared = getattr(declared, "value", declared)  # timm uses plain strings or its Format enum
+    if declared in FEATURE_FORMATS:
+        return declared
+    return "NLC" if hasattr(model, "num_prefix_tokens") else "NCHW"
+
+
+def channels_first(features: torch.Tensor, fmt: str, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Backbone output in layout `fmt` -> (N, C, H, W) maps that GeM/AvgPool pool over the last two axes.
+
+    NCHW passes through; NHWC is permuted; tokens (N, L, C) lose their `num_prefix_tokens` leading
+    tokens (class, distillation, register tokens) and the patch tokens become (N, C, L - prefix, 1),
+    so pooling averages (or GeM-pools) PATCH tokens, as timm's global_pool="avg" does for ViTs.
+    ValueError when the tensor's rank does not fit the layout.
+    """
+    if features.ndim == 3:
+        if num_prefix_tokens >= features.shape[1]:
+            raise ValueError(f"token output {tuple(features.shape)} has no patch tokens after {num_prefix_tokens} prefix tokens")
+        return features[:, num_prefix_tokens:].transpose(1, 2).unsqueeze(-1)
+    if features.ndim != 4:
+        raise ValueError(f"backbone output of shape {tuple(features.shape)} is neither maps (4-D) nor tokens (3-D)")
+    if fmt == "NHWC":
+        return features.permute(0, 3, 1, 2)
+    if fmt == "NCHW":
+        return features
+    raise ValueError(f"4-D backbone output {tuple(features.shape)} with layout {fmt!r}; expected NCHW or NHWC")
+
+
+_feature_format = feature_format  # Embedder's argument of the same name shadows the function
+
 
 # --------------------------------------------------------------------------------------------
 # Head and embedder
@@ -103,6 +148,10 @@ class Embedder(nn.Module):
 
     `freeze=True` freezes the backbone: no gradients and always eval mode (BatchNorm statistics
     stay those of the pretrained weights), whatever `train()` is called with.
+    Pooling works on every timm output layout (see channels_first): `feature_format` and
+    `num_prefix_tokens` default to the backbone's timm metadata (feature_format(), num_prefix_tokens).
+    GeM clamps features at eps > 0, so for transformers (LayerNorm'd features, half negative)
+    pooling="avg" keeps the information GeM would cut away.
     """
 
     def __init__(
@@ -114,8 +163,15 @@ class Embedder(nn.Module):
         backbone_name: str,
         weights: str,
         freeze: bool = False,
+        feature_format: str | None = None,
+        num_prefix_tokens: int | None = None,
     ):
         super().__init__()
+        self.feature_format = _feature_format(backbone) if feature_format is None else feature_format
+        if self.feature_format not in FEATURE_FORMATS:
+            raise ValueError(f"feature_format must be one of {FEATURE_FORMATS}, got {self.feature_format!r}")
+        default_prefix = int(getattr(backbone, "num_prefix_tokens", 0) or 0)
+        self.num_prefix_tokens = default_prefix if num_prefix_tokens is None else int(num_prefix_tokens)
         self.backbone = backbone
         self.pool = pool
         self.head = head
@@ -145,10 +201,11 @@ class Embedder(nn.Module):
         return self.head.embedding_dim
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, H, W) -> pooled backbone vectors (N, feature_dim): what a feature cache stores."""
-        maps = self.backbone(x)
-        if maps.ndim == 3:  # transformer tokens (N, T, C) -> (N, C, T, 1) so both poolings apply
-            maps = maps.transpose(1, 2).unsqueeze(-1)
+        """Images (N, 3, H, W) -> pooled backbone vectors (N, feature_dim): what a feature cache stores.
+
+        Maps (NCHW or NHWC) are pooled over their spatial axes, tokens over the patch tokens.
+        """
+        maps = channels_first(self.backbone(x), self.feature_format, self.num_prefix_tokens)
         return self.pool(maps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
