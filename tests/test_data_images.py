@@ -233,4 +233,7 @@ def test_load_table_drops_undecodable_rows(tmp_path):
         after = experiments.load_table("inshop", tmp_path, decode_cache=tmp_path / "c")
     assert len(after) == len(table) - 1 and victim not in set(after["path"])
     assert after.attrs["undecodable"] == {"query": 1}
+    with pytest.warns(decodable.UndecodableImagesWarning):
+        capped = experiments.load_table("inshop", tmp_path, decode_cache=tmp_path / "c", max_images=20)
+    assert capped.attrs["undecodable"] == {"query": 1} and victim not in set(capped["path"])
     assert folder.is_dir()
