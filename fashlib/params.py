@@ -98,19 +98,22 @@ def _closest(value: Any, allowed: Iterable[str]) -> str:
     return f"; did you mean {near[0]!r}?" if near else ""
 
 
-def choice(allowed: Callable[[], Iterable[str]], many: bool = False, label: str = "") -> Check:
-    """One of allowed() (or, with many, a non-empty list of them); the message lists them and the closest."""
+def choice(allowed: Callable[[], Iterable[str]], many: bool = False, label: str = "",
+           key: Callable[[str], str] = str) -> Check:
+    """One of allowed() (or, with many, a non-empty list of them), compared after `key`; the message lists
+    them (or counts them when there are many) and names the closest."""
 
     def test(v: Any) -> str | None:
         names = list(allowed())
         values = v if many and isinstance(v, list) else [v]
         if many and not (isinstance(v, list) and v):
             return f"a non-empty list of {label or 'names'}"
-        bad = [x for x in values if not isinstance(x, str) or x not in names]
+        known = set(names)
+        bad = [x for x in values if not isinstance(x, str) or key(x) not in known]
         if not bad:
             return None
-        shown = names if len(names) <= 30 else names[:0]
-        listed = f"one of {', '.join(shown)}" if shown else f"a {label} ({len(names)} known)"
+        listed = (f"one of {', '.join(names)}" if len(names) <= 30
+                  else f"one of the {len(names)} known {label or 'names'}")
         return f"{listed}; {bad[0]!r} is not{_closest(bad[0], names)}"
     return Check(test)
 
@@ -139,6 +142,11 @@ def _backbones() -> list[str]:
     return timm.list_models()
 
 
+def _model_name(name: str) -> str:
+    """A timm name without its pretrained tag: resnet50.a1_in1k -> resnet50."""
+    return name.split(".", 1)[0]
+
+
 def _metrics() -> list[str]:
     from .experiments import KS
 
@@ -153,7 +161,7 @@ def _device(v: Any) -> str | None:
 def _random_controls(v: Any) -> str | None:
     if isinstance(v, bool):
         return None
-    problem = choice(_backbones, many=True, label="timm model names").test(v)
+    problem = choice(_backbones, many=True, label="timm model names", key=_model_name).test(v)
     return None if problem is None else f"True, False or a list of timm model names ({problem})"
 
 
@@ -188,9 +196,9 @@ SCHEMA: dict[str, Check] = {
     "loss": choice(_losses),
     "losses": choice(_losses, many=True, label="loss names"),
     "candidate_losses": choice(_losses, many=True, label="loss names"),
-    "backbone": choice(_backbones, label="timm model name"),
-    "backbones": choice(_backbones, many=True, label="timm model names"),
-    "candidate_backbones": choice(_backbones, many=True, label="timm model names"),
+    "backbone": choice(_backbones, label="timm model names", key=_model_name),
+    "backbones": choice(_backbones, many=True, label="timm model names", key=_model_name),
+    "candidate_backbones": choice(_backbones, many=True, label="timm model names", key=_model_name),
     "random_controls": Check(_random_controls),
 }
 # Parameters holding paths: resolved against the repository root; None keeps its documented default.
