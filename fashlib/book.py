@@ -77,7 +77,7 @@ class NotebookRun:
     """What happened to one notebook in run_notebooks."""
 
     name: str
-    status: str  # "executed", "skipped" (unchanged) or "missing" (no source notebook)
+    status: str  # "executed", "skipped" (unchanged), "missing" (no source notebook), "planned" (dry run)
     output_path: Path | None = None
     seconds: float = 0.0
     parameters: dict = field(default_factory=dict)
@@ -375,12 +375,12 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
                   output_dir: str | os.PathLike = PROJECT_ROOT / EXECUTED_DIR, only: Sequence[str] | None = None,
                   force: bool = False, allow_missing: bool = False, root: str | os.PathLike = PROJECT_ROOT,
                   progress_bar: bool = True, library_hash: str | None = None, log=print,
-                  work_dir: str | os.PathLike | None = None) -> list[NotebookRun]:
+                  work_dir: str | os.PathLike | None = None, dry_run: bool = False) -> list[NotebookRun]:
     """Execute the notebooks listed in params (book order) into output_dir, skipping unchanged ones.
 
     Every notebook's parameters are checked (fashlib.params.validate, ParameterError) before the first one
     runs. work_dir (default <root>/_build) holds the notebook being executed and failed runs (run_notebook).
-    library_hash defaults to fashlib_hash(). Stops at the first failing notebook with NotebookFailed. Listed notebooks without a source file raise
+    dry_run: check and report, execute nothing (status "planned"). library_hash defaults to fashlib_hash(). Stops at the first failing notebook with NotebookFailed. Listed notebooks without a source file raise
     FileNotFoundError unless allow_missing (then they are reported as "missing")."""
     notebooks_dir, output_dir, root = Path(notebooks_dir), Path(output_dir), Path(root)
     names = list(params.get("notebooks", {}))
@@ -417,6 +417,10 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
         if not force and is_up_to_date(out, stamp):
             log(f"{prefix}: unchanged, skipped ({out})")
             runs.append(NotebookRun(name, "skipped", out, 0.0, parameters, ignored))
+            continue
+        if dry_run:
+            log(f"{prefix}: would execute with {json.dumps(parameters, default=str)}")
+            runs.append(NotebookRun(name, "planned", out, 0.0, parameters, ignored))
             continue
         stamp_path(out).unlink(missing_ok=True)
         log(f"{prefix}: executing ...")
@@ -562,15 +566,22 @@ def prepare_site(output_dir: str | os.PathLike, root: str | os.PathLike = PROJEC
 def build(config: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[str] = (), only: Sequence[str] | None = None,
           output_dir: str | os.PathLike | None = None, skip_html: bool = False, force: bool = False,
           allow_missing: bool = False, root: str | os.PathLike = PROJECT_ROOT,
-          log=print) -> tuple[list[NotebookRun], BuildResult | None]:
-    """The whole pipeline: parameters -> papermill -> jupyter-book. Returns (runs, build result or None)."""
+          log=print, dry_run: bool = False) -> tuple[list[NotebookRun], BuildResult | None]:
+    """The whole pipeline: parameters -> papermill -> jupyter-book. Returns (runs, build result or None).
+
+    dry_run: check every parameter and say which notebooks would run; execute and write nothing."""
     root = Path(root).resolve()
     config = Path(config)
     params = apply_overrides(load_params(config if config.is_absolute() else root / config), overrides)
-    site = prepare_site(output_dir, root) if output_dir else root
+    site = Path(output_dir).resolve() if output_dir and dry_run else (prepare_site(output_dir, root) if output_dir
+                                                                       else root)
     t0 = time.perf_counter()
     runs = run_notebooks(params, root / "notebooks", site / EXECUTED_DIR, only=only, force=force,
-                         allow_missing=allow_missing, root=root, log=log, work_dir=site / "_build")
+                         allow_missing=allow_missing, root=root, log=log, work_dir=site / "_build", dry_run=dry_run)
+    if dry_run:
+        log(f"dry run: {sum(r.status == 'planned' for r in runs)} would execute, "
+            f"{sum(r.status == 'skipped' for r in runs)} unchanged; nothing executed")
+        return runs, None
     log(f"notebooks: {sum(r.status == 'executed' for r in runs)} executed, "
         f"{sum(r.status == 'skipped' for r in runs)} unchanged, {sum(r.status == 'missing' for r in runs)} missing "
         f"({time.perf_counter() - t0:.1f} s)")
@@ -603,10 +614,12 @@ def main(argv: Sequence[str] | None = None, root: str | os.PathLike = PROJECT_RO
     b.add_argument("--force", action="store_true", help="re-execute even unchanged notebooks")
     b.add_argument("--allow-missing", action="store_true",
                    help="leave out listed notebooks that do not exist yet instead of failing")
+    b.add_argument("--dry-run", action="store_true",
+                   help="check the parameters and list what would be executed; run and write nothing")
     args = parser.parse_args(argv)
     try:
         build(args.config, args.overrides, args.only, args.output_dir, args.skip_html, args.force, args.allow_missing,
-              root=root)
+              root=root, dry_run=args.dry_run)
     except NotebookFailed as err:
         print(f"\nERROR: {err}", file=sys.stderr)
         return 1
