@@ -380,7 +380,8 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
 
     Every notebook's parameters are checked (fashlib.params.validate, ParameterError) before the first one
     runs. work_dir (default <root>/_build) holds the notebook being executed and failed runs (run_notebook).
-    dry_run: check and report, execute nothing (status "planned"). library_hash defaults to fashlib_hash(). Stops at the first failing notebook with NotebookFailed. Listed notebooks without a source file raise
+    dry_run: check and report, execute nothing (status "planned"). library_hash defaults to fashlib_hash().
+    Stops at the first failing notebook with NotebookFailed. Listed notebooks without a source file raise
     FileNotFoundError unless allow_missing (then they are reported as "missing")."""
     notebooks_dir, output_dir, root = Path(notebooks_dir), Path(output_dir), Path(root)
     names = list(params.get("notebooks", {}))

@@ -391,7 +391,8 @@ def finetune(backbone: str, table: pd.DataFrame, out_dir: str | os.PathLike, *, 
              epochs: int = 10, p: int = 16, k: int = 4, lr: float = 1e-4, weight_decay: float = 1e-4,
              warmup_epochs: float = 1.0, pooling: str = "gem", bnneck: bool = True, eval_every: int = 1,
              device: str = "cpu", num_workers: int = 0, seed: int = 0, resume: bool | str = "auto",
-             progress: bool = True, run_config: dict[str, Any] | None = None) -> tuple[dict[str, list], torch.nn.Module]:
+             progress: bool = True,
+             run_config: dict[str, Any] | None = None) -> tuple[dict[str, list], torch.nn.Module]:
     """Fine-tune a pretrained backbone and its head end to end on the table's training rows.
 
     Evaluates query against gallery every `eval_every` epochs, checkpoints every epoch under
