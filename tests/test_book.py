@@ -170,7 +170,7 @@ def test_params_merge_extends_and_set(tmp_path):
     a = book.notebook_params(params, "a", root=tmp_path)
     assert a["epochs"] == 1 and a["seed"] == 1 and a["dataset"] == "clothing"
     assert a["cache_dir"] == str(tmp_path / ".cache" / "f")  # relative paths made absolute
-    assert a["data_root"] is None  # null stays null: the library falls back to $FASHLIB_DATA / ./data
+    assert a["data_root"] is None  # null stays null: the notebook resolves it (fashlib.params.resolve)
 
     over = book.apply_overrides(params, ["device=cuda", "a.losses=[arcface, proxy_anchor]", "max_images=8",
                                          "b.finetune=true", "data_root=/data"])

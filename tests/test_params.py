@@ -102,11 +102,18 @@ def test_values_are_read_like_the_parameter_file():
     assert params.parse_value(" ") is None and params.parse_value("Nonesuch") == "Nonesuch"
 
 
+BAD = """try:
+    book_params.prepare({**globals(), "epochs": "ten", "losses": ["multi_similarty"]})
+except book_params.ParameterError as err:
+    print("REFUSED", err)"""
+
+
 def _validation_notebook(tmp_path: Path, source: Path) -> Path:
-    """The real parameters cell and validation cell of `source`, then a cell printing the resolved paths."""
+    """The real parameters cell and validation cell of `source`, a cell printing the resolved paths, and a
+    cell feeding the same call bad values (one kernel start: they take most of this test's time)."""
     cells, i = _cells(source)
     nb = nbformat.v4.new_notebook(cells=cells[i:i + 2] + [nbformat.v4.new_code_cell(
-        "print('RESOLVED', data_root, cache_dir, out_dir)")])
+        "print('RESOLVED', data_root, cache_dir, out_dir, epochs)"), nbformat.v4.new_code_cell(BAD)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     path = tmp_path / source.name
     nbformat.write(nb, str(path))
@@ -115,20 +122,15 @@ def _validation_notebook(tmp_path: Path, source: Path) -> Path:
 
 def test_in_a_kernel_started_in_notebooks_the_paths_are_the_repository_ones(tmp_path, monkeypatch):
     import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
 
     monkeypatch.delenv("FASHLIB_DATA", raising=False)
     monkeypatch.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     nb = _validation_notebook(tmp_path, REPO / "notebooks" / "03_loss_comparison.ipynb")
     out = tmp_path / "out.ipynb"
-    pm.execute_notebook(str(nb), str(out), cwd=str(REPO / "notebooks"), progress_bar=False, kernel_name="python3")
-    printed = nbformat.read(str(out), as_version=4).cells[-1].outputs[0]["text"]
-    assert printed.split() == ["RESOLVED", str(REPO / "data"), str(REPO / ".cache" / "features"),
-                               str(REPO / "runs" / "book")]
-    # papermill -p epochs ten: the validation cell stops the notebook, naming the parameter
-    with pytest.raises(PapermillExecutionError) as err:
-        pm.execute_notebook(str(nb), str(out), cwd=str(REPO / "notebooks"), progress_bar=False,
-                            kernel_name="python3", parameters={"epochs": "ten", "losses": ["multi_similarty"]})
-    assert err.value.ename == "ParameterError"
-    assert "epochs='ten': expected an integer >= 1" in err.value.evalue
-    assert "did you mean 'multi_similarity'?" in err.value.evalue
+    pm.execute_notebook(str(nb), str(out), cwd=str(REPO / "notebooks"), progress_bar=False, kernel_name="python3",
+                        parameters={"epochs": 3})  # as `papermill -p epochs 3` injects it
+    cells = nbformat.read(str(out), as_version=4).cells
+    assert cells[-2].outputs[0]["text"].split() == [
+        "RESOLVED", str(REPO / "data"), str(REPO / ".cache" / "features"), str(REPO / "runs" / "book"), "3"]
+    refused = cells[-1].outputs[0]["text"]
+    assert "epochs='ten': expected an integer >= 1" in refused and "did you mean 'multi_similarity'?" in refused
