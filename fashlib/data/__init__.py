@@ -42,7 +42,7 @@ DATASETS: dict[str, Callable[..., pd.DataFrame]] = {
 def load(name: str, root: str | os.PathLike | None = None, path: str | os.PathLike | None = None, **options: Any) -> pd.DataFrame:
     """Read dataset `name` from <data root>/<subfolder> (or straight from `path`) into the contract table.
 
-    root: data root (else $FASHLIB_DATA, else <repository>/data); options go to the reader, e.g.
+    root: data root (else $FASHLIB_DATA, else ./data); options go to the reader, e.g.
     eval_split="val" (consumer2shop, clothing), check_images=False, attributes=False (attributes).
     """
     if name not in DATASETS:
