@@ -104,7 +104,7 @@ def _smoke(command: str, data: Path, tmp: Path) -> list[str]:
         return words + ["-y", yaml.safe_dump({k: v for k, v in extra.items() if k in declared}),
                         "--cwd", str(tmp), "--no-progress-bar"]
     return words + ["--max-images", "24", "--image-size", "32", "--epochs", "1", "--num-workers", "0",
-                    "--p", "2", "--k", "2", "--out", str(tmp / "ft")]
+                    "--p", "2", "--k", "2"]
 
 
 @pytest.mark.slow
@@ -115,6 +115,7 @@ def test_the_papermill_and_finetune_commands_run_as_written(tmp_path):
 
     data = tmp_path / "data"
     synthetic.make_all(data)
+    (tmp_path / "notebooks").symlink_to(REPO / "notebooks")  # "from the repository root", without writing there
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     shared = REPO.parent / "shared" / "data"
     if not env.get("FASHLIB_DATA") and shared.is_dir():
@@ -136,3 +137,7 @@ def test_the_papermill_and_finetune_commands_run_as_written(tmp_path):
         proc = subprocess.run(words, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
     assert len(list((tmp_path / "out").glob("*.ipynb"))) == 5
+    if env.get("FASHLIB_DATA"):  # the fine-tuning run went to its default, named folder
+        folders = list((tmp_path / "runs" / "finetune").iterdir())
+        assert len(folders) == 1 and folders[0].name.startswith("tf_efficientnet_lite0-multi_similarity-")
+        assert (folders[0] / "final_test" / "metrics.json").exists()
