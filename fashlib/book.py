@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import difflib
 import hashlib
 import json
 import os
@@ -141,9 +140,8 @@ def _check_key(key: str, known: Iterable[str], where: str) -> None:
     known = sorted(set(known))
     if key in known:
         return
-    near = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
-    raise ValueError(f"--set {key}: no parameter {key!r} {where}{hint}\nvalid keys: {', '.join(known)}")
+    raise ValueError(f"--set {key}: no parameter {key!r} {where}{nb_params.closest_hint(key, known)}\n"
+                     f"valid keys: {', '.join(known)}")
 
 
 def apply_overrides(params: Mapping, overrides: Iterable[str]) -> dict:

@@ -93,7 +93,8 @@ def path(optional: bool = False) -> Check:
                  else what)
 
 
-def _closest(value: Any, allowed: Iterable[str]) -> str:
+def closest_hint(value: Any, allowed: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the allowed name closest to value (difflib), or "" when none is close."""
     near = difflib.get_close_matches(str(value), list(allowed), n=1)
     return f"; did you mean {near[0]!r}?" if near else ""
 
@@ -114,7 +115,7 @@ def choice(allowed: Callable[[], Iterable[str]], many: bool = False, label: str 
             return None
         listed = (f"one of {', '.join(names)}" if len(names) <= 30
                   else f"one of the {len(names)} known {label or 'names'}")
-        return f"{listed}; {bad[0]!r} is not{_closest(bad[0], names)}"
+        return f"{listed}; {bad[0]!r} is not{closest_hint(bad[0], names)}"
     return Check(test)
 
 
