@@ -49,9 +49,6 @@ EXECUTED_DIR = Path("book") / "notebooks"
 # notebook sees them, so a notebook behaves the same whatever its working directory.
 PATH_KEYS = ("data_root",)
 PATH_SUFFIXES = ("_dir", "_root", "_path", "_file")
-# Where a notebook is executed before it is moved into the book, and where a failed run is kept.
-EXECUTING_DIR = Path("_build") / "executing"
-FAILED_DIR = Path("_build") / "failed"
 # What the book sources are: copied into --output-dir when the book is built elsewhere.
 BOOK_SOURCES = ("_config.yml", "_toc.yml", "book")
 KERNEL = "python3"
@@ -250,7 +247,7 @@ def make_stamp(source: Path, parameters: Mapping, library_hash: str, inputs: Map
         "source": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
         "parameters": hashlib.sha256(json.dumps(parameters, sort_keys=True, default=str).encode()).hexdigest(),
         "fashlib": library_hash,
-        **{key: value for key, value in (inputs or {}).items()},
+        **(inputs or {}),
     }
 
 
