@@ -9,9 +9,16 @@ Usage (from the repository root)::
 
 Parameters come from one YAML file (``book/params.yaml``): top-level keys are shared by every notebook,
 ``notebooks:`` lists the notebooks in book order, each with a section of its own overrides. A notebook
-receives only the parameters its ``parameters`` cell declares. A notebook whose source, parameters and
-fashlib source are unchanged since its last successful run is not executed again (a stamp json sits next
-to the executed copy).
+receives only the parameters its ``parameters`` cell declares; ``--set`` values are read as the file is
+(``None``/``null``, ``1e-3``, lists) and an unknown key is an error naming the closest valid one. Every
+value is checked (fashlib.params.SCHEMA) before any notebook runs.
+
+A notebook is executed again unless its source, its parameters, the fashlib sources, its data (the data
+root and a fingerprint of the dataset folder: every file's name, size and mtime) and the recorded runs it
+reads (``gpu_runs_dir``) are all unchanged since its last successful run (a stamp json sits next to the
+executed copy). A notebook is executed into ``_build/executing/`` and moved into the book only when it
+succeeded; a failed one is kept in ``_build/failed/``. The HTML build refuses an executed notebook whose
+stamp is missing or does not match it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
+
+from . import params as nb_params
+from .paths import resolve_path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = Path("book") / "params.yaml"
@@ -63,7 +73,7 @@ class NotebookRun:
     """What happened to one notebook in run_notebooks."""
 
     name: str
-    status: str  # "executed", "skipped" (unchanged) or "missing" (no source notebook)
+    status: str  # "executed", "skipped" (unchanged), "missing" (no source notebook), "planned" (dry run)
     output_path: Path | None = None
     seconds: float = 0.0
     parameters: dict = field(default_factory=dict)
@@ -98,10 +108,7 @@ def deep_merge(base: Mapping, override: Mapping) -> dict:
 def load_params(path: str | os.PathLike) -> dict:
     """Read a parameter file; a top-level ``extends: other.yaml`` (relative to it) is merged underneath."""
     path = Path(path)
-    with open(path, encoding="utf-8") as fh:
-        params = yaml.safe_load(fh) or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: a parameter file must hold a mapping, got {type(params).__name__}")
+    params = nb_params.read_parameter_file(path)
     # An empty section (`name:` with only comments under it) means "no overrides", never "erase".
     params["notebooks"] = {name: (section or {}) for name, section in (params.get("notebooks") or {}).items()}
     parent = params.pop("extends", None)
@@ -111,7 +118,8 @@ def load_params(path: str | os.PathLike) -> dict:
 
 
 def parse_set(items: Iterable[str]) -> list[tuple[list[str], Any]]:
-    """Parse ``key=value`` / ``notebook.key=value`` strings; values are YAML (``5``, ``true``, ``[a, b]``)."""
+    """Parse ``key=value`` / ``notebook.key=value`` strings; values are read as the parameter file is
+    (fashlib.params.parse_value: ``5``, ``1e-3``, ``true``, ``None``/``null``, ``[a, b]``)."""
     parsed = []
     for item in items:
         if "=" not in item:
@@ -120,22 +128,36 @@ def parse_set(items: Iterable[str]) -> list[tuple[list[str], Any]]:
         key = key.strip()
         if not key:
             raise ValueError(f"--set has an empty key: {item!r}")
-        parsed.append((key.split("."), yaml.safe_load(raw) if raw.strip() else None))
+        parsed.append((key.split("."), nb_params.parse_value(raw)))
     return parsed
+
+
+def _check_key(key: str, known: Iterable[str], where: str) -> None:
+    """ValueError for a --set key the parameter file does not have, with the closest one and the list."""
+    known = sorted(set(known))
+    if key in known:
+        return
+    raise ValueError(f"--set {key}: no parameter {key!r} {where}{nb_params.closest_hint(key, known)}\n"
+                     f"valid keys: {', '.join(known)}")
 
 
 def apply_overrides(params: Mapping, overrides: Iterable[str]) -> dict:
     """Apply --set overrides: ``key=v`` sets a shared key and wins over every notebook section too;
-    ``<notebook>.key=v`` sets a key for that notebook only."""
+    ``<notebook>.key=v`` sets a key for that notebook only. A key the parameter file does not define (shared
+    or in a section; for ``<notebook>.key``: shared or in that section) raises ValueError."""
     out = copy.deepcopy(dict(params))
     out.setdefault("notebooks", {})
+    shared = [k for k in out if k != "notebooks"]
     for keys, value in parse_set(overrides):
         if len(keys) == 1:
+            _check_key(keys[0], shared + [k for sec in out["notebooks"].values() for k in sec],
+                       "in the parameter file")
             out[keys[0]] = value
             for section in out["notebooks"].values():
                 section.pop(keys[0], None)
         elif keys[0] in out["notebooks"]:
             section = out["notebooks"][keys[0]]
+            _check_key(keys[1], shared + list(section), f"for notebook {keys[0]!r}")
             for key in keys[1:-1]:
                 section = section.setdefault(key, {})
             section[keys[-1]] = value
@@ -157,8 +179,7 @@ def resolve_paths(values: Mapping, root: str | os.PathLike) -> dict:
     out = dict(values)
     for key, value in values.items():
         if isinstance(value, str) and value and (key in PATH_KEYS or key.endswith(PATH_SUFFIXES)):
-            p = Path(value).expanduser()
-            out[key] = str(p if p.is_absolute() else (Path(root) / p).resolve())
+            out[key] = str(resolve_path(value, root))
     return out
 
 
@@ -180,12 +201,53 @@ def fashlib_hash(package_dir: str | os.PathLike = Path(__file__).resolve().paren
     return sha256_files((p for p in package_dir.rglob("*.py") if "__pycache__" not in p.parts), package_dir)
 
 
-def make_stamp(source: Path, parameters: Mapping, library_hash: str) -> dict:
-    """The fingerprint of one notebook run: source notebook, parameters, library."""
+def tree_fingerprint(folder: str | os.PathLike) -> str:
+    """Cheap fingerprint of everything under `folder`: each file's relative name, size and mtime (ns).
+
+    Any added, removed, replaced or edited file (annotation or image) changes it; no file is read.
+    "absent" when the folder does not exist. ~5,800 files (the CC0 set) take well under a second."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "absent"
+    h = hashlib.sha256()
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d not in ("__pycache__", ".ipynb_checkpoints")]
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            st = os.stat(full)
+            entries.append(f"{os.path.relpath(full, folder)}\t{st.st_size}\t{st.st_mtime_ns}")
+    for line in sorted(entries):
+        h.update(line.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def input_fingerprints(parameters: Mapping, root: str | os.PathLike = PROJECT_ROOT) -> dict:
+    """What a notebook reads besides its parameters: {"data": "<dataset folder> <fingerprint>"} when it
+    declares dataset or data_root (data_root None -> $FASHLIB_DATA or <root>/data, as the notebook resolves
+    it), {"runs": ...} for the recorded runs of gpu_runs_dir (None -> book/gpu-runs)."""
+    from .data import SUBFOLDERS
+
+    out = {}
+    if "dataset" in parameters or "data_root" in parameters:
+        resolved = nb_params.resolve({"data_root": parameters.get("data_root")}, root)["data_root"]
+        dataset = parameters.get("dataset")
+        folder = Path(resolved) / SUBFOLDERS.get(dataset, dataset or "")
+        out["data"] = f"{folder} {tree_fingerprint(folder)}"
+    if "gpu_runs_dir" in parameters:
+        folder = Path(nb_params.resolve({"gpu_runs_dir": parameters["gpu_runs_dir"]}, root)["gpu_runs_dir"])
+        out["runs"] = f"{folder} {tree_fingerprint(folder)}"
+    return out
+
+
+def make_stamp(source: Path, parameters: Mapping, library_hash: str, inputs: Mapping | None = None) -> dict:
+    """The fingerprint of one notebook run: source notebook, parameters, library, inputs (data, runs)."""
     return {
         "source": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
         "parameters": hashlib.sha256(json.dumps(parameters, sort_keys=True, default=str).encode()).hexdigest(),
         "fashlib": library_hash,
+        **(inputs or {}),
     }
 
 
@@ -194,23 +256,37 @@ def stamp_path(output_path: Path) -> Path:
     return Path(output_path).with_suffix(".stamp.json")
 
 
-def is_up_to_date(output_path: Path, stamp: Mapping) -> bool:
-    """True when the executed copy exists and its stamp matches the current fingerprint."""
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_valid_stamp(output_path: Path) -> dict | None:
+    """The stamp of an executed notebook when it exists, parses and names this very file (its sha256
+    under "output"); None otherwise (never run, run interrupted, or the file changed after the run)."""
     sp = stamp_path(output_path)
     if not Path(output_path).exists() or not sp.exists():
-        return False
+        return None
     try:
         old = json.loads(sp.read_text())
     except (OSError, ValueError):
-        return False
-    return all(old.get(k) == v for k, v in stamp.items())
+        return None
+    return old if isinstance(old, dict) and old.get("output") == _file_hash(output_path) else None
+
+
+def is_up_to_date(output_path: Path, stamp: Mapping) -> bool:
+    """True when the executed copy has a valid stamp that matches the current fingerprint."""
+    old = read_valid_stamp(output_path)
+    return old is not None and all(old.get(k) == v for k, v in stamp.items())
 
 
 def write_stamp(output_path: Path, stamp: Mapping, seconds: float) -> Path:
-    """Record a successful run next to the executed notebook."""
+    """Record a successful run next to the executed notebook, with the executed file's sha256."""
     sp = stamp_path(output_path)
-    sp.write_text(json.dumps({**stamp, "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                             indent=1))
+    payload = {**stamp, "output": _file_hash(output_path), "seconds": round(seconds, 2),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tmp = sp.with_name(f".{sp.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, sp)
     return sp
 
 
@@ -257,34 +333,50 @@ def _tag_injected_cell(output_path: Path) -> None:
 
 
 def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path,
-                 progress_bar: bool = True) -> tuple[float, list[str]]:
+                 progress_bar: bool = True, work_dir: Path | None = None) -> tuple[float, list[str]]:
     """Execute one notebook with papermill, passing only the parameters it declares.
 
-    Returns (seconds, ignored parameter names); raises NotebookFailed naming the failing cell."""
+    The notebook is executed into <work_dir>/executing/ and moved to output_path (os.replace, atomic) only
+    when every cell succeeded, so output_path never holds a half-executed notebook. On failure the old
+    output_path is removed and the executed copy, with the traceback, is kept at <work_dir>/failed/.
+    work_dir defaults to output_path's folder's ``_build`` sibling. Returns (seconds, ignored parameter
+    names); raises NotebookFailed naming the failing cell and the failed copy."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
     declared = declared_parameters(source)
     passed = {k: v for k, v in parameters.items() if k in declared}
     ignored = sorted(set(parameters) - declared)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(work_dir) if work_dir is not None else output_path.parent.parent / "_build"
+    executing = work_dir / "executing" / output_path.name
+    for folder in (output_path.parent, executing.parent):
+        folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
-        pm.execute_notebook(str(source), str(output_path), parameters=passed, kernel_name=KERNEL,
+        pm.execute_notebook(str(source), str(executing), parameters=passed, kernel_name=KERNEL,
                             cwd=str(cwd), progress_bar=progress_bar, log_output=False)
     except PapermillExecutionError as err:
-        raise _failure(source.stem, output_path, err) from None
-    _tag_injected_cell(output_path)
+        failed = work_dir / "failed" / output_path.name
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(executing, failed)
+        output_path.unlink(missing_ok=True)  # an older result must not be published as this run's
+        raise _failure(source.stem, failed, err) from None
+    _tag_injected_cell(executing)
+    os.replace(executing, output_path)
     return time.perf_counter() - start, ignored
 
 
 def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_ROOT / "notebooks",
                   output_dir: str | os.PathLike = PROJECT_ROOT / EXECUTED_DIR, only: Sequence[str] | None = None,
                   force: bool = False, allow_missing: bool = False, root: str | os.PathLike = PROJECT_ROOT,
-                  progress_bar: bool = True, library_hash: str | None = None, log=print) -> list[NotebookRun]:
+                  progress_bar: bool = True, library_hash: str | None = None, log=print,
+                  work_dir: str | os.PathLike | None = None, dry_run: bool = False) -> list[NotebookRun]:
     """Execute the notebooks listed in params (book order) into output_dir, skipping unchanged ones.
 
-    library_hash defaults to fashlib_hash(). Stops at the first failing notebook with NotebookFailed. Listed notebooks without a source file raise
+    Every notebook's parameters are checked (fashlib.params.validate, ParameterError) before the first one
+    runs. work_dir (default <root>/_build) holds the notebook being executed and failed runs (run_notebook).
+    dry_run: check and report, execute nothing (status "planned"). library_hash defaults to fashlib_hash().
+    Stops at the first failing notebook with NotebookFailed. Listed notebooks without a source file raise
     FileNotFoundError unless allow_missing (then they are reported as "missing")."""
     notebooks_dir, output_dir, root = Path(notebooks_dir), Path(output_dir), Path(root)
     names = list(params.get("notebooks", {}))
@@ -298,6 +390,14 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
         raise FileNotFoundError(f"notebooks listed in the parameter file but not found in {notebooks_dir}: "
                                 f"{', '.join(missing)}")
     library = library_hash or fashlib_hash()
+    work_dir = Path(work_dir) if work_dir is not None else root / "_build"
+    for name in names:  # every value checked before anything runs
+        if name not in missing:
+            received = _received(params, name, notebooks_dir, root)[0]
+            try:
+                nb_params.validate(received)
+            except nb_params.ParameterError as err:
+                raise nb_params.ParameterError(f"{name}: {err}") from None
     runs: list[NotebookRun] = []
     for i, name in enumerate(names, 1):
         source = notebooks_dir / f"{name}.ipynb"
@@ -307,22 +407,31 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
             log(f"{prefix}: MISSING ({source} does not exist), left out")
             runs.append(NotebookRun(name, "missing"))
             continue
-        wanted = notebook_params(params, name, root)
-        declared = declared_parameters(source)
-        parameters = {k: v for k, v in wanted.items() if k in declared}
-        ignored = sorted(set(wanted) - declared)
-        stamp = make_stamp(source, parameters, library)  # what the notebook would actually receive
+        parameters, ignored = _received(params, name, notebooks_dir, root)
+        # what the notebook would actually receive, and what it reads: its data and recorded runs
+        stamp = make_stamp(source, parameters, library, input_fingerprints(parameters, root))
         if not force and is_up_to_date(out, stamp):
             log(f"{prefix}: unchanged, skipped ({out})")
             runs.append(NotebookRun(name, "skipped", out, 0.0, parameters, ignored))
             continue
+        if dry_run:
+            log(f"{prefix}: would execute with {json.dumps(parameters, default=str)}")
+            runs.append(NotebookRun(name, "planned", out, 0.0, parameters, ignored))
+            continue
         stamp_path(out).unlink(missing_ok=True)
         log(f"{prefix}: executing ...")
-        seconds, _ = run_notebook(source, out, parameters, cwd=root, progress_bar=progress_bar)
+        seconds, _ = run_notebook(source, out, parameters, cwd=root, progress_bar=progress_bar, work_dir=work_dir)
         write_stamp(out, stamp, seconds)
         log(f"{prefix}: done in {seconds:.1f} s -> {out}")
         runs.append(NotebookRun(name, "executed", out, seconds, parameters, ignored))
     return runs
+
+
+def _received(params: Mapping, name: str, notebooks_dir: Path, root: Path) -> tuple[dict, list[str]]:
+    """(parameters notebook `name` declares and receives, names it does not declare)."""
+    wanted = notebook_params(params, name, root)
+    declared = declared_parameters(notebooks_dir / f"{name}.ipynb")
+    return {k: v for k, v in wanted.items() if k in declared}, sorted(set(wanted) - declared)
 
 
 # --------------------------------------------------------------------------- html
@@ -390,15 +499,28 @@ def prune_toc(toc: Mapping, root: Path) -> tuple[dict, list[str]]:
     return toc, dropped
 
 
+def unstamped_notebooks(toc: Mapping, book_root: Path) -> list[str]:
+    """Executed notebooks (.ipynb files named by the toc) without a valid stamp (read_valid_stamp)."""
+    files = [book_root / f"{doc}.ipynb" for doc in toc_files(toc)]
+    return [str(f.relative_to(book_root)) for f in files if f.exists() and read_valid_stamp(f) is None]
+
+
 def build_html(book_root: str | os.PathLike = PROJECT_ROOT, allow_missing: bool = False,
                timeout: float = 900) -> BuildResult:
     """Run ``jupyter-book build`` on book_root (which holds _config.yml and _toc.yml).
 
     Entries of the toc whose file is missing raise FileNotFoundError, or with allow_missing are left out of
-    a pruned toc (written under _build/). Returns warnings count and the path of index.html."""
+    a pruned toc (written under _build/). A notebook of the toc without a valid stamp (interrupted or
+    failed run, edited afterwards) raises RuntimeError: it is never published. Returns warnings count and
+    the path of index.html."""
     book_root = Path(book_root).resolve()
     toc_path = book_root / "_toc.yml"
     toc = yaml.safe_load(toc_path.read_text())
+    unstamped = unstamped_notebooks(toc, book_root)
+    if unstamped:
+        raise RuntimeError(f"executed notebooks without a valid stamp (an interrupted or failed run, or edited "
+                           f"afterwards) are not published: {', '.join(unstamped)}; run "
+                           f"`python3 -m fashlib.book build` again to execute them")
     pruned, dropped = prune_toc(toc, book_root)
     if dropped and not allow_missing:
         raise FileNotFoundError(f"_toc.yml names files that do not exist under {book_root}: {', '.join(dropped)} "
@@ -440,15 +562,22 @@ def prepare_site(output_dir: str | os.PathLike, root: str | os.PathLike = PROJEC
 def build(config: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[str] = (), only: Sequence[str] | None = None,
           output_dir: str | os.PathLike | None = None, skip_html: bool = False, force: bool = False,
           allow_missing: bool = False, root: str | os.PathLike = PROJECT_ROOT,
-          log=print) -> tuple[list[NotebookRun], BuildResult | None]:
-    """The whole pipeline: parameters -> papermill -> jupyter-book. Returns (runs, build result or None)."""
+          log=print, dry_run: bool = False) -> tuple[list[NotebookRun], BuildResult | None]:
+    """The whole pipeline: parameters -> papermill -> jupyter-book. Returns (runs, build result or None).
+
+    dry_run: check every parameter and say which notebooks would run; execute and write nothing."""
     root = Path(root).resolve()
     config = Path(config)
     params = apply_overrides(load_params(config if config.is_absolute() else root / config), overrides)
-    site = prepare_site(output_dir, root) if output_dir else root
+    site = Path(output_dir).resolve() if output_dir and dry_run else (prepare_site(output_dir, root) if output_dir
+                                                                       else root)
     t0 = time.perf_counter()
     runs = run_notebooks(params, root / "notebooks", site / EXECUTED_DIR, only=only, force=force,
-                         allow_missing=allow_missing, root=root, log=log)
+                         allow_missing=allow_missing, root=root, log=log, work_dir=site / "_build", dry_run=dry_run)
+    if dry_run:
+        log(f"dry run: {sum(r.status == 'planned' for r in runs)} would execute, "
+            f"{sum(r.status == 'skipped' for r in runs)} unchanged; nothing executed")
+        return runs, None
     log(f"notebooks: {sum(r.status == 'executed' for r in runs)} executed, "
         f"{sum(r.status == 'skipped' for r in runs)} unchanged, {sum(r.status == 'missing' for r in runs)} missing "
         f"({time.perf_counter() - t0:.1f} s)")
@@ -481,10 +610,12 @@ def main(argv: Sequence[str] | None = None, root: str | os.PathLike = PROJECT_RO
     b.add_argument("--force", action="store_true", help="re-execute even unchanged notebooks")
     b.add_argument("--allow-missing", action="store_true",
                    help="leave out listed notebooks that do not exist yet instead of failing")
+    b.add_argument("--dry-run", action="store_true",
+                   help="check the parameters and list what would be executed; run and write nothing")
     args = parser.parse_args(argv)
     try:
         build(args.config, args.overrides, args.only, args.output_dir, args.skip_html, args.force, args.allow_missing,
-              root=root)
+              root=root, dry_run=args.dry_run)
     except NotebookFailed as err:
         print(f"\nERROR: {err}", file=sys.stderr)
         return 1

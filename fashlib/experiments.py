@@ -323,6 +323,64 @@ def run_name(*parts: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------ fine-tuning
+RUN_CONFIG_FILE = "run.json"
+
+
+class RunConfigMismatch(ValueError):
+    """An output folder already holds a run with another configuration; the message lists old -> new."""
+
+
+def config_hash(config: dict[str, Any], length: int = 8) -> str:
+    """Short sha256 of a JSON-serialisable configuration (key order does not matter)."""
+    import hashlib
+
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def run_folder(base: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """The folder that names a run: <base>/<backbone>-<loss>-<config_hash(config)>."""
+    return Path(base) / run_name(config.get("backbone"), config.get("loss"), config_hash(config))
+
+
+def table_digest(table: pd.DataFrame) -> str:
+    """Short digest of a table's rows (path, label, split): two runs on other rows never share a folder."""
+    cols = [c for c in ("path", "label", "split") if c in table.columns]
+    text = "\n".join("\t".join(map(str, row)) for row in table[cols].itertuples(index=False))
+    return config_hash({"rows": text}, 12)
+
+
+def claim_run_folder(out_dir: str | os.PathLike, config: dict[str, Any]) -> bool:
+    """Reserve `out_dir` for the run described by `config`; return True when it resumes an earlier run.
+
+    A folder without <out_dir>/run.json but with a checkpoint (or run.json with another configuration)
+    raises RunConfigMismatch, before anything in it is changed: the message lists every key that differs
+    (old -> new) and the two ways out. A new folder gets run.json (written atomically)."""
+    out_dir = Path(out_dir)
+    stored_file = out_dir / RUN_CONFIG_FILE
+    config = json.loads(json.dumps(config, default=str))  # the form it is stored in (tuples -> lists)
+    if stored_file.exists():
+        stored = json.loads(stored_file.read_text())
+        diff = [f"{k}: {stored.get(k, '<absent>')!r} -> {config.get(k, '<absent>')!r}"
+                for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
+        if not diff:
+            return True
+        raise RunConfigMismatch(
+            f"{out_dir} holds another run ({stored_file}); these settings differ (old -> new):\n  "
+            + "\n  ".join(diff)
+            + f"\nTo resume that run, repeat its settings; to start this one, choose another folder "
+              f"(e.g. {run_folder(out_dir.parent, config)}) or leave the output folder at its default.")
+    if any(out_dir.glob("*.pt")):
+        raise RunConfigMismatch(
+            f"{out_dir} holds a checkpoint but no {RUN_CONFIG_FILE}, so it cannot be told whether it is this "
+            f"run: choose another folder (e.g. {run_folder(out_dir.parent, config)}) or delete {out_dir}.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{RUN_CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
+    os.replace(tmp, stored_file)
+    return False
+
+
 def embed_images(model: Any, table: pd.DataFrame, *, image_size: int | None = None, device: str = "cpu",
                  batch_size: int = 64, num_workers: int = 0, progress: bool = True) -> np.ndarray:
     """Embeddings of every row of `table` through a whole embedder (no cache: the weights are changing)."""
@@ -337,13 +395,24 @@ def finetune(backbone: str, table: pd.DataFrame, out_dir: str | os.PathLike, *, 
              epochs: int = 10, p: int = 16, k: int = 4, lr: float = 1e-4, weight_decay: float = 1e-4,
              warmup_epochs: float = 1.0, pooling: str = "gem", bnneck: bool = True, eval_every: int = 1,
              device: str = "cpu", num_workers: int = 0, seed: int = 0, resume: bool | str = "auto",
-             progress: bool = True) -> tuple[dict[str, list], torch.nn.Module]:
+             progress: bool = True,
+             run_config: dict[str, Any] | None = None) -> tuple[dict[str, list], torch.nn.Module]:
     """Fine-tune a pretrained backbone and its head end to end on the table's training rows.
 
     Evaluates query against gallery every `eval_every` epochs, checkpoints every epoch under
     `out_dir` (a stopped run resumes with resume="auto"), and returns (history, model); embed any
     table with `embed_images`. The loss's own parameters (proxies, class weights) train with the model.
+    `out_dir` is claimed for this run first (claim_run_folder: every setting that changes the result, the
+    table's rows and `run_config`); a folder holding another run raises RunConfigMismatch before anything
+    is built or written. With resume=False an existing folder is refused as well.
     """
+    identity = {"backbone": backbone, "loss": loss, "loss_options": loss_options or {}, "embedding_dim": embedding_dim,
+                "image_size": image_size, "epochs": epochs, "p": p, "k": k, "lr": lr, "weight_decay": weight_decay,
+                "warmup_epochs": warmup_epochs, "pooling": pooling, "bnneck": bnneck, "seed": seed,
+                "rows": table_digest(table), **(run_config or {})}
+    resuming = claim_run_folder(out_dir, identity)
+    if resuming and resume is False:
+        raise RunConfigMismatch(f"{out_dir} already holds this run and resume=False: choose another folder")
     from .data import ImageTableDataset, build_transforms
     from .features import create_loss
     from .models import create_embedder

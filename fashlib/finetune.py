@@ -6,19 +6,38 @@ Training is monitored on the validation protocol (eval_split="val"); the final m
 once on each protocol named by --final (default: val and test). The training rows are the same in both
 protocols. Writes checkpoints, the query/gallery embeddings and metrics.json of each final evaluation
 under --out (see fashlib.experiments.save_run); rerunning the same command resumes a stopped run.
+
+The default --out names the run: runs/finetune/<backbone>-<loss>-<hash of the settings>, so two different
+runs never share a folder. A folder that holds a run with other settings is refused before anything is
+loaded or written (exit 2), with the settings that differ (old -> new).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 from . import experiments
+from .paths import data_root
+
+DEFAULT_BASE = Path("runs") / "finetune"
+# Arguments that say where and how fast a run goes, not what it computes: they may change on resume.
+OPERATIONAL = ("device", "num_workers", "out")
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments that define a run (everything but OPERATIONAL), the data root made absolute."""
+    settings = {k: v for k, v in vars(args).items() if k not in OPERATIONAL}
+    settings["data_root"] = str(data_root(args.data_root))
+    return settings
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, with --out filled in (default: DEFAULT_BASE/<backbone>-<loss>-<settings hash>)."""
     parser = argparse.ArgumentParser(prog="python3 -m fashlib.finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="clothing")
     parser.add_argument("--data-root", default=None)
@@ -35,9 +54,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/finetune")
+    parser.add_argument("--out", default=None,
+                        help=f"output folder (default: {DEFAULT_BASE}/<backbone>-<loss>-<settings hash>)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(experiments.run_folder(DEFAULT_BASE, run_settings(args)))
+    return args
 
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the command line; a folder holding another run exits with status 2 and the differences."""
+    args = parse_args(argv)
+    try:
+        return _run(args, run_settings(args))
+    except experiments.RunConfigMismatch as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(args: argparse.Namespace, settings: dict[str, Any]) -> dict:
+    """Load the tables, fine-tune into args.out (claimed first), evaluate once per --final protocol."""
     start = time.perf_counter()
     tables = {split: experiments.load_table(args.dataset, args.data_root, eval_split=split,
                                             max_images=args.max_images, seed=args.seed)
@@ -45,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     history, model = experiments.finetune(
         args.backbone, tables["val"], args.out, loss=args.loss, embedding_dim=args.embedding_dim,
         image_size=args.image_size, epochs=args.epochs, p=args.p, k=args.k, lr=args.lr,
-        device=args.device, num_workers=args.num_workers, seed=args.seed)
+        device=args.device, num_workers=args.num_workers, seed=args.seed,
+        run_config={k: settings[k] for k in ("dataset", "data_root", "max_images", "final")})
     config = {**vars(args), "train_seconds": round(time.perf_counter() - start, 1)}
     results = {}
     for split in args.final:
@@ -54,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                               num_workers=args.num_workers)
         results[split] = experiments.evaluate(table, embeddings)
         experiments.save_run(args.out, f"final_{split}", table, embeddings, results[split], config)
-    print(json.dumps({"results": results, "history": history, "config": config}, indent=2, default=str))
+    print(json.dumps({"results": results, "history": history, "config": config, "out": args.out}, indent=2,
+                     default=str))
     return results
 
 

@@ -63,6 +63,8 @@ __all__ = [
     "batch_loss",
     "average_loss_grads",
     "CHECKPOINT_NAME",
+    "CheckpointMismatchError",
+    "check_resumable",
 ]
 
 CHECKPOINT_NAME = "last.pt"
@@ -278,6 +280,51 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+# TrainConfig fields that may change between a run and its resumption: where and how fast it runs, how
+# often it is evaluated, and the total number of epochs (extending a run re-derives the lr schedule).
+RESUME_MAY_CHANGE = ("epochs", "device", "num_workers", "eval_every", "deterministic", "amp")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint belongs to another model, loss or training configuration than the run resuming it."""
+
+
+def _state_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two state dicts: missing/unexpected keys and shape changes."""
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    shapes = [f"{k}: {tuple(saved[k].shape)} -> {tuple(current[k].shape)}" for k in current
+              if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(current[k].shape)]
+    out = []
+    for what, items in (("missing from the checkpoint", missing), ("only in the checkpoint", unexpected),
+                        ("with another shape", shapes)):
+        if items:
+            more = f" (and {len(items) - 3} more)" if len(items) > 3 else ""
+            out.append(f"{len(items)} tensor(s) {what}: {', '.join(items[:3])}{more}")
+    return out
+
+
+def check_resumable(state: dict[str, Any], model: nn.Module, loss_fn: nn.Module, config: TrainConfig,
+                    path: str | os.PathLike) -> None:
+    """Raise CheckpointMismatchError unless checkpoint ``state`` was written by this model, loss and config.
+
+    The model and loss must have the same tensor names and shapes; every TrainConfig field except those in
+    RESUME_MAY_CHANGE must be equal. The message names the checkpoint, at most three examples per kind of
+    difference, and the two ways out (the same settings to resume, or another out_dir / resume=False)."""
+    problems = [f"model: {d}" for d in _state_differences(state.get("model", {}), model.state_dict())]
+    problems += [f"loss: {d}" for d in _state_differences(state.get("loss", {}), loss_fn.state_dict())]
+    saved = state.get("config", {})
+    current = dataclasses.asdict(config)
+    problems += [f"config {k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+                 if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k)]
+    if problems:
+        raise CheckpointMismatchError(
+            f"cannot resume from {path}: it was written by another run ({len(problems)} difference(s)):\n  "
+            + "\n  ".join(problems)
+            + "\nResume with the same model, loss and settings, or start a fresh run in another out_dir "
+              "(resume=False).")
+
+
 def _all_finite(modules: Sequence[nn.Module]) -> bool:
     """True when every parameter of every module is finite."""
     return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
@@ -417,6 +464,7 @@ def _fit(
     ckpt_file = _resolve_resume(resume, out_dir)
     if ckpt_file is not None:
         state = load_checkpoint(ckpt_file)  # on CPU: RNG states must stay CPU tensors
+        check_resumable(state, model, loss_fn, config, ckpt_file)
         model.load_state_dict(state["model"])
         loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])

@@ -158,8 +158,9 @@ def test_repo_param_files_agree():
 
 def test_params_merge_extends_and_set(tmp_path):
     base = write_params(tmp_path / "base.yaml", {"dataset": "clothing", "device": "cpu", "seed": 0,
-                                                 "cache_dir": ".cache/f", "data_root": None},
-                        {"a": {"epochs": 3, "losses": ["triplet"]}, "b": {"device": "cpu"}, "c": None})
+                                                 "cache_dir": ".cache/f", "data_root": None, "max_images": None},
+                        {"a": {"epochs": 3, "losses": ["triplet"]}, "b": {"device": "cpu", "finetune": False},
+                         "c": None})
     (tmp_path / "smoke.yaml").write_text("extends: base.yaml\nseed: 1\nnotebooks:\n  a:\n    epochs: 1\n  c:\n")
     params = book.load_params(tmp_path / "smoke.yaml")
     assert list(params["notebooks"]) == ["a", "b", "c"]
@@ -169,7 +170,7 @@ def test_params_merge_extends_and_set(tmp_path):
     a = book.notebook_params(params, "a", root=tmp_path)
     assert a["epochs"] == 1 and a["seed"] == 1 and a["dataset"] == "clothing"
     assert a["cache_dir"] == str(tmp_path / ".cache" / "f")  # relative paths made absolute
-    assert a["data_root"] is None  # null stays null: the library falls back to $FASHLIB_DATA / ./data
+    assert a["data_root"] is None  # null stays null: the notebook resolves it (fashlib.params.resolve)
 
     over = book.apply_overrides(params, ["device=cuda", "a.losses=[arcface, proxy_anchor]", "max_images=8",
                                          "b.finetune=true", "data_root=/data"])
@@ -289,11 +290,14 @@ def test_failing_notebook_names_notebook_and_cell(tmp_path, capsys):
     assert err.first_line == "# load the table"
     assert err.ename == "ZeroDivisionError" and "division by zero" in err.evalue
     msg = str(err)
-    assert "'broken'" in msg and "cell 3" in msg and "ZeroDivisionError" in msg and str(outdir) in msg
-    # the executed copy stays for inspection, without a stamp; the next notebook was not run
-    assert (outdir / "broken.ipynb").exists() and not book.stamp_path(outdir / "broken.ipynb").exists()
+    assert "'broken'" in msg and "cell 3" in msg and "ZeroDivisionError" in msg
+    # the executed copy is kept for inspection outside the book, never in it; the next notebook was not run
+    failed = tmp_path / "_build" / "failed" / "broken.ipynb"
+    assert err.output_path == failed and str(failed) in msg
+    assert not (outdir / "broken.ipynb").exists() and not book.stamp_path(outdir / "broken.ipynb").exists()
     assert not (outdir / "after.ipynb").exists()
-    assert "ZeroDivisionError" in (outdir / "broken.ipynb").read_text()
+    assert "ZeroDivisionError" in failed.read_text()
+    assert not any((tmp_path / "_build" / "executing").iterdir())
 
     # the CLI prints the same message and exits non-zero
     cfg = write_params(tmp_path / "params.yaml", {"seed": 0}, {"broken": {}})
@@ -395,3 +399,130 @@ def test_missing_chromium_fails_under_ci_and_skips_locally(monkeypatch):
     monkeypatch.setitem(globals_, "IN_CI", False)
     with pytest.raises(pytest.skip.Exception, match="Chromium not found"):
         require_chromium()
+
+
+# --------------------------------------------------------------------------- issue 7 (9): never stale
+
+
+def test_set_values_are_read_as_the_parameter_file_reads_them():
+    parsed = dict((".".join(k), v) for k, v in book.parse_set(
+        ["data_root=None", "a=null", "lr=1e-3", "b=2.5E+2", "epochs=5", "losses=[triplet, arcface]", "x=true",
+         "device=cuda", "empty=", "neg=-1e-2"]))
+    assert parsed == {"data_root": None, "a": None, "lr": 0.001, "b": 250.0, "epochs": 5,
+                      "losses": ["triplet", "arcface"], "x": True, "device": "cuda", "empty": None, "neg": -0.01}
+    assert isinstance(parsed["lr"], float) and isinstance(parsed["epochs"], int)
+
+
+def test_set_with_an_unknown_key_lists_the_valid_ones_and_the_closest():
+    params = {"seed": 0, "data_root": None, "notebooks": {"a": {"epochs": 3}, "b": {"top_k": 2}}}
+    with pytest.raises(ValueError) as err:
+        book.apply_overrides(params, ["epoch=5"])
+    assert "no parameter 'epoch'" in str(err.value) and "did you mean 'epochs'?" in str(err.value)
+    assert "valid keys: data_root, epochs, seed, top_k" in str(err.value)
+    with pytest.raises(ValueError, match="for notebook 'a'; did you mean 'epochs'"):
+        book.apply_overrides(params, ["a.epoc=5"])
+    with pytest.raises(ValueError, match="no parameter 'top_k' for notebook 'a'"):
+        book.apply_overrides(params, ["a.top_k=5"])  # b's key, not a's
+    over = book.apply_overrides(params, ["data_root=None", "a.seed=2"])
+    assert over["data_root"] is None and book.notebook_params(over, "a")["data_root"] is None
+    assert book.notebook_params(over, "a")["seed"] == 2
+
+
+def test_cli_exits_2_on_an_unknown_set_key_before_running_anything(tmp_path, capsys):
+    make_notebook(tmp_path / "notebooks" / "n.ipynb", "epochs = 1", "open('ran', 'w').close()")
+    cfg = write_params(tmp_path / "params.yaml", {"seed": 0}, {"n": {"epochs": 1}})
+    code = book.main(["build", "--config", str(cfg), "--skip-html", "--set", "epoch=5"], root=tmp_path)
+    assert code == 2 and "did you mean 'epochs'?" in capsys.readouterr().err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_bad_parameter_value_stops_the_build_before_any_notebook_runs(tmp_path):
+    nbdir = tmp_path / "notebooks"
+    make_notebook(nbdir / "first.ipynb", "seed = 0", "open('ran', 'w').close()")
+    make_notebook(nbdir / "second.ipynb", "epochs = 1\nlosses = ['triplet']")
+    params = {"seed": 0, "notebooks": {"first": {}, "second": {"epochs": "ten", "losses": ["tripplet"]}}}
+    with pytest.raises(ValueError) as err:
+        book.run_notebooks(params, nbdir, tmp_path / "out", root=tmp_path, progress_bar=False, log=lambda m: None)
+    text = str(err.value)
+    assert text.startswith("second:") and "epochs='ten': expected an integer >= 1" in text
+    assert "'tripplet' is not; did you mean 'triplet'?" in text
+    assert not (tmp_path / "ran").exists()
+
+
+def _data_notebook(tmp_path: Path) -> tuple[Path, Path, functools.partial]:
+    nbdir, outdir = tmp_path / "notebooks", tmp_path / "executed"
+    make_notebook(nbdir / "d.ipynb", "dataset = 'clothing'\ndata_root = None\ngpu_runs_dir = None", "x = 1")
+    run = functools.partial(book.run_notebooks, notebooks_dir=nbdir, output_dir=outdir, root=tmp_path,
+                            progress_bar=False, library_hash="lib", log=lambda m: None)
+    return nbdir, outdir, run
+
+
+def test_a_notebook_reruns_when_its_data_or_recorded_runs_change(tmp_path, monkeypatch):
+    data_a, data_b, gpu_runs = tmp_path / "A", tmp_path / "B", tmp_path / "gpu-runs"
+    for root in (data_a, data_b):
+        (root / "clothing-dataset" / "images").mkdir(parents=True)
+        (root / "clothing-dataset" / "images.csv").write_text("image,label\n1,shirt\n")
+    gpu_runs.mkdir()
+    (gpu_runs / "r1.json").write_text("{}")
+    _, outdir, run = _data_notebook(tmp_path)
+    params = {"dataset": "clothing", "data_root": None, "gpu_runs_dir": str(gpu_runs), "notebooks": {"d": {}}}
+    monkeypatch.setenv("FASHLIB_DATA", str(data_a))
+    status = lambda p=params: run(p)[0].status  # noqa: E731
+    assert status() == "executed" and status() == "skipped"
+    stamp = json.loads(book.stamp_path(outdir / "d.ipynb").read_text())
+    assert stamp["data"].startswith(str(data_a / "clothing-dataset")) and stamp["runs"].startswith(str(gpu_runs))
+    monkeypatch.setenv("FASHLIB_DATA", str(data_b))  # another data root: same parameters, other data
+    assert status() == "executed" and status() == "skipped"
+    (data_b / "clothing-dataset" / "images.csv").write_text("image,label\n1,shirt\n2,dress\n")  # annotations
+    assert status() == "executed" and status() == "skipped"
+    (data_b / "clothing-dataset" / "images" / "2.jpg").write_bytes(b"jpeg")  # a new image
+    assert status() == "executed" and status() == "skipped"
+    (gpu_runs / "r2.json").write_text("{}")  # a newly recorded run
+    assert status() == "executed" and status() == "skipped"
+    assert status(book.apply_overrides(params, [f"data_root={data_a}"])) == "executed"
+
+
+def test_tree_fingerprint_sees_names_sizes_and_mtimes(tmp_path):
+    assert book.tree_fingerprint(tmp_path / "nope") == "absent"
+    (tmp_path / "a.txt").write_text("1")
+    first = book.tree_fingerprint(tmp_path)
+    assert book.tree_fingerprint(tmp_path) == first
+    os.utime(tmp_path / "a.txt", ns=(1, 1))
+    second = book.tree_fingerprint(tmp_path)
+    assert second != first
+    (tmp_path / "a.txt").rename(tmp_path / "b.txt")
+    assert book.tree_fingerprint(tmp_path) not in (first, second)
+
+
+def test_an_interrupted_run_leaves_nothing_that_the_html_build_publishes(tmp_path, monkeypatch):
+    nbdir, outdir = tmp_path / "notebooks", tmp_path / "book" / "notebooks"
+    make_notebook(nbdir / "n.ipynb", "seed = 0", "print('seed', seed)")
+    run = functools.partial(book.run_notebooks, notebooks_dir=nbdir, output_dir=outdir, root=tmp_path,
+                            progress_bar=False, library_hash="lib", log=lambda m: None)
+    assert run({"seed": 1, "notebooks": {"n": {}}})[0].status == "executed"
+    good = (outdir / "n.ipynb").read_text()
+    assert book.read_valid_stamp(outdir / "n.ipynb") is not None
+
+    import papermill
+
+    def killed(source, output, **kwargs):  # papermill writes its output as it goes, then the run dies
+        Path(output).write_text('{"half": "executed"}')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run({"seed": 2, "notebooks": {"n": {}}})
+    assert (outdir / "n.ipynb").read_text() == good  # the half-executed copy never reached the book
+    assert book.read_valid_stamp(outdir / "n.ipynb") is None  # ... and the old one is no longer "current"
+    assert (tmp_path / "_build" / "executing" / "n.ipynb").exists()
+
+    (tmp_path / "_toc.yml").write_text(yaml.safe_dump({"format": "jb-book", "root": "book/notebooks/n"}))
+    with pytest.raises(RuntimeError, match=r"without a valid stamp .* book/notebooks/n.ipynb"):
+        book.build_html(tmp_path)
+    # a stamp that does not describe the file (edited or replaced after the run) is not valid either
+    book.write_stamp(outdir / "n.ipynb", {"source": "s"}, 1.0)
+    assert book.read_valid_stamp(outdir / "n.ipynb") is not None
+    (outdir / "n.ipynb").write_text(good.replace("seed", "sed"))
+    assert book.read_valid_stamp(outdir / "n.ipynb") is None
+    with pytest.raises(RuntimeError, match="without a valid stamp"):
+        book.build_html(tmp_path)
