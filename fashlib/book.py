@@ -256,10 +256,61 @@ def _tag_injected_cell(output_path: Path) -> None:
         nbformat.write(nb, str(output_path))
 
 
+_PROGRESS_TEXT = re.compile(r"\d+%\||it/s\]|s/it\]")
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _drop_progress_bars(output_path: Path) -> list[str]:
+    """Remove progress-bar widgets (tqdm.auto ignores TQDM_DISABLE in a kernel) from an executed notebook.
+
+    The widget state goes too once no widget view is left, so the page loads no widget script from a CDN.
+    Returns the notebook's stderr outputs as "cell N stderr: text" lines for the builder's terminal."""
+    import nbformat
+
+    nb = nbformat.read(str(output_path), as_version=4)
+    stderr, dropped, views = [], 0, 0
+    for i, cell in enumerate(nb.cells):
+        kept = []
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if _WIDGET_VIEW in data and _PROGRESS_TEXT.search(str(data.get("text/plain", ""))):
+                dropped += 1
+                continue
+            views += _WIDGET_VIEW in data
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                stderr.append(f"cell {i} stderr: {out.get('text', '').rstrip()}")
+            kept.append(out)
+        if cell.get("cell_type") == "code":
+            cell["outputs"] = kept
+    if dropped:
+        if not views:
+            nb.metadata.pop("widgets", None)
+        nbformat.write(nb, str(output_path))
+    return stderr
+
+
+# Environment of the papermill kernels. Progress bars belong in the builder's terminal (papermill's own bar),
+# not in the book's pages: tqdm is off inside the notebooks (tqdm.auto's widgets, which ignore TQDM_DISABLE, are
+# removed from the executed copy by _drop_progress_bars). Library warnings that only make noise for a reader
+# are filtered by the start of their message; every other warning still reaches the notebook's stderr, which
+# run_notebook prints to the terminal and the book leaves out of the page (nb_output_stderr in _config.yml).
+KERNEL_ENV = {
+    "TQDM_DISABLE": "1",
+    "PYTHONWARNINGS": ",".join([
+        "ignore:IProgress not found",  # tqdm.auto without ipywidgets (TqdmWarning)
+        "ignore:n_jobs value",  # umap: 'n_jobs value 1 overridden to 1 by setting random_state'
+        "ignore:'force_all_finite' was renamed",  # scikit-learn, called by umap
+        "ignore:The TBB threading layer",  # numba
+    ]),
+}
+
+
 def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path,
                  progress_bar: bool = True) -> tuple[float, list[str]]:
     """Execute one notebook with papermill, passing only the parameters it declares.
 
+    The kernel runs with KERNEL_ENV added to this process's environment; what the notebook wrote to stderr
+    (warnings, logs) is printed to this process's stderr, prefixed with the notebook and cell.
     Returns (seconds, ignored parameter names); raises NotebookFailed naming the failing cell."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -269,11 +320,22 @@ def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path
     ignored = sorted(set(parameters) - declared)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    saved = {k: os.environ.get(k) for k in KERNEL_ENV}  # the kernel inherits os.environ when it starts
+    os.environ.update({k: (f"{os.environ[k]},{v}" if k == "PYTHONWARNINGS" and os.environ.get(k) else v)
+                       for k, v in KERNEL_ENV.items()})
     try:
         pm.execute_notebook(str(source), str(output_path), parameters=passed, kernel_name=KERNEL,
                             cwd=str(cwd), progress_bar=progress_bar, log_output=False)
     except PapermillExecutionError as err:
         raise _failure(source.stem, output_path, err) from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    for line in _drop_progress_bars(output_path):
+        print(f"{source.stem}: {line}", file=sys.stderr)
     _tag_injected_cell(output_path)
     return time.perf_counter() - start, ignored
 
