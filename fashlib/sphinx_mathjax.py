@@ -22,7 +22,8 @@ def mathjax_source() -> Path:
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(
             "the book serves MathJax from the jupyter-server-mathjax package, which is not installed: "
-            "pip install jupyter-server-mathjax (it is listed in requirements.txt)") from err
+            "pip install jupyter-server-mathjax (it is listed in requirements.txt)"
+        ) from err
     folder = Path(jupyter_server_mathjax.__file__).resolve().parent / "static"
     if not (folder / "MathJax.js").is_file():
         raise FileNotFoundError(f"{folder / 'MathJax.js'} is missing: reinstall jupyter-server-mathjax")
