@@ -260,40 +260,55 @@ _PROGRESS_TEXT = re.compile(r"\d+%\||it/s\]|s/it\]")
 _WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
-def _drop_progress_bars(output_path: Path) -> list[str]:
-    """Remove progress-bar widgets (tqdm.auto ignores TQDM_DISABLE in a kernel) from an executed notebook.
+def portable_path_text(text: str, root: Path) -> str:
+    """text with the machine's absolute folders replaced: the project root by a relative path, $FASHLIB_DATA by
+    its name. Used on what papermill writes into the executed copy (the injected parameters, its metadata)."""
+    data = os.environ.get("FASHLIB_DATA")
+    for folder, shown in ((data, "$FASHLIB_DATA"), (str(Path(root).resolve()), ".")):
+        if folder and len(folder) > 1:
+            text = re.sub(re.escape(folder.rstrip("/")) + r"(?=[/\"'\s]|$)", shown, text)
+    return text
 
-    The widget state goes too once no widget view is left, so the page loads no widget script from a CDN.
-    Returns the notebook's stderr outputs as "cell N stderr: text" lines for the builder's terminal."""
+
+def _tidy_executed(output_path: Path, root: Path) -> list[str]:
+    """Make an executed notebook fit for the book; return its stderr outputs as "cell N stderr: text" lines.
+
+    Moves stderr outputs (warnings, logs, which carry the machine's paths) out of the notebook: the caller
+    prints them to the builder's terminal. Removes progress-bar widgets (tqdm.auto ignores TQDM_DISABLE in a
+    kernel) and then the widget state, so the page loads no widget script from a CDN. Shows the injected
+    parameters and papermill's metadata with portable paths (portable_path_text)."""
     import nbformat
 
     nb = nbformat.read(str(output_path), as_version=4)
-    stderr, dropped, views = [], 0, 0
+    stderr, views = [], 0
     for i, cell in enumerate(nb.cells):
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            cell["source"] = portable_path_text(cell["source"], root)
         kept = []
         for out in cell.get("outputs", []):
             data = out.get("data", {})
             if _WIDGET_VIEW in data and _PROGRESS_TEXT.search(str(data.get("text/plain", ""))):
-                dropped += 1
                 continue
             views += _WIDGET_VIEW in data
             if out.get("output_type") == "stream" and out.get("name") == "stderr":
                 stderr.append(f"cell {i} stderr: {out.get('text', '').rstrip()}")
+                continue
             kept.append(out)
         if cell.get("cell_type") == "code":
             cell["outputs"] = kept
-    if dropped:
-        if not views:
-            nb.metadata.pop("widgets", None)
-        nbformat.write(nb, str(output_path))
+    if not views:
+        nb.metadata.pop("widgets", None)
+    if "papermill" in nb.metadata:
+        nb.metadata["papermill"] = json.loads(portable_path_text(json.dumps(nb.metadata["papermill"]), root))
+    nbformat.write(nb, str(output_path))
     return stderr
 
 
 # Environment of the papermill kernels. Progress bars belong in the builder's terminal (papermill's own bar),
 # not in the book's pages: tqdm is off inside the notebooks (tqdm.auto's widgets, which ignore TQDM_DISABLE, are
-# removed from the executed copy by _drop_progress_bars). Library warnings that only make noise for a reader
+# removed from the executed copy by _tidy_executed). Library warnings that only make noise for a reader
 # are filtered by the start of their message; every other warning still reaches the notebook's stderr, which
-# run_notebook prints to the terminal and the book leaves out of the page (nb_output_stderr in _config.yml).
+# run_notebook prints to the builder's terminal and removes from the executed copy.
 KERNEL_ENV = {
     "TQDM_DISABLE": "1",
     "PYTHONWARNINGS": ",".join([
@@ -310,7 +325,8 @@ def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path
     """Execute one notebook with papermill, passing only the parameters it declares.
 
     The kernel runs with KERNEL_ENV added to this process's environment; what the notebook wrote to stderr
-    (warnings, logs) is printed to this process's stderr, prefixed with the notebook and cell.
+    (warnings, logs) is printed to this process's stderr, prefixed with the notebook and cell, and left out of
+    the executed copy (see _tidy_executed).
     Returns (seconds, ignored parameter names); raises NotebookFailed naming the failing cell."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
@@ -334,7 +350,7 @@ def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    for line in _drop_progress_bars(output_path):
+    for line in _tidy_executed(output_path, cwd):
         print(f"{source.stem}: {line}", file=sys.stderr)
     _tag_injected_cell(output_path)
     return time.perf_counter() - start, ignored
