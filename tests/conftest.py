@@ -16,21 +16,23 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Slow tests, by file: None marks every test of the file, a set marks the tests of that name (any parameters).
+# Slow tests, by file: None marks every test of the file, a set names the tests (a bare name: all its
+# parameters; "name[params]": that one).
 # Measured with `pytest --durations` on a shared 2-core machine; anything over ~5 s goes here.
 SLOW: dict[str, set[str] | None] = {
     "test_book.py": {"test_book_end_to_end_smoke", "test_minimal_site_end_to_end"},
     "test_book_pages.py": None,  # reads the smoke book (papermill + jupyter-book)
     "test_notebooks_deepfashion.py": None,  # papermill runs of the chapters on generated DeepFashion trees
-    "test_train.py": {"test_two_process_ddp_matches_single_process", "test_resume_is_bit_identical"},
+    "test_train.py": {"test_two_process_ddp_matches_single_process", "test_resume_is_bit_identical[2]"},
+    "test_report.py": {"test_glued_number_renders_in_the_built_page"},
 }
 
 
 def pytest_collection_modifyitems(config, items):
     """Mark the tests listed in SLOW with @pytest.mark.slow (test files stay free of the list)."""
     for item in items:
-        names = SLOW.get(item.path.name, ())
-        if names is None or getattr(item, "originalname", item.name) in names:
+        names = SLOW.get(item.path.name, set())
+        if names is None or {item.name, getattr(item, "originalname", item.name)} & names:
             item.add_marker(pytest.mark.slow)
 
 
