@@ -299,7 +299,10 @@ def _tidy_executed(output_path: Path, root: Path) -> list[str]:
     if not views:
         nb.metadata.pop("widgets", None)
     if "papermill" in nb.metadata:
-        nb.metadata["papermill"] = json.loads(portable_path_text(json.dumps(nb.metadata["papermill"]), root))
+        record = json.loads(portable_path_text(json.dumps(nb.metadata["papermill"]), root))
+        if os.path.isabs(str(record.get("output_path", ""))):  # a site built outside the project: its name only
+            record["output_path"] = Path(output_path).name
+        nb.metadata["papermill"] = record
     nbformat.write(nb, str(output_path))
     return stderr
 

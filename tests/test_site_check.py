@@ -82,7 +82,11 @@ def test_portable_path_text(monkeypatch, tmp_path):
 def _executed_copy(path: Path, root: Path) -> Path:
     """An executed notebook as papermill leaves it: injected parameters, a tqdm widget, stderr, metadata."""
     nb = nbformat.v4.new_notebook()
-    nb.metadata["papermill"] = {"input_path": f"{root}/notebooks/n.ipynb", "parameters": {"out_dir": f"{root}/runs"}}
+    nb.metadata["papermill"] = {
+        "input_path": f"{root}/notebooks/n.ipynb",
+        "output_path": str(path),
+        "parameters": {"out_dir": f"{root}/runs"},
+    }
     nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
     injected = nbformat.v4.new_code_cell(f'out_dir = "{root}/runs"\nepochs = 2')
     injected.metadata["tags"] = ["injected-parameters"]
@@ -113,5 +117,9 @@ def test_tidy_executed_moves_stderr_out_and_drops_progress_widgets(tmp_path, mon
     assert nb.cells[0].source == 'out_dir = "./runs"\nepochs = 2'
     assert [o.get("text") for o in nb.cells[1].outputs] == ["Recall@1 0.708\n"]  # stdout stays, the rest goes
     assert "widgets" not in nb.metadata
-    assert nb.metadata["papermill"] == {"input_path": "./notebooks/n.ipynb", "parameters": {"out_dir": "./runs"}}
+    assert nb.metadata["papermill"] == {
+        "input_path": "./notebooks/n.ipynb",
+        "output_path": "n.ipynb",
+        "parameters": {"out_dir": "./runs"},
+    }
     assert str(root) not in path.read_text()
