@@ -256,7 +256,6 @@ def _tag_injected_cell(output_path: Path) -> None:
         nbformat.write(nb, str(output_path))
 
 
-_PROGRESS_TEXT = re.compile(r"\d+%\||it/s\]|s/it\]")
 _WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
@@ -279,6 +278,8 @@ def _tidy_executed(output_path: Path, root: Path) -> list[str]:
     parameters and papermill's metadata with portable paths (portable_path_text)."""
     import nbformat
 
+    from .site_check import PROGRESS
+
     nb = nbformat.read(str(output_path), as_version=4)
     stderr, views = [], 0
     for i, cell in enumerate(nb.cells):
@@ -287,7 +288,7 @@ def _tidy_executed(output_path: Path, root: Path) -> list[str]:
         kept = []
         for out in cell.get("outputs", []):
             data = out.get("data", {})
-            if _WIDGET_VIEW in data and _PROGRESS_TEXT.search(str(data.get("text/plain", ""))):
+            if _WIDGET_VIEW in data and PROGRESS.search(str(data.get("text/plain", ""))):
                 continue
             views += _WIDGET_VIEW in data
             if out.get("output_type") == "stream" and out.get("name") == "stderr":
