@@ -332,6 +332,83 @@ def _tag_injected_cell(output_path: Path) -> None:
         nbformat.write(nb, str(output_path))
 
 
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def portable_path_text(text: str, root: Path) -> str:
+    """text with the machine's absolute folders replaced: the project root by a relative path, $FASHLIB_DATA by
+    its name. Used on what papermill writes into the executed copy (the injected parameters, its metadata)."""
+    data = os.environ.get("FASHLIB_DATA")
+    for folder, shown in ((data, "$FASHLIB_DATA"), (str(Path(root).resolve()), ".")):
+        if folder and len(folder) > 1:
+            text = re.sub(re.escape(folder.rstrip("/")) + r"(?=[/\"'\s]|$)", shown, text)
+    return text
+
+
+def _tidy_executed(output_path: Path, root: Path) -> list[str]:
+    """Make an executed notebook fit for the book; return its stderr outputs as "cell N stderr: text" lines.
+
+    Moves stderr outputs (warnings, logs, which carry the machine's paths) out of the notebook: the caller
+    prints them to the builder's terminal. Removes progress-bar widgets (tqdm.auto ignores TQDM_DISABLE in a
+    kernel) and then the widget state, so the page loads no widget script from a CDN. Shows the injected
+    parameters and papermill's metadata with portable paths (portable_path_text)."""
+    import nbformat
+
+    from .site_check import PROGRESS
+
+    nb = nbformat.read(str(output_path), as_version=4)
+    stderr, views = [], 0
+    for i, cell in enumerate(nb.cells):
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            cell["source"] = portable_path_text(cell["source"], root)
+        kept = []
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if _WIDGET_VIEW in data and PROGRESS.search(str(data.get("text/plain", ""))):
+                continue
+            views += _WIDGET_VIEW in data
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                stderr.append(f"cell {i} stderr: {out.get('text', '').rstrip()}")
+                continue
+            kept.append(out)
+        if cell.get("cell_type") == "code":
+            cell["outputs"] = kept
+    if not views:
+        nb.metadata.pop("widgets", None)
+    if "papermill" in nb.metadata:
+        record = json.loads(portable_path_text(json.dumps(nb.metadata["papermill"]), root))
+        if os.path.isabs(str(record.get("output_path", ""))):  # a site built outside the project: its name only
+            record["output_path"] = Path(output_path).name
+        nb.metadata["papermill"] = record
+    nbformat.write(nb, str(output_path))
+    return stderr
+
+
+# Environment of the papermill kernels. Progress bars belong in the builder's terminal (papermill's own bar),
+# not in the book's pages: tqdm is off inside the notebooks (tqdm.auto's widgets, which ignore TQDM_DISABLE, are
+# removed from the executed copy by _tidy_executed). Library warnings that only make noise for a reader
+# are filtered by the start of their message; every other warning still reaches the notebook's stderr, which
+# run_notebook prints to the builder's terminal and removes from the executed copy.
+KERNEL_ENV = {
+    "TQDM_DISABLE": "1",
+    "PYTHONWARNINGS": ",".join([
+        "ignore:IProgress not found",  # tqdm.auto without ipywidgets (TqdmWarning)
+        "ignore:n_jobs value",  # umap: 'n_jobs value 1 overridden to 1 by setting random_state'
+        "ignore:'force_all_finite' was renamed",  # scikit-learn, called by umap
+        "ignore:The TBB threading layer",  # numba
+    ]),
+}
+
+
+def _restore_env(saved: Mapping[str, str | None]) -> None:
+    """Put back the environment variables that run_notebook changed for its kernel."""
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path,
                  progress_bar: bool = True, work_dir: Path | None = None) -> tuple[float, list[str]]:
     """Execute one notebook with papermill, passing only the parameters it declares.
@@ -339,8 +416,11 @@ def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path
     The notebook is executed into <work_dir>/executing/ and moved to output_path (os.replace, atomic) only
     when every cell succeeded, so output_path never holds a half-executed notebook. On failure the old
     output_path is removed and the executed copy, with the traceback, is kept at <work_dir>/failed/.
-    work_dir defaults to output_path's folder's ``_build`` sibling. Returns (seconds, ignored parameter
-    names); raises NotebookFailed naming the failing cell and the failed copy."""
+    work_dir defaults to output_path's folder's ``_build`` sibling. The kernel runs with KERNEL_ENV added to
+    this process's environment; what the notebook wrote to stderr (warnings, logs) is printed to this
+    process's stderr, prefixed with the notebook and cell, and left out of the executed copy (_tidy_executed).
+    Returns (seconds, ignored parameter names); raises NotebookFailed naming the failing cell and the failed
+    copy."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -352,6 +432,9 @@ def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path
     for folder in (output_path.parent, executing.parent):
         folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    saved = {k: os.environ.get(k) for k in KERNEL_ENV}  # the kernel inherits os.environ when it starts
+    os.environ.update({k: (f"{os.environ[k]},{v}" if k == "PYTHONWARNINGS" and os.environ.get(k) else v)
+                       for k, v in KERNEL_ENV.items()})
     try:
         pm.execute_notebook(str(source), str(executing), parameters=passed, kernel_name=KERNEL,
                             cwd=str(cwd), progress_bar=progress_bar, log_output=False)
@@ -361,6 +444,10 @@ def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path
         os.replace(executing, failed)
         output_path.unlink(missing_ok=True)  # an older result must not be published as this run's
         raise _failure(source.stem, failed, err) from None
+    finally:
+        _restore_env(saved)
+    for line in _tidy_executed(executing, cwd):
+        print(f"{source.stem}: {line}", file=sys.stderr)
     _tag_injected_cell(executing)
     os.replace(executing, output_path)
     return time.perf_counter() - start, ignored

@@ -2,6 +2,7 @@
 
 # ---------------------------------------------------------------- 02/03: comparisons (loss variants, try_call...)
 import inspect as _inspect
+import json as _json05
 
 import numpy as _np
 import pandas as _pd
@@ -72,7 +73,7 @@ def test_protocol_note_names_the_protocol():
     assert "TEST" in _E.protocol_note("inshop") and "no validation protocol" in _E.protocol_note("deepfashion2")
 
 
-def _toy_table(category_level: bool) -> "pd.DataFrame":
+def _toy_table(category_level: bool) -> _pd.DataFrame:
     import pandas as pd
 
     rows = []
@@ -109,8 +110,7 @@ def test_cap_table_item_level_keeps_query_matches_in_the_gallery():
     assert not set(capped.loc[capped.split == "train", "label"]) & (query | gallery)
 
 
-# ---------------------------------------------------------------- 05: final results (ensemble, selection, protocols, recorded runs)
-import json as _json05
+# ------------------------------------------------- 05: final results (ensemble, selection, protocols, recorded runs)
 
 
 def test_ensemble_features_weights_each_backbone_equally_and_is_unit_length():
@@ -200,7 +200,8 @@ def test_load_protocols_gives_identical_training_rows_on_generated_trees(tmp_pat
     val, test, note = _E.load_protocols("inshop", tmp_path, seed=0)
     assert "no validation protocol" in note and "TRAINING" in note
     assert not _E.same_training_rows(val, test)
-    assert set(val.loc[val["split"].isin(["query", "gallery"]), "path"]) <= set(test.loc[test["split"] == "train", "path"])
+    held_out = set(val.loc[val["split"].isin(["query", "gallery"]), "path"])
+    assert held_out <= set(test.loc[test["split"] == "train", "path"])
 
 
 def test_load_recorded_runs_reads_the_finetune_json(tmp_path):
@@ -212,7 +213,8 @@ def test_load_recorded_runs_reads_the_finetune_json(tmp_path):
     (tmp_path / "a.json").write_text(_json05.dumps({**record, "config": {**record["config"], "loss": "arcface"}}))
     runs = _E.load_recorded_runs(tmp_path)
     assert runs["run"].tolist() == ["a", "b"] and runs["loss"].tolist() == ["arcface", "triplet"]
-    assert runs.loc[1, "test_recall@1"] == 0.4 and runs.loc[1, "val_map@r"] == 0.2 and runs.loc[1, "train_seconds"] == 9.5
+    assert runs.loc[1, "test_recall@1"] == 0.4 and runs.loc[1, "val_map@r"] == 0.2
+    assert runs.loc[1, "train_seconds"] == 9.5
     assert runs.loc[0, "history"]["recall@1"] == [0.3, 0.5] and runs.loc[0, "device"] == "some GPU"
     (tmp_path / "empty").mkdir()
     assert len(_E.load_recorded_runs(tmp_path / "empty")) == 0

@@ -1,0 +1,154 @@
+"""Results as a reader sees them in the book: tables in percent with one decimal, a caption saying what was
+measured on which split, the best value of each column in bold; measured numbers put into prose with myst-nb
+``glue``.
+
+Tables::
+
+    from fashlib import report
+    report.percent_table(frame, report.caption("Recall@K", "test", "the CC0 clothing set", queries=503))
+
+returns a pandas ``Styler`` (rendered as an HTML table with a ``<caption>`` in the book);
+``percent_markdown`` gives the same table as Markdown text.
+
+Numbers in prose: a notebook cell calls ``report.glue_percent("r1_test", 0.7083)`` and the markdown cell that
+follows writes ``Recall@1 on test is {glue}`r1_test` %``. Jupyter Book v1 renders glued values from the
+outputs stored in the executed notebook (``execute_notebooks: "off"`` in ``_config.yml``), so the number
+in the sentence is the one the run measured. ``{glue:text}`r1_test:.1f``` applies a format spec instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+DECIMALS = 1
+
+
+def caption(measured: str, split: str, dataset: str, queries: int | None = None, gallery: int | None = None) -> str:
+    """A table caption naming what was measured on which split, e.g.
+    ``"Recall@K (%) on the test split of the CC0 clothing set: 503 queries. Best value in bold."``."""
+    sizes = [f"{n} {what}" for n, what in ((queries, "queries"), (gallery, "gallery images")) if n is not None]
+    detail = f": {', '.join(sizes)}" if sizes else ""
+    return f"{measured} (%) on the {split} split of {dataset}{detail}. Best value in bold."
+
+
+def _percent_columns(frame: pd.DataFrame, columns: Sequence[str] | None) -> list[str]:
+    """The columns shown in percent: the given ones, or every numeric column. Checks they hold fractions."""
+    numeric = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c])]
+    cols = list(columns) if columns is not None else numeric
+    for col in cols:
+        if col not in frame.columns:
+            names = ", ".join(map(str, frame.columns))
+            raise KeyError(f"percent column {col!r} is not in the table (columns: {names})")
+        values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=float)
+        outside = values[np.isfinite(values) & ((values < 0) | (values > 1))]
+        if outside.size:
+            raise ValueError(
+                f"column {col!r} holds {float(outside[0])!r}, not a fraction in [0, 1]: pass fractions "
+                "(0.708, not 70.8) or leave the column out of `columns`"
+            )
+    return cols
+
+
+def best_mask(frame: pd.DataFrame, columns: Iterable[str], lower_is_better: Iterable[str] = ()) -> pd.DataFrame:
+    """Boolean frame: True where a cell holds its column's best value as displayed (ties at one decimal of a
+    percent are all best). Columns in lower_is_better take the minimum; NaN is never best."""
+    lower = set(lower_is_better)
+    mask = pd.DataFrame(False, index=frame.index, columns=frame.columns)
+    for col in columns:
+        shown = (pd.to_numeric(frame[col], errors="coerce") * 100).round(DECIMALS)
+        if shown.notna().any():
+            best = shown.min() if col in lower else shown.max()
+            mask[col] = shown == best
+    return mask
+
+
+def percent_table(
+    frame: pd.DataFrame,
+    title: str,
+    columns: Sequence[str] | None = None,
+    lower_is_better: Iterable[str] = (),
+    hide_index: bool = False,
+):
+    """A pandas Styler of frame: the percent columns (default: every numeric one) as fractions x 100 with one
+    decimal, the best value of each in bold, other columns as they are, and title as the table's caption.
+
+    frame holds fractions in [0, 1] (Recall@K, mAP@R); raises ValueError naming the column otherwise, KeyError
+    for a column that is not in frame, ValueError for an empty title (say what was measured on which split)."""
+    if not str(title).strip():
+        raise ValueError("a results table needs a caption saying what was measured on which split (see caption())")
+    cols = _percent_columns(frame, columns)
+    bold = best_mask(frame, cols, lower_is_better)
+    styler = frame.style.format(_percent, subset=cols, na_rep="–")
+    styler = styler.apply(lambda _: np.where(bold, "font-weight: bold", ""), axis=None)
+    styler = styler.set_caption(title)
+    return styler.hide(axis="index") if hide_index else styler
+
+
+def _percent(value) -> str:
+    """0.70833 -> '70.8'; NaN or None -> '–'."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return f"{100 * float(value):.{DECIMALS}f}"
+
+
+def percent_markdown(
+    frame: pd.DataFrame,
+    title: str,
+    columns: Sequence[str] | None = None,
+    lower_is_better: Iterable[str] = (),
+    index: bool = True,
+) -> str:
+    """The table of percent_table as Markdown: an italic caption line, then a pipe table with **bold** best
+    values. Same checks and errors as percent_table."""
+    if not str(title).strip():
+        raise ValueError("a results table needs a caption saying what was measured on which split (see caption())")
+    cols = _percent_columns(frame, columns)
+    bold = best_mask(frame, cols, lower_is_better)
+    header = ([str(frame.index.name or "")] if index else []) + [str(c) for c in frame.columns]
+    rows = []
+    for label, row in frame.iterrows():
+        cells = [str(label)] if index else []
+        for col in frame.columns:
+            text = _percent(row[col]) if col in cols else str(row[col])
+            cells.append(f"**{text}**" if bold.at[label, col] else text)
+        rows.append(cells)
+    align = ["---" if i == 0 and index else "---:" for i in range(len(header))]
+    lines = [f"*{title}*", "", "| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def percent_value(fraction: float) -> float:
+    """A fraction as the percent shown in the book: 0.70833 -> 70.8 (one decimal). Raises ValueError outside [0, 1]."""
+    fraction = float(fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"{fraction!r} is not a fraction in [0, 1]: pass 0.708, not 70.8")
+    return round(100 * fraction, DECIMALS)
+
+
+def glue_percent(name: str, fraction: float, display: bool = False) -> float:
+    """Glue a measured fraction as a percent with one decimal under name, for ``{glue}`name``` in the prose.
+
+    Call it in a notebook cell; the value is stored in that cell's output (myst-nb ``glue``) and Jupyter Book
+    renders it where a markdown cell names it. Returns the glued value (70.8 for 0.70833)."""
+    from myst_nb import glue
+
+    value = percent_value(fraction)
+    glue(name, value, display=display)
+    return value
+
+
+def glue_values(values: Mapping[str, float | int], percent: Iterable[str] = (), display: bool = False) -> dict:
+    """Glue several numbers at once: the names in percent as glue_percent does, the others as they are
+    (counts, seconds). Returns {name: glued value}."""
+    from myst_nb import glue
+
+    percent = set(percent)
+    glued = {}
+    for name, value in values.items():
+        glued[name] = percent_value(value) if name in percent else value
+        glue(name, glued[name], display=display)
+    return glued
