@@ -307,7 +307,7 @@ def _compute_shards(model: Any, dataset: Any, shards: list[tuple[int, int, int]]
             batches.append(list(range(b, min(b + batch_size, stop))))
             owner.append(index)
     left = {index: -(-(stop - start) // batch_size) for index, start, stop in shards}
-    first = {index: start for index, start, _ in shards}
+    span = {index: (start, stop) for index, start, stop in shards}
     buffers: dict[int, np.ndarray] = {}
     engine = None
     bar = tqdm(total=sum(len(b) for b in batches), disable=not progress, desc=desc, unit="img")
@@ -317,9 +317,9 @@ def _compute_shards(model: Any, dataset: Any, shards: list[tuple[int, int, int]]
                 engine = create_engine(model, sample=images, **engine_options)
                 bar.set_description(f"{desc} ({engine.name})")
             feats = engine(images)
-            size = next(s - a for i, a, s in shards if i == index)
-            buffer = buffers.setdefault(index, np.empty((size, feats.shape[1]), dtype=np.float32))
-            buffer[rows.numpy() - first[index]] = feats
+            start, stop = span[index]
+            buffer = buffers.setdefault(index, np.empty((stop - start, feats.shape[1]), dtype=np.float32))
+            buffer[rows.numpy() - start] = feats
             bar.update(len(rows))
             left[index] -= 1
             if left[index] == 0:
@@ -365,8 +365,9 @@ def extract(
     they finish: an interrupted run resumes at the missing shards (finished ones are verified by digest
     and never recomputed; a corrupted one is rebuilt with a FeatureCacheWarning). `on_shard(index)` is
     called after each shard is stored. Under torch.distributed (e.g. torchrun), each rank extracts the
-    shards index % world_size == rank and rank 0 assembles the entry (cache_dir must be shared by all
-    ranks; without cache_dir every rank extracts every row); every rank returns the whole array.
+    shards index % world_size == rank and rank 0 assembles the entry (every rank must call extract, with a
+    cache_dir all of them can read; without cache_dir every rank extracts every row, independently);
+    every rank returns the whole array.
     """
     from .engine import DEFAULT_BATCH_SIZE
 
@@ -395,7 +396,7 @@ def extract(
     def store(index: int, array: np.ndarray) -> None:
         arrays[index] = array
         if folder is not None:
-            _write_shard(folder, index, key, next((a, b) for i, a, b in shards if i == index), array)
+            _write_shard(folder, index, key, shards[index][1:], array)
         if on_shard is not None:
             on_shard(index)
 
