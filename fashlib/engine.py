@@ -22,7 +22,10 @@ ONNX Runtime, 2 intra-op threads, batch 1 / 8 / 16 / 32: 81 / 135 / 121 / 49 img
 figures quoted in issue 9: PyTorch 145 img/s at batch 16, ONNX Runtime 205 img/s at batch 16, both
 collapsing at batch 32 (~40 img/s, activations no longer fit the cache). Hence engines run at most
 `batch_size=16` images per call (larger batches are split). Threads: ONNX Runtime gets the caller's
-torch.get_num_threads() (intra-op; inter-op 1) unless `threads` is given. PyTorch on CPU runs in
+torch.get_num_threads() (intra-op; inter-op 1) unless `threads` is given, with spinning off: the same
+Lite0 session at batch 16, measured interleaved 4 times on the loaded machine (load average 11), ran at
+18-20 img/s with 2 spinning threads, 23-25 img/s with 2 sleeping threads and 28-32 img/s with 1 thread;
+idle threads that spin also take the cycles extract's decoding threads need. PyTorch on CPU runs in
 channels_last (see fashlib.features.extract); see benchmarks/bench_embedding.py for the comparison.
 """
 
@@ -245,13 +248,15 @@ class OnnxEngine(_Engine):
     """ONNX Runtime CPU session over the exported model; parity with PyTorch checked at every export.
 
     `sample` (N, 3, H, W) fixes the input size and is the parity batch (use real images: their features
-    are well spread, so rankings are meaningful). Raises EngineParityError when the check fails.
+    are well spread, so rankings are meaningful). `spin=False` lets idle intra-op threads sleep instead of
+    busy-waiting. Raises EngineParityError when the check fails.
     """
 
     name = "onnx"
 
     def __init__(self, model: nn.Module, sample: torch.Tensor, fn: str = "pooled", threads: int | None = None,
-                 cache_dir: str | os.PathLike | None = None, batch_size: int = DEFAULT_BATCH_SIZE):
+                 cache_dir: str | os.PathLike | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 spin: bool = False):
         import onnxruntime as ort
 
         super().__init__(batch_size)
@@ -262,6 +267,8 @@ class OnnxEngine(_Engine):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # idle intra-op threads sleep instead of spinning: the decoding threads need those cycles (see above)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         sample = sample.detach().float().cpu().contiguous()
         self.parity: dict | None = None
 
