@@ -389,3 +389,20 @@ def test_two_process_sharded_extraction_equals_single_process(table, tmp_path):
     (entry,) = (tmp_path / "ddp").glob("*.npy")  # rank 0 assembled one cache entry; shards removed
     assert not list((tmp_path / "ddp").glob("*.shards"))
     np.testing.assert_array_equal(np.load(entry), single)
+
+
+def test_large_jpegs_decode_in_draft_mode_no_smaller_than_the_resize(tmp_path):
+    from fashlib.features import draft_size
+
+    transform = T.Compose([T.Resize(72), T.CenterCrop(64), T.ToTensor()])
+    assert draft_size(transform) == (72, 72)
+    assert draft_size(T.Compose([T.Resize((40, 90)), T.ToTensor()])) == (90, 90)
+    assert draft_size(T.ToTensor()) is None
+    path = tmp_path / "large.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 640, 3), dtype=np.uint8)).save(path)
+    table = pd.DataFrame({"path": [str(path)], "label": ["a"], "x1": [10.0], "y1": [10.0], "x2": [600.0],
+                          "y2": [390.0]})
+    # 640 x 400 -> the largest power-of-two reduction keeping both sides >= 72 is 1/4: 160 x 100
+    assert features._make_dataset(table, transform, False, 0.1).load_image(0).size == (160, 100)
+    cropped = features._make_dataset(table, transform, True, 0.0).load_image(0)
+    assert cropped.size == (590, 380)  # box coordinates are in full-size pixels: no draft when cropping
