@@ -47,18 +47,18 @@ import torch
 from torch import nn
 
 __all__ = [
-    "ENGINES",
     "DEFAULT_BATCH_SIZE",
+    "ENGINES",
     "PARITY_ATOL",
     "PARITY_TOP_K",
     "EngineParityError",
-    "TorchEngine",
     "OnnxEngine",
-    "onnxruntime_available",
+    "TorchEngine",
     "available_engines",
-    "default_engine",
-    "create_engine",
     "check_parity",
+    "create_engine",
+    "default_engine",
+    "onnxruntime_available",
 ]
 
 DEFAULT_BATCH_SIZE = 16  # measured: see the module docstring
@@ -111,7 +111,7 @@ def check_parity(reference: np.ndarray, candidate: np.ndarray, atol: float = PAR
         if len(bad):
             raise EngineParityError(f"exported model changes the top-{k} ranking of {len(bad)} of {len(a)} sample "
                                     f"rows (max |diff| {diff:.2e}); use engine='torch'")
-    return {"max_abs_diff": diff, "rows": int(len(a)), "top_k": int(max(k, 0))}
+    return {"max_abs_diff": diff, "rows": len(a), "top_k": int(max(k, 0))}
 
 
 class _Forward(nn.Module):
@@ -145,10 +145,10 @@ class _Engine:
     def close(self) -> None:
         """Give the model back as it was (mode, memory format)."""
 
-    def __enter__(self) -> "_Engine":
+    def __enter__(self) -> _Engine:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -342,11 +342,11 @@ def create_engine(model: Any, engine: str = "auto", *, sample: torch.Tensor | No
         raise ImportError(f"engine {name!r} is not available here (pip install onnx onnxruntime), or use 'torch'")
     if sample is None:
         sample = torch.randn(16, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    kwargs = dict(fn=fn, sample=sample, device=device, threads=threads, cache_dir=cache_dir,
-                  channels_last=channels_last, batch_size=batch_size)
+    kwargs = {"fn": fn, "sample": sample, "device": device, "threads": threads, "cache_dir": cache_dir,
+              "channels_last": channels_last, "batch_size": batch_size}
     try:
         return factory(model, **kwargs)
-    except Exception as err:  # noqa: BLE001 - under "auto" any export/runtime failure falls back
+    except Exception as err:
         if engine != "auto" or name == "torch":
             raise
         warnings.warn(f"{name} engine unusable for {type(model).__name__} ({type(err).__name__}: {err}); "

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from fashlib import engine as engines
-from fashlib.engine import EngineParityError, check_parity, create_engine, default_engine
+from fashlib.engine import (
+    EngineParityError,
+    check_parity,
+    create_engine,
+    default_engine,
+)
 from fashlib.models import create_embedder, offline_backbones
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,9 +98,9 @@ def test_export_is_cached_by_weights_and_input_size(tiny, tmp_path, monkeypatch)
     assert len(exports) == 3 and len(list(tmp_path.glob("*.onnx"))) == 3
     (newest,) = set(tmp_path.glob("*.onnx")) - before
     newest.write_bytes(newest.read_bytes()[:100])  # truncated file: detected by its sha256, exported again
-    with pytest.warns(UserWarning, match="exporting it again"):
-        with create_engine(tiny, "onnx", sample=_images(4, 64), cache_dir=tmp_path) as onnx:
-            np.testing.assert_allclose(onnx(_images(3, 64)), _torch_features(tiny, _images(3, 64)), atol=1e-5)
+    with pytest.warns(UserWarning, match="exporting it again"), \
+            create_engine(tiny, "onnx", sample=_images(4, 64), cache_dir=tmp_path) as onnx:
+        np.testing.assert_allclose(onnx(_images(3, 64)), _torch_features(tiny, _images(3, 64)), atol=1e-5)
     assert len(exports) == 4
 
 
@@ -106,14 +111,14 @@ def test_auto_falls_back_to_torch_when_parity_fails(tiny, monkeypatch):
     monkeypatch.setattr(engines, "check_parity", failing)
     with pytest.raises(EngineParityError):
         create_engine(tiny, "onnx", sample=_images(4, 64))
-    with pytest.warns(UserWarning, match="falling back to PyTorch"):
-        with create_engine(tiny, "auto", sample=_images(4, 64)) as engine:
-            assert engine.name == "torch"
+    with pytest.warns(UserWarning, match="falling back to PyTorch"), \
+            create_engine(tiny, "auto", sample=_images(4, 64)) as engine:
+        assert engine.name == "torch"
 
 
 def test_pytorch_is_the_fallback_without_onnxruntime(tiny, tmp_path, monkeypatch):
-    from torchvision import transforms as T
     from PIL import Image
+    from torchvision import transforms as T
 
     from fashlib.features import extract
 
