@@ -1,10 +1,13 @@
-"""Embedding throughput (images/s) of tf_efficientnet_lite0: fashlib.features.extract vs plain PyTorch loops.
+"""Embedding throughput (images/s) of tf_efficientnet_lite0 in one process on the same images: forward only
+per engine, plain PyTorch loops, and fashlib.features.extract with each engine (issue 9).
 
-Usage: python3 benchmarks/bench_embedding.py [--n 256] [--image-size 224] [--batch-size 32]
-       [--workers 2] [--threads N] [--data DATA_ROOT]
-Images: the first N (sorted) of <data root>/clothing-dataset/images (data root: --data, else
-$FASHLIB_DATA, else /work/shared/data if present, else ./data). Every path includes JPEG decode +
-resize + forward except "forward only", which times the network alone on pre-decoded tensors.
+Usage: python3 benchmarks/bench_embedding.py [--n 256] [--image-size 224] [--threads N] [--data DATA_ROOT]
+Images: the first N (sorted) of <data root>/clothing-dataset/images (data root: --data, else $FASHLIB_DATA,
+else /work/shared/data if present, else ./data). Every row includes JPEG decode + resize + forward except
+"forward only", which times the network alone on pre-decoded tensors. fashlib extract is timed with its
+exported ONNX model already cached (as in the book, where cache_dir keeps it) but features not cached;
+the one-off export + parity time is printed separately. Ratios are against the fastest plain PyTorch loop.
+The load average is printed before and after: other processes on the machine lower every figure.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +27,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from fashlib.data.dataset import build_transforms
+from fashlib.engine import available_engines, create_engine
 from fashlib.features import extract
 from fashlib.models import create_embedder
 from fashlib.paths import data_root
@@ -44,7 +50,7 @@ def load_plain(path: str, size: int, mean: torch.Tensor, std: torch.Tensor) -> t
 
 
 def plain_loop(model, paths: list[str], size: int, batch_size: int, mean, std) -> np.ndarray:
-    """The baseline: decode and forward batch after batch in the main process."""
+    """The baseline: decode and forward batch after batch in the main process (NCHW, eval mode)."""
     out = []
     with torch.inference_mode():
         for i in range(0, len(paths), batch_size):
@@ -53,33 +59,37 @@ def plain_loop(model, paths: list[str], size: int, batch_size: int, mean, std) -
     return torch.cat(out).numpy()
 
 
-def forward_only(model, tensors: torch.Tensor, batch_size: int) -> np.ndarray:
-    with torch.inference_mode():
-        return torch.cat([model.pooled_features(tensors[i : i + batch_size])
-                          for i in range(0, len(tensors), batch_size)]).numpy()
-
-
-def idle_cores() -> int:
-    """CPUs not already busy (CPU count minus the 1-minute load average), at least 1."""
-    cpus = os.cpu_count() or 1
-    return max(1, min(cpus, round(cpus - os.getloadavg()[0])))
+def forward_only(engine, tensors: torch.Tensor, batch_size: int) -> np.ndarray:
+    return np.concatenate([engine(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)])
 
 
 def timed(fn) -> tuple[float, np.ndarray]:
+    """(seconds, result) of fn(); a fn returning (seconds, result) times itself (set-up excluded)."""
     start = time.perf_counter()
     result = fn()
-    return time.perf_counter() - start, result
+    return result if isinstance(result, tuple) else (time.perf_counter() - start, result)
+
+
+def versions() -> str:
+    import PIL
+    import timm
+
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"timm {timm.__version__}",
+             f"pillow {PIL.__version__}", f"numpy {np.__version__}"]
+    try:
+        import onnxruntime
+
+        parts.append(f"onnxruntime {onnxruntime.__version__}")
+    except ImportError:
+        parts.append("onnxruntime absent")
+    return ", ".join(parts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=256, help="number of images")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="DataLoader workers")
-    parser.add_argument("--threads", type=int, default=idle_cores(),
-                        help="torch intra-op threads (default: idle cores = CPUs minus load average, >= 1; "
-                             "oversubscribed threads spin and can run several times slower)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads of every engine")
     parser.add_argument("--data", default=None, help="data root holding clothing-dataset/")
     args = parser.parse_args()
 
@@ -87,47 +97,67 @@ def main() -> None:
     if root is None and Path("/work/shared/data/clothing-dataset").is_dir():
         root = "/work/shared/data"
     table = image_table(data_root(root), args.n)
-    torch.set_num_threads(args.threads)  # main-process compute; DataLoader workers use 1 thread each
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    load_before = os.getloadavg()
 
     model = create_embedder("tf_efficientnet_lite0", pretrained=True).eval()
     cfg = model.data_config
-    mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
-    std = torch.tensor(cfg["std"]).view(3, 1, 1)
-    size, bs = args.image_size, args.batch_size
+    mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
+    size, paths = args.image_size, table["path"].tolist()
     transform = build_transforms(False, image_size=size, mean=cfg["mean"], std=cfg["std"],
                                  interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"])
-    paths = table["path"].tolist()
-
-    with torch.inference_mode():  # warm-up (allocator, kernels)
-        model.pooled_features(torch.zeros(bs, 3, size, size))
     decoded = torch.stack([load_plain(p, size, mean, std) for p in paths])
+    cache = Path(tempfile.mkdtemp(prefix="bench_embedding_"))
+    engines = available_engines()
 
-    runs = [
-        ("forward only (pre-decoded tensors)", bs, 0, lambda: forward_only(model, decoded, bs)),
-        ("plain loop, one image at a time", 1, 0, lambda: plain_loop(model, paths, size, 1, mean, std)),
-        ("plain loop, batches", bs, 0, lambda: plain_loop(model, paths, size, bs, mean, std)),
-        ("fashlib extract, workers=0", bs, 0,
-         lambda: extract(model, table, transform=transform, batch_size=bs, num_workers=0, progress=False)),
-        (f"fashlib extract, workers={args.workers}", bs, args.workers,
-         lambda: extract(model, table, transform=transform, batch_size=bs, num_workers=args.workers,
-                         progress=False)),
-        ("  same, channels_last=False", bs, args.workers,
-         lambda: extract(model, table, transform=transform, batch_size=bs, num_workers=args.workers,
-                         progress=False, channels_last=False)),
-    ]
-    print(f"tf_efficientnet_lite0 pooled features (1280-d), {args.n} images at {size} px, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'method':40s} {'batch':>5s} {'workers':>7s} {'seconds':>8s} {'images/s':>9s}")
-    results = {}
-    for name, batch, workers, fn in runs:
+    def fashlib_extract(engine: str) -> np.ndarray:
+        for entry in cache.glob("*.*"):  # features not cached; the exported model (cache/engines) is kept
+            entry.unlink() if entry.is_file() else shutil.rmtree(entry)
+        return extract(model, table, transform=transform, cache_dir=cache, engine=engine, progress=False)
+
+    start = time.perf_counter()
+    with create_engine(model, "onnx", sample=decoded[:32], cache_dir=cache / "engines") if "onnx" in engines \
+            else create_engine(model, "torch") as warm:
+        export_s = time.perf_counter() - start
+        warm(decoded[:16])
+    runs = []
+    for name in engines:
+        for bs in (16, 32):
+            runs.append((f"forward only, {name} engine, batch {bs}", bs, name,
+                         lambda name=name, bs=bs: _forward(model, name, decoded, bs, cache)))
+    runs += [("plain PyTorch loop, one image at a time", 1, "-", lambda: plain_loop(model, paths, size, 1, mean, std)),
+             ("plain PyTorch loop, batches of 32", 32, "-", lambda: plain_loop(model, paths, size, 32, mean, std))]
+    runs += [(f"fashlib extract, engine={name}", 32, name, lambda name=name: fashlib_extract(name)) for name in engines]
+
+    print(f"tf_efficientnet_lite0 pooled features (1280-d), {args.n} CC0 images at {size} px")
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; {versions()}")
+    print(f"threads: {args.threads} intra-op per engine; fashlib decodes in min(4, CPUs) threads; "
+          f"load average before: {' '.join(f'{v:.2f}' for v in load_before)}")
+    if "onnx" in engines:
+        print(f"ONNX export + parity check (one-off, cached afterwards): {export_s:.1f} s")
+    print(f"{'method':42s} {'batch':>5s} {'engine':>6s} {'seconds':>8s} {'images/s':>9s}")
+    results, speeds = {}, {}
+    for name, batch, engine, fn in runs:
         seconds, feats = timed(fn)
-        results[name] = feats
-        print(f"{name:40s} {batch:5d} {workers:7d} {seconds:8.2f} {args.n / seconds:9.1f}", flush=True)
-    plain, single = results["plain loop, batches"], results["plain loop, one image at a time"]
-    print(f"check: batch-1 vs batched plain features max |diff| = {np.abs(plain - single).max():.2e}; "
-          "extract uses resize+center-crop (build_transforms), so its features differ from the plain loop's")
+        results[name], speeds[name] = feats, args.n / seconds
+        print(f"{name:42s} {batch:5d} {engine:>6s} {seconds:8.2f} {speeds[name]:9.1f}", flush=True)
+    plain = max((s, n) for n, s in speeds.items() if n.startswith("plain"))
+    print(f"ratios to the fastest plain loop ({plain[1]}, {plain[0]:.1f} img/s):")
+    for name, speed in speeds.items():
+        print(f"  {name:42s} {speed / plain[0]:5.2f}x")
+    if len(engines) > 1:
+        a, b = (results[f"fashlib extract, engine={n}"] for n in ("torch", "onnx"))
+        print(f"check: extract onnx vs torch features max |diff| = {np.abs(a - b).max():.2e}")
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def _forward(model, engine: str, decoded: torch.Tensor, batch_size: int, cache: Path) -> tuple[float, np.ndarray]:
+    """(seconds, features) of the forward passes alone: engine set-up and one warm-up batch not timed."""
+    with create_engine(model, engine, sample=decoded[:32], cache_dir=cache / "engines", batch_size=batch_size) as run:
+        run(decoded[:batch_size])
+        return timed(lambda: forward_only(run, decoded, batch_size))
 
 
 if __name__ == "__main__":

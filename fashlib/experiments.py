@@ -150,11 +150,12 @@ def eval_transform(embedder: Any, image_size: int | None = None, flip: bool = Fa
 def backbone_features(backbone: str, table: pd.DataFrame, *, pretrained: bool = True, image_size: int | None = None,
                       pooling: str = "avg", flip_average: bool = False, device: str = "cpu",
                       cache_dir: str | os.PathLike | None = None, batch_size: int = 32, num_workers: int = 0,
-                      seed: int = 0, progress: bool = True) -> np.ndarray:
+                      seed: int = 0, progress: bool = True, engine: str = "auto") -> np.ndarray:
     """Pooled backbone features of every row (cached on disk), L2-normalised.
 
     `pretrained=False` gives the random-weights control (seeded, so its cache is reused);
-    `flip_average` averages the features of the image and its mirror image.
+    `flip_average` averages the features of the image and its mirror image. `engine`: see
+    fashlib.engine.create_engine ("auto": ONNX Runtime on the CPU, PyTorch on a GPU).
     """
     from .features import extract
     from .models import create_embedder
@@ -165,30 +166,40 @@ def backbone_features(backbone: str, table: pd.DataFrame, *, pretrained: bool = 
     views = [False, True] if flip_average else [False]
     feats = [extract(embedder, table, transform=eval_transform(embedder, image_size, flip), cache_dir=cache_dir,
                      batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
-                     key_extra={"pretrained": pretrained, "image_size": image_size})
+                     key_extra={"pretrained": pretrained, "image_size": image_size}, engine=engine)
              for flip in views]
     return l2_normalize(np.mean(feats, axis=0))
 
 
 def forward_throughput(backbone: str, image_size: int | None = None, *, batch_size: int = 16, batches: int = 3,
-                       device: str = "cpu", seed: int = 0) -> float:
-    """Images per second of the backbone's forward pass (random weights and inputs, after one warm-up)."""
+                       device: str = "cpu", seed: int = 0, engine: str = "torch") -> float:
+    """Images per second of the backbone's forward pass to pooled features through `engine` (fashlib.engine).
+
+    Random weights and inputs; one warm-up call first (the ONNX export and its parity check are not timed).
+    """
+    from .engine import create_engine
     from .models import create_embedder
 
     torch.manual_seed(seed)
-    embedder = create_embedder(backbone, embedding_dim=None, pretrained=False, allow_random=True).to(device).eval()
+    embedder = create_embedder(backbone, embedding_dim=None, pretrained=False, allow_random=True)
     size = image_size or int(embedder.data_config["input_size"][-1])
-    x = torch.randn(batch_size, 3, size, size, device=device)
-    with torch.inference_mode():
-        embedder.pooled_features(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    x = torch.randn(batch_size, 3, size, size)
+    with create_engine(embedder, engine, sample=x, device=device, batch_size=batch_size) as runner:
+        runner(x)
         start = time.perf_counter()
         for _ in range(batches):
-            embedder.pooled_features(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    return batch_size * batches / (time.perf_counter() - start)
+            runner(x)  # returns numpy: the device work is finished when it returns
+        return batch_size * batches / (time.perf_counter() - start)
+
+
+def engine_throughputs(backbone: str, image_size: int | None = None, *, batch_size: int = 16, batches: int = 3,
+                       device: str = "cpu", seed: int = 0) -> dict[str, float]:
+    """forward_throughput of every engine usable on `device` ({"torch": img/s, "onnx": img/s}), measured in turn."""
+    from .engine import available_engines
+
+    names = [n for n in available_engines() if n == "torch" or torch.device(device).type == "cpu"]
+    return {name: forward_throughput(backbone, image_size, batch_size=batch_size, batches=batches, device=device,
+                                     seed=seed, engine=name) for name in names}
 
 
 # ------------------------------------------------------------------------------------------ heads

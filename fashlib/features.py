@@ -11,9 +11,11 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,15 @@ __all__ = [
     "cache_key",
     "cache_paths",
     "extract",
+    "shard_folder",
+    "draft_size",
     "create_loss",
     "train_head",
     "embed_features",
 ]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: JPEG draft decoding (extract), shards
+DEFAULT_SHARD_SIZE = 2048  # rows per shard of a cache entry being extracted
 
 
 class FeatureCacheWarning(UserWarning):
@@ -182,14 +187,147 @@ def _write_cache(npy: Path, meta: Path, key: str, array: np.ndarray, model: Any,
 
 
 # --------------------------------------------------------------------------------------------
-# Extraction
+# Shards: the resumable part of a cache entry
 # --------------------------------------------------------------------------------------------
+def shard_folder(npy: Path) -> Path:
+    """Folder holding the finished shards of a cache entry while it is being extracted."""
+    return npy.with_suffix(".shards")
+
+
+def _shard_files(folder: Path, index: int) -> tuple[Path, Path]:
+    return folder / f"shard-{index:05d}.npy", folder / f"shard-{index:05d}.json"
+
+
+def _read_shard(folder: Path, index: int, key: str, rows: tuple[int, int]) -> np.ndarray | None:
+    """A finished shard (rows[0]:rows[1] of the entry) if present and intact; None, with a warning if broken."""
+    npy, meta = _shard_files(folder, index)
+    if not meta.exists():
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        if info.get("key") != key or tuple(info.get("rows", ())) != tuple(rows):
+            raise ValueError(f"stored key/rows {str(info.get('key'))[:12]}... {info.get('rows')} differ")
+        array = np.load(npy, allow_pickle=False)
+        if array.dtype != np.float32 or array.shape[0] != rows[1] - rows[0]:
+            raise ValueError(f"array {array.dtype} {array.shape} for rows {rows}")
+        if _array_digest(array) != info.get("sha256"):
+            raise ValueError("content digest differs from the stored one")
+        return array
+    except Exception as err:  # noqa: BLE001 - a broken shard is recomputed, never used
+        warnings.warn(f"feature shard {folder.name}/{npy.name} unusable ({type(err).__name__}: {err}); "
+                      "rebuilding it", FeatureCacheWarning, stacklevel=4)
+        return None
+
+
+def _write_shard(folder: Path, index: int, key: str, rows: tuple[int, int], array: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    npy, meta = _shard_files(folder, index)
+    meta.unlink(missing_ok=True)  # the json is the commit marker: written last
+    _atomic_write(npy, lambda f: np.save(f, array, allow_pickle=False))
+    info = {"key": key, "rows": list(rows), "shape": list(array.shape), "sha256": _array_digest(array)}
+    _atomic_write(meta, lambda f: f.write(json.dumps(info)), mode="w")
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: decoding in threads (or DataLoader workers) ahead of the engine
+# --------------------------------------------------------------------------------------------
+def draft_size(transform: Any) -> tuple[int, int] | None:
+    """(w, h) no smaller than the first torchvision Resize of `transform`: the JPEG draft target; None if none."""
+    from torchvision import transforms as T
+
+    for step in getattr(transform, "transforms", [transform]):
+        if isinstance(step, T.Resize):
+            size = step.size if isinstance(step.size, int) else max(step.size)
+            return int(size), int(size)
+    return None
+
+
 def _make_dataset(table: pd.DataFrame, transform: Any, crop_boxes: bool, margin: float):
     from .data.dataset import ImageTableDataset
 
     if "label" not in table.columns:
         table = table.assign(label="")
-    return ImageTableDataset(table, transform=transform, crop_boxes=crop_boxes, margin=margin)
+    dataset = ImageTableDataset(table, transform=transform, crop_boxes=crop_boxes, margin=margin)
+    dataset.draft_size = draft_size(transform)  # large JPEGs decode at 1/2..1/8 scale, never below the resize
+    return dataset
+
+
+def _threaded_batches(dataset: Any, batches: Sequence[list[int]], threads: int, ahead: int = 2):
+    """Collated batches of `dataset` in order, decoded by a thread pool `ahead` batches before they are used.
+
+    PIL decoding/resizing and the tensor transforms release the GIL, so threads overlap with the engine
+    without the start-up cost of worker processes.
+    """
+    from collections import deque
+
+    from torch.utils.data import default_collate
+
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="fashlib-decode")
+    pending: deque = deque()
+    todo = iter(batches)
+    try:
+        for batch in todo:
+            pending.append([pool.submit(dataset.__getitem__, i) for i in batch])
+            if len(pending) > ahead:
+                yield default_collate([f.result() for f in pending.popleft()])
+        while pending:
+            yield default_collate([f.result() for f in pending.popleft()])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _loader(dataset: Any, batches: list[list[int]], num_workers: int, decode_threads: int | None, pin: bool):
+    if num_workers > 0:
+        return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=pin)
+    threads = decode_threads if decode_threads is not None else min(4, os.cpu_count() or 1)
+    return _threaded_batches(dataset, batches, threads)
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------
+def _compute_shards(model: Any, dataset: Any, shards: list[tuple[int, int, int]], *, batch_size: int,
+                    engine_options: dict, loader_options: dict, store: Callable[[int, np.ndarray], None],
+                    progress: bool, desc: str) -> None:
+    """Run the engine over the rows of `shards` [(index, start, stop)], calling store(index, array) per shard."""
+    from .engine import create_engine
+
+    batches, owner = [], []
+    for index, start, stop in shards:
+        for b in range(start, stop, batch_size):
+            batches.append(list(range(b, min(b + batch_size, stop))))
+            owner.append(index)
+    left = {index: -(-(stop - start) // batch_size) for index, start, stop in shards}
+    span = {index: (start, stop) for index, start, stop in shards}
+    buffers: dict[int, np.ndarray] = {}
+    engine = None
+    bar = tqdm(total=sum(len(b) for b in batches), disable=not progress, desc=desc, unit="img")
+    try:
+        for (images, _, rows), index in zip(_loader(dataset, batches, **loader_options), owner):
+            if engine is None:
+                engine = create_engine(model, sample=images, **engine_options)
+                bar.set_description(f"{desc} ({engine.name})")
+            feats = engine(images)
+            start, stop = span[index]
+            buffer = buffers.setdefault(index, np.empty((stop - start, feats.shape[1]), dtype=np.float32))
+            buffer[rows.numpy() - start] = feats
+            bar.update(len(rows))
+            left[index] -= 1
+            if left[index] == 0:
+                store(index, buffers.pop(index))
+    finally:
+        bar.close()
+        if engine is not None:
+            engine.close()
 
 
 def extract(
@@ -197,7 +335,7 @@ def extract(
     table: pd.DataFrame,
     *,
     transform: Any,
-    batch_size: int = 64,
+    batch_size: int = 32,
     num_workers: int = 0,
     cache_dir: str | os.PathLike | None = None,
     key_extra: Any = None,
@@ -207,15 +345,32 @@ def extract(
     crop_boxes: bool = False,
     margin: float = 0.1,
     channels_last: bool = True,
+    engine: str = "auto",
+    threads: int | None = None,
+    decode_threads: int | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    on_shard: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Features (len(table), D) float32 in table order: pooled backbone vectors or embeddings.
 
-    `channels_last` runs an nn.Module in NHWC memory format (about 2x faster for EfficientNet on
-    CPU; the model is put back to the default format afterwards).
-    `fn="pooled"` calls model.pooled_features, `fn="embedding"` calls model(x); a plain nn.Module
-    or function is simply called. Runs in eval mode under inference_mode (the model's previous mode is
-    restored). With `cache_dir` the array is cached on disk; see cache_key for what invalidates it.
+    Engine (fashlib.engine.create_engine): "auto" = ONNX Runtime on the CPU when installed (exported once
+    per weights and input size, parity-checked against PyTorch), PyTorch on a GPU or as the fallback;
+    `threads` = the engine's intra-op threads (default torch.get_num_threads()); `channels_last` applies
+    to PyTorch. `fn="pooled"` gives model.pooled_features, `fn="embedding"` model(x); a plain nn.Module
+    or function is simply called. The model's mode and memory format are left as they were.
+    Decoding runs ahead of the engine in `decode_threads` threads (default min(4, CPUs)), or in
+    `num_workers` DataLoader processes when > 0; JPEGs larger than the transform's Resize decode in
+    PIL draft mode (at 1/2..1/8 scale) unless boxes are cropped.
+    With `cache_dir` the array is cached under cache_key, written in shards of `shard_size` rows as
+    they finish: an interrupted run resumes at the missing shards (finished ones are verified by digest
+    and never recomputed; a corrupted one is rebuilt with a FeatureCacheWarning). `on_shard(index)` is
+    called after each shard is stored. Under torch.distributed (e.g. torchrun), each rank extracts the
+    shards index % world_size == rank and rank 0 assembles the entry (every rank must call extract, with a
+    cache_dir all of them can read; without cache_dir every rank extracts every row, independently);
+    every rank returns the whole array.
     """
+    from .engine import DEFAULT_BATCH_SIZE
+
     if fn not in OUTPUTS:
         raise ValueError(f"unknown output {fn!r}; choose one of {sorted(OUTPUTS)}")
     if cache_dir is not None:
@@ -225,36 +380,64 @@ def extract(
         cached = _read_cache(npy, meta, key, len(table))
         if cached is not None:
             return cached
+    n, step = len(table), max(1, int(shard_size)) if cache_dir is not None else max(1, len(table))
+    shards = [(i, start, min(start + step, n)) for i, start in enumerate(range(0, n, step))]
+    rank, world = _distributed() if cache_dir is not None else (0, 1)
+    folder = shard_folder(npy) if cache_dir is not None else None
+    arrays: dict[int, np.ndarray] = {}
+    mine = [s for s in shards if s[0] % world == rank]
+    if folder is not None:
+        for index, start, stop in mine:
+            found = _read_shard(folder, index, key, (start, stop))
+            if found is not None:
+                arrays[index] = found
+    todo = [s for s in mine if s[0] not in arrays]
+
+    def store(index: int, array: np.ndarray) -> None:
+        arrays[index] = array
+        if folder is not None:
+            _write_shard(folder, index, key, shards[index][1:], array)
+        if on_shard is not None:
+            on_shard(index)
 
     dataset = _make_dataset(table, transform, crop_boxes, margin)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=torch.device(device).type == "cuda")
-    is_module = isinstance(model, nn.Module)
-    forward = OUTPUTS[fn][0] if hasattr(model, "pooled_features") else (lambda m, x: m(x))
-    was_training = model.training if is_module else False
-    memory_format = torch.channels_last if channels_last and is_module else torch.contiguous_format
-    if is_module:
-        model.to(device, memory_format=memory_format).eval()
-    out: np.ndarray | None = None
-    try:
-        with torch.inference_mode():
-            for images, _, rows in tqdm(loader, disable=not progress, desc=f"extract {fn}", unit="batch"):
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
-                feats = forward(model, images).float().cpu().numpy()
-                if out is None:
-                    out = np.empty((len(table), feats.shape[1]), dtype=np.float32)
-                out[rows.numpy()] = feats
-    finally:
-        if is_module:
-            model.train(was_training)
-            if memory_format is torch.channels_last:
-                model.to(memory_format=torch.contiguous_format)
-    if out is None:
-        out = np.empty((0, 0), dtype=np.float32)
+    cpu = torch.device(device).type == "cpu"
+    engine_options = dict(engine=engine, fn=fn, device=device, threads=threads, channels_last=channels_last,
+                          cache_dir=None if cache_dir is None else Path(cache_dir) / "engines",
+                          batch_size=min(batch_size, DEFAULT_BATCH_SIZE) if cpu else batch_size)
+    loader_options = dict(num_workers=num_workers, decode_threads=decode_threads, pin=not cpu)
+    _compute_shards(model, dataset, todo, batch_size=batch_size, engine_options=engine_options,
+                    loader_options=loader_options, store=store, progress=progress, desc=f"extract {fn}")
     if hasattr(dataset, "report_bad"):
         dataset.report_bad()
+    if world > 1:
+        return _assemble_distributed(npy, meta, key, folder, shards, rank, model, fn)
+    out = np.concatenate([arrays[i] for i, _, _ in shards]) if shards else np.empty((0, 0), dtype=np.float32)
     if cache_dir is not None:
         _write_cache(npy, meta, key, out, model, fn)
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
+
+
+def _assemble_distributed(npy: Path, meta: Path, key: str, folder: Path, shards: list[tuple[int, int, int]],
+                          rank: int, model: Any, fn: str) -> np.ndarray:
+    """After every rank stored its shards: rank 0 concatenates them into the cache entry; all ranks read it."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if rank == 0:
+        parts = []
+        for index, start, stop in shards:
+            part = _read_shard(folder, index, key, (start, stop))
+            if part is None:
+                raise RuntimeError(f"shard {index} of {folder} missing after every rank finished; rerun extract")
+            parts.append(part)
+        _write_cache(npy, meta, key, np.concatenate(parts), model, fn)
+        shutil.rmtree(folder, ignore_errors=True)
+    dist.barrier()
+    out = _read_cache(npy, meta, key, shards[-1][2] if shards else 0)
+    if out is None:
+        raise RuntimeError(f"feature cache {npy} unreadable after rank 0 assembled it (is cache_dir shared?)")
     return out
 
 

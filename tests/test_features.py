@@ -86,14 +86,17 @@ def test_extract_matches_direct_forward_in_table_order(model, table, transform):
 
 def test_cache_hit_skips_the_model(model, table, transform, tmp_path):
     calls = count_backbone_calls(model)
-    first = extract(model, table, transform=transform, batch_size=4, cache_dir=tmp_path, progress=False)
+    first = extract(model, table, transform=transform, batch_size=4, cache_dir=tmp_path, progress=False,
+                    engine="torch")
     assert calls[0] == 2
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".npy"]  # no temp files left over
+    # no temp files or shards left over (the engines folder holds exported models)
+    assert sorted(p.suffix for p in tmp_path.iterdir() if p.name != "engines") == [".json", ".npy"]
     meta = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert meta["shape"] == [7, 256] and len(meta["key"]) == 64
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        second = extract(model, table, transform=transform, batch_size=4, cache_dir=tmp_path, progress=False)
+        second = extract(model, table, transform=transform, batch_size=4, cache_dir=tmp_path, progress=False,
+                         engine="torch")
     assert calls[0] == 2  # served from disk
     np.testing.assert_array_equal(first, second)
 
@@ -131,17 +134,18 @@ def _drop_json(npy, meta):
 
 @pytest.mark.parametrize("damage", [_corrupt_npy, _alter_key, _alter_shape, _garble_json, _flip_values, _drop_json])
 def test_broken_cache_entry_is_rebuilt_with_warning(damage, model, table, transform, tmp_path):
-    first = extract(model, table, transform=transform, cache_dir=tmp_path, progress=False)
+    options = dict(transform=transform, cache_dir=tmp_path, progress=False, engine="torch", batch_size=16)
+    first = extract(model, table, **options)
     (npy,) = tmp_path.glob("*.npy")
     damage(npy, npy.with_suffix(".json"))
     calls = count_backbone_calls(model)
     with pytest.warns(FeatureCacheWarning, match="rebuilding"):
-        rebuilt = extract(model, table, transform=transform, cache_dir=tmp_path, progress=False)
+        rebuilt = extract(model, table, **options)
     assert calls[0] == 1
     np.testing.assert_array_equal(rebuilt, first)
     with warnings.catch_warnings():  # and the rebuilt entry is good again
         warnings.simplefilter("error")
-        extract(model, table, transform=transform, cache_dir=tmp_path, progress=False)
+        extract(model, table, **options)
     assert calls[0] == 1
 
 
@@ -244,3 +248,161 @@ def test_extract_uses_the_project_dataset(table, transform):
 
     ds = features._make_dataset(table, transform, False, 0.1)
     assert isinstance(ds, ImageTableDataset) and len(ds) == len(table)
+
+
+# --------------------------------------------------------------------------------------------
+# Shards: interruption, resumption, corruption, torchrun
+# --------------------------------------------------------------------------------------------
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fashlib_test_extract_script", os.path.join(HERE, "extract_script.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+script = _script()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def loaded_rows(monkeypatch):
+    """Row indices the dataset decodes (decoding threads run in this process)."""
+    from fashlib.data.dataset import ImageTableDataset
+
+    rows: list[int] = []
+    original = ImageTableDataset.__getitem__
+
+    def getitem(self, i):
+        rows.append(int(i))
+        return original(self, i)
+
+    monkeypatch.setattr(ImageTableDataset, "__getitem__", getitem)
+    return rows
+
+
+def _interrupt_after(n: int):
+    stored: list[int] = []
+
+    def on_shard(index: int) -> None:
+        stored.append(index)
+        if len(stored) == n:
+            raise _Stop(f"stopped after {n} shards")
+
+    return on_shard, stored
+
+
+def test_interrupted_extraction_resumes_at_the_missing_shards(table, tmp_path, loaded_rows):
+    reference = script.run(table, tmp_path / "reference")  # uninterrupted (4 shards of 2 rows)
+    on_shard, stored = _interrupt_after(2)
+    with pytest.raises(_Stop):
+        script.run(table, tmp_path / "cache", on_shard=on_shard)
+    assert stored == [0, 1]
+    (folder,) = (tmp_path / "cache").glob("*.shards")
+    assert sorted(p.name for p in folder.glob("*.npy")) == ["shard-00000.npy", "shard-00001.npy"]
+    assert not list((tmp_path / "cache").glob("*.npy"))  # no final entry yet
+    loaded_rows.clear()
+    resumed_shards: list[int] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FeatureCacheWarning)
+        resumed = script.run(table, tmp_path / "cache", on_shard=resumed_shards.append)
+    assert resumed_shards == [2, 3] and sorted(loaded_rows) == [4, 5, 6]  # finished shards not recomputed
+    np.testing.assert_array_equal(resumed, reference)
+    assert not folder.exists()  # assembled into the one cache entry
+    loaded_rows.clear()
+    np.testing.assert_array_equal(script.run(table, tmp_path / "cache"), reference)
+    assert loaded_rows == []
+
+
+def test_corrupted_shard_is_rebuilt_with_a_warning(table, tmp_path, loaded_rows):
+    reference = script.run(table, tmp_path / "reference")
+    on_shard, _ = _interrupt_after(2)
+    with pytest.raises(_Stop):
+        script.run(table, tmp_path / "cache", on_shard=on_shard)
+    (folder,) = (tmp_path / "cache").glob("*.shards")
+    shard = folder / "shard-00000.npy"
+    array = np.load(shard)
+    array[1, 3] += 0.5  # silent corruption: still a valid .npy, only the digest can tell
+    np.save(shard, array)
+    loaded_rows.clear()
+    with pytest.warns(FeatureCacheWarning, match="shard-00000.npy.*digest"):
+        resumed = script.run(table, tmp_path / "cache")
+    assert sorted(loaded_rows) == [0, 1, 4, 5, 6]  # shard 0 rebuilt, shard 1 kept
+    np.testing.assert_array_equal(resumed, reference)
+
+
+def _subprocess(cmd: list[str], timeout: float = 300) -> tuple[int, str]:
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.Popen([sys.executable, *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{cmd} timed out:\n{output[-3000:]}")
+    return proc.returncode, output
+
+
+def test_sigkilled_extraction_resumes_to_the_same_array(table, tmp_path, loaded_rows):
+    import signal
+
+    csv = tmp_path / "table.csv"
+    table.to_csv(csv, index=False)
+    code, output = _subprocess([os.path.join(HERE, "extract_script.py"), "kill", str(csv), str(tmp_path / "cache"), "3"])
+    assert code == -signal.SIGKILL, output[-3000:]
+    (folder,) = (tmp_path / "cache").glob("*.shards")
+    assert len(list(folder.glob("shard-*.json"))) == 3
+    loaded_rows.clear()
+    resumed = script.run(table, tmp_path / "cache")
+    assert sorted(loaded_rows) == [6]  # only the last shard was missing
+    np.testing.assert_array_equal(resumed, script.run(table, tmp_path / "reference"))
+
+
+def test_two_process_sharded_extraction_equals_single_process(table, tmp_path):
+    csv = tmp_path / "table.csv"
+    table.to_csv(csv, index=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, output = _subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                os.path.join(HERE, "extract_script.py"), "ddp", str(csv), str(tmp_path / "ddp"),
+                                str(out)])
+    assert code == 0, output[-6000:]
+    single = script.run(table, tmp_path / "single")
+    for rank in range(2):
+        np.testing.assert_array_equal(np.load(out / f"features_rank{rank}.npy"), single)
+        assert np.load(out / f"shards_rank{rank}.npy").tolist() == [rank, rank + 2]  # each rank its own shards
+    (entry,) = (tmp_path / "ddp").glob("*.npy")  # rank 0 assembled one cache entry; shards removed
+    assert not list((tmp_path / "ddp").glob("*.shards"))
+    np.testing.assert_array_equal(np.load(entry), single)
+
+
+def test_large_jpegs_decode_in_draft_mode_no_smaller_than_the_resize(tmp_path):
+    from fashlib.features import draft_size
+
+    transform = T.Compose([T.Resize(72), T.CenterCrop(64), T.ToTensor()])
+    assert draft_size(transform) == (72, 72)
+    assert draft_size(T.Compose([T.Resize((40, 90)), T.ToTensor()])) == (90, 90)
+    assert draft_size(T.ToTensor()) is None
+    path = tmp_path / "large.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 640, 3), dtype=np.uint8)).save(path)
+    table = pd.DataFrame({"path": [str(path)], "label": ["a"], "x1": [10.0], "y1": [10.0], "x2": [600.0],
+                          "y2": [390.0]})
+    # 640 x 400 -> the largest power-of-two reduction keeping both sides >= 72 is 1/4: 160 x 100
+    assert features._make_dataset(table, transform, False, 0.1).load_image(0).size == (160, 100)
+    cropped = features._make_dataset(table, transform, True, 0.0).load_image(0)
+    assert cropped.size == (590, 380)  # box coordinates are in full-size pixels: no draft when cropping

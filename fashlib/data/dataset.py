@@ -51,7 +51,11 @@ class ImageTableDataset(Dataset):
     `classes` fixes the label -> index mapping (default: sorted labels of the table). With
     transform=None items are float tensors in [0, 1] (C, H, W). With crop_boxes=True rows with a
     box x1..y2 are cropped to it, grown by `margin` of its size and clamped to the image.
+    `draft_size` (w, h), set by fashlib.features.extract: JPEGs decode at 1/2, 1/4 or 1/8 scale when
+    the result stays at least that large (PIL draft mode); not applied when cropping to boxes.
     """
+
+    draft_size: tuple[int, int] | None = None
 
     def __init__(
         self,
@@ -85,8 +89,11 @@ class ImageTableDataset(Dataset):
         return len(self.paths)
 
     def load_image(self, i: int) -> Image.Image:
-        """Oriented RGB image of row i (cropped to its box if asked); UndecodableImageError if it won't decode."""
-        img = open_rgb(self.paths[i])
+        """Oriented RGB image of row i (cropped to its box if asked); UndecodableImageError if it won't decode.
+
+        With draft_size set and no boxes, JPEGs decode at a reduced scale no smaller than draft_size (fast)."""
+        draft = self.draft_size if self.boxes is None else None
+        img = open_rgb(self.paths[i], draft_size=draft)
         if self.boxes is not None:
             box = crop_box(img.size, self.boxes[i], self.margin)
             if box is not None:

@@ -1,0 +1,354 @@
+"""Inference engines for feature extraction: ONNX Runtime on CPU, PyTorch on GPU and as the fallback.
+
+`create_engine(model, engine="auto")` returns an object that maps a float32 image batch (N, 3, H, W) to
+features (N, D) float32 numpy, chosen from the registry `ENGINES`:
+
+- "onnx": the model (backbone + pooling for fn="pooled", the whole embedder with its head for
+  fn="embedding", or any nn.Module) exported with the TorchScript ONNX exporter (`dynamo=False`: the
+  dynamo exporter of torch 2.14 needs onnxscript, which is not installed and not needed here) at
+  opset 17 with a dynamic batch axis, and run by an ONNX Runtime CPU session. Every export is checked
+  against PyTorch on a sample batch (`check_parity`: max |diff| of L2-normalised outputs <= 1e-4 and
+  identical top-10 rankings); with `cache_dir` the .onnx file is kept under a key of (weights digest,
+  output, input shape, torch version) with its sha256 and parity figures, so it is exported once.
+- "torch": the nn.Module (or plain callable) under inference_mode, channels_last on CPU.
+
+"auto" picks "onnx" on CPU when onnxruntime is importable and the model is an nn.Module, else "torch";
+an ONNX export that fails or misses parity falls back to PyTorch with a warning under "auto" (and raises
+under "onnx").
+
+Measured on this machine (2-core shared CPU, tf_efficientnet_lite0 at 224 px, pooled features; the
+machine was loaded by other jobs during these runs, load average 5-9, so absolute figures are low):
+ONNX Runtime, 2 intra-op threads, batch 1 / 8 / 16 / 32: 81 / 135 / 121 / 49 img/s; quiet-machine
+figures quoted in issue 9: PyTorch 145 img/s at batch 16, ONNX Runtime 205 img/s at batch 16, both
+collapsing at batch 32 (~40 img/s, activations no longer fit the cache). Hence engines run at most
+`batch_size=16` images per call (larger batches are split). Threads: ONNX Runtime gets the caller's
+torch.get_num_threads() (intra-op; inter-op 1) unless `threads` is given, with spinning off: the same
+Lite0 session at batch 16, measured interleaved 4 times on the loaded machine (load average 11), ran at
+18-20 img/s with 2 spinning threads, 23-25 img/s with 2 sleeping threads and 28-32 img/s with 1 thread;
+idle threads that spin also take the cycles extract's decoding threads need. PyTorch on CPU runs in
+channels_last (see fashlib.features.extract); see benchmarks/bench_embedding.py for the comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "ENGINES",
+    "PARITY_ATOL",
+    "PARITY_TOP_K",
+    "EngineParityError",
+    "OnnxEngine",
+    "TorchEngine",
+    "available_engines",
+    "check_parity",
+    "create_engine",
+    "default_engine",
+    "onnxruntime_available",
+]
+
+DEFAULT_BATCH_SIZE = 16  # measured: see the module docstring
+PARITY_ATOL = 1e-4
+PARITY_TOP_K = 10
+OPSET = 17
+
+
+class EngineParityError(RuntimeError):
+    """An exported model's outputs differ from PyTorch's beyond the tolerance."""
+
+
+def onnxruntime_available() -> bool:
+    """Whether onnxruntime (and onnx) can be imported."""
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def _forward_fn(model: Any, fn: str) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    from .features import OUTPUTS
+
+    if fn not in OUTPUTS:
+        raise ValueError(f"unknown output {fn!r}; choose one of {sorted(OUTPUTS)}")
+    return OUTPUTS[fn][0] if hasattr(model, "pooled_features") else (lambda m, x: m(x))
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def check_parity(reference: np.ndarray, candidate: np.ndarray, atol: float = PARITY_ATOL,
+                 k: int = PARITY_TOP_K) -> dict[str, float]:
+    """Compare two engines' outputs (N, D) on the same inputs; raise EngineParityError when they differ.
+
+    Checks: max |difference| of the L2-normalised rows <= atol, and for every row the top-k ranking of
+    the other rows by cosine similarity (k capped at N - 1) is identical. Returns
+    {"max_abs_diff": float, "rows": N, "top_k": k}.
+    """
+    a, b = _l2(reference), _l2(candidate)
+    if a.shape != b.shape:
+        raise EngineParityError(f"output shapes differ: {a.shape} (PyTorch) vs {b.shape} (exported)")
+    diff = float(np.abs(a - b).max()) if a.size else 0.0
+    if not diff <= atol:
+        raise EngineParityError(f"exported model differs from PyTorch: max |diff| of L2-normalised outputs "
+                                f"{diff:.2e} > {atol:.0e}; use engine='torch'")
+    k = min(k, len(a) - 1)
+    if k > 0:
+        rank_a, rank_b = (np.argsort(-(x @ x.T - 3 * np.eye(len(x))), axis=1, kind="stable")[:, :k] for x in (a, b))
+        bad = np.flatnonzero((rank_a != rank_b).any(axis=1))
+        if len(bad):
+            raise EngineParityError(f"exported model changes the top-{k} ranking of {len(bad)} of {len(a)} sample "
+                                    f"rows (max |diff| {diff:.2e}); use engine='torch'")
+    return {"max_abs_diff": diff, "rows": len(a), "top_k": int(max(k, 0))}
+
+
+class _Forward(nn.Module):
+    """nn.Module whose forward is one output (pooled / embedding) of a model: what gets exported."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[Any, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.forward_fn = forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_fn(self.model, x)
+
+
+class _Engine:
+    """Common part: split batches into chunks of at most `batch_size`; context manager; close()."""
+
+    name = "base"
+
+    def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE):
+        self.batch_size = int(batch_size)
+
+    def _run(self, images: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        """Images (N, 3, H, W) float32 -> features (N, D) float32 numpy, in row order."""
+        parts = [self._run(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        """Give the model back as it was (mode, memory format)."""
+
+    def __enter__(self) -> _Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TorchEngine(_Engine):
+    """PyTorch forward under inference_mode; an nn.Module is put in eval mode (and channels_last on CPU).
+
+    The model's previous mode and memory format are restored by close().
+    """
+
+    name = "torch"
+
+    def __init__(self, model: Any, fn: str = "pooled", device: str | torch.device = "cpu",
+                 channels_last: bool = True, batch_size: int = DEFAULT_BATCH_SIZE):
+        super().__init__(batch_size)
+        self.model, self.device = model, torch.device(device)
+        self.forward = _forward_fn(model, fn)
+        self.is_module = isinstance(model, nn.Module)
+        self.was_training = model.training if self.is_module else False
+        self.memory_format = torch.channels_last if channels_last and self.is_module else torch.contiguous_format
+        if self.is_module:
+            model.to(self.device, memory_format=self.memory_format).eval()
+
+    def _run(self, images: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            x = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            return self.forward(self.model, x).float().cpu().numpy()
+
+    def close(self) -> None:
+        if self.is_module:
+            self.model.train(self.was_training)
+            if self.memory_format is torch.channels_last:
+                self.model.to(memory_format=torch.contiguous_format)
+
+
+def _export_key(model: nn.Module, fn: str, shape: tuple[int, ...]) -> str:
+    from .features import OUTPUTS, weights_digest
+
+    modules = OUTPUTS[fn][1](model) if hasattr(model, "pooled_features") else [model]
+    parts = {"weights": weights_digest(modules), "fn": fn, "input": list(shape), "torch": torch.__version__,
+             "opset": OPSET, "model": type(model).__name__, "name": str(getattr(model, "backbone_name", ""))}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _export(model: nn.Module, fn: str, sample: torch.Tensor) -> bytes:
+    """ONNX bytes of one output of `model` (eval mode; the model's mode is restored afterwards)."""
+    was_training = model.training
+    wrapper = _Forward(model, _forward_fn(model, fn)).eval()  # the exporter restores the *wrapper's* mode
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*will be removed.*")
+            torch.onnx.export(wrapper, (sample.contiguous(),), buffer, dynamo=False, opset_version=OPSET,
+                              input_names=["images"], output_names=["features"],
+                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+    finally:
+        model.train(was_training)
+    return buffer.getvalue()
+
+
+def _cached_export(model: nn.Module, fn: str, sample: torch.Tensor, cache_dir: Path | None,
+                   parity: Callable[[bytes], dict]) -> bytes:
+    """The exported ONNX bytes: from `cache_dir` when a verified copy exists, else exported + parity-checked."""
+    if cache_dir is None:
+        onnx_bytes = _export(model, fn, sample)
+        parity(onnx_bytes)
+        return onnx_bytes
+    key = _export_key(model, fn, tuple(sample.shape[1:]))
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(getattr(model, "backbone_name", "model")))
+    stem = Path(cache_dir) / f"{safe}-{fn}-{'x'.join(map(str, sample.shape[1:]))}-{key[:20]}"
+    path, meta = stem.with_suffix(".onnx"), stem.with_suffix(".json")
+    if path.exists() and meta.exists():
+        try:
+            info = json.loads(meta.read_text())
+            onnx_bytes = path.read_bytes()
+            if info.get("key") == key and hashlib.sha256(onnx_bytes).hexdigest() == info.get("sha256"):
+                return onnx_bytes
+            raise ValueError("key or sha256 differs from the stored one")
+        except (OSError, ValueError) as err:
+            warnings.warn(f"exported model {path} unusable ({err}); exporting it again", stacklevel=4)
+    onnx_bytes = _export(model, fn, sample)
+    report = parity(onnx_bytes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta.unlink(missing_ok=True)  # written last: the commit marker
+    for target, data in ((path, onnx_bytes), (meta, json.dumps(
+            {"key": key, "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "parity": report}, indent=1).encode())):
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, target)
+    return onnx_bytes
+
+
+class OnnxEngine(_Engine):
+    """ONNX Runtime CPU session over the exported model; parity with PyTorch checked at every export.
+
+    `sample` (N, 3, H, W) fixes the input size and is the parity batch (use real images: their features
+    are well spread, so rankings are meaningful). `spin=False` lets idle intra-op threads sleep instead of
+    busy-waiting. Raises EngineParityError when the check fails.
+    """
+
+    name = "onnx"
+
+    def __init__(self, model: nn.Module, sample: torch.Tensor, fn: str = "pooled", threads: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 spin: bool = False):
+        import onnxruntime as ort
+
+        super().__init__(batch_size)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the ONNX engine exports nn.Modules; got {type(model).__name__}: use engine='torch'")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # idle intra-op threads sleep instead of spinning: the decoding threads need those cycles (see above)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        sample = sample.detach().float().cpu().contiguous()
+        self.parity: dict | None = None
+
+        def make(onnx_bytes: bytes) -> Any:
+            return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+
+        checked: dict[str, Any] = {}
+
+        def parity(onnx_bytes: bytes) -> dict:
+            with TorchEngine(model, fn, "cpu", channels_last=False, batch_size=len(sample)) as reference:
+                expected = reference(sample)
+            checked["session"] = make(onnx_bytes)
+            got = checked["session"].run(None, {"images": sample.numpy()})[0]
+            self.parity = check_parity(expected, got)
+            return self.parity
+
+        onnx_bytes = _cached_export(model, fn, sample, None if cache_dir is None else Path(cache_dir), parity)
+        self.session = checked.get("session") or make(onnx_bytes)  # the checked session, or the cached file's
+
+    def _run(self, images: torch.Tensor) -> np.ndarray:
+        x = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        return self.session.run(None, {"images": x})[0]
+
+
+def _make_torch(model: Any, *, fn: str, device: str | torch.device, channels_last: bool, batch_size: int,
+                **_: Any) -> _Engine:
+    return TorchEngine(model, fn, device, channels_last=channels_last, batch_size=batch_size)
+
+
+def _make_onnx(model: Any, *, fn: str, sample: torch.Tensor, threads: int | None, cache_dir: Any,
+               batch_size: int, device: str | torch.device, **_: Any) -> _Engine:
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"the ONNX engine runs on the CPU; device={device!r}: use engine='torch'")
+    return OnnxEngine(model, sample, fn, threads=threads, cache_dir=cache_dir, batch_size=batch_size)
+
+
+# Registry: engine name -> (factory, availability check).
+ENGINES: dict[str, tuple[Callable[..., _Engine], Callable[[], bool]]] = {
+    "onnx": (_make_onnx, onnxruntime_available),
+    "torch": (_make_torch, lambda: True),
+}
+
+
+def available_engines() -> list[str]:
+    """Names of the engines usable in this environment."""
+    return [name for name, (_, available) in ENGINES.items() if available()]
+
+
+def default_engine(model: Any, device: str | torch.device = "cpu") -> str:
+    """"onnx" for an nn.Module on the CPU when onnxruntime is installed, else "torch"."""
+    cpu = torch.device(device).type == "cpu"
+    return "onnx" if cpu and isinstance(model, nn.Module) and "onnx" in available_engines() else "torch"
+
+
+def create_engine(model: Any, engine: str = "auto", *, sample: torch.Tensor | None = None, fn: str = "pooled",
+                  device: str | torch.device = "cpu", threads: int | None = None,
+                  cache_dir: str | os.PathLike | None = None, channels_last: bool = True,
+                  batch_size: int = DEFAULT_BATCH_SIZE, image_size: int = 224) -> _Engine:
+    """An engine mapping images (N, 3, H, W) float32 -> features (N, D) float32 numpy; use it as a context manager.
+
+    engine: "auto" (see default_engine), or a name of ENGINES. `sample`: the parity batch and input shape of
+    an ONNX export (default: 16 seeded N(0, 1) images of image_size px). `cache_dir`: where exported .onnx
+    files are kept (None: export in memory). Under "auto" a failing export or parity check warns and falls
+    back to PyTorch; naming "onnx" raises instead (ImportError without onnxruntime, EngineParityError).
+    """
+    name = default_engine(model, device) if engine == "auto" else engine
+    if name not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose 'auto' or one of {sorted(ENGINES)}")
+    factory, available = ENGINES[name]
+    if not available():
+        raise ImportError(f"engine {name!r} is not available here (pip install onnx onnxruntime), or use 'torch'")
+    if sample is None:
+        sample = torch.randn(16, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    kwargs = {"fn": fn, "sample": sample, "device": device, "threads": threads, "cache_dir": cache_dir,
+              "channels_last": channels_last, "batch_size": batch_size}
+    try:
+        return factory(model, **kwargs)
+    except Exception as err:
+        if engine != "auto" or name == "torch":
+            raise
+        warnings.warn(f"{name} engine unusable for {type(model).__name__} ({type(err).__name__}: {err}); "
+                      "falling back to PyTorch", stacklevel=2)
+        return ENGINES["torch"][0](model, **kwargs)

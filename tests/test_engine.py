@@ -1,0 +1,154 @@
+"""Tests for fashlib.engine: ONNX export + parity, the export cache, the registry and the PyTorch fallback."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fashlib import engine as engines
+from fashlib.engine import (
+    EngineParityError,
+    check_parity,
+    create_engine,
+    default_engine,
+)
+from fashlib.models import create_embedder, offline_backbones
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return create_embedder("test_efficientnet", embedding_dim=16, pretrained=False)
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _torch_features(model, x, fn="pooled") -> np.ndarray:
+    model.eval()
+    with torch.inference_mode():
+        return (model.pooled_features(x) if fn == "pooled" else model(x)).numpy()
+
+
+@pytest.mark.parametrize("backbone", offline_backbones())
+def test_offline_backbones_export_with_parity(backbone):
+    """Lite0-2 with their ImageNet weights: exported, parity-checked, equal to PyTorch on new images."""
+    model = create_embedder(backbone, embedding_dim=None, pooling="avg")
+    size = int(model.data_config["input_size"][-1])
+    with create_engine(model, "onnx", sample=_images(12, size), threads=1) as onnx:
+        assert onnx.name == "onnx" and onnx.parity["rows"] == 12 and onnx.parity["top_k"] == 10
+        assert onnx.parity["max_abs_diff"] <= 1e-4
+        x = _images(5, size, seed=1)  # other images, another batch size (the batch axis is dynamic)
+        got = onnx(x)
+    assert got.shape == (5, model.feature_dim) and got.dtype == np.float32
+    np.testing.assert_allclose(got, _torch_features(model, x), atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("fn", ["pooled", "embedding"])
+def test_export_of_either_output_matches_torch_and_keeps_the_models_mode(tiny, fn):
+    tiny.train()  # the exporter must not leave it in another mode (the TorchScript exporter restores its own)
+    with create_engine(tiny, "onnx", fn=fn, sample=_images(16, 64)) as onnx:
+        assert tiny.training and tiny.backbone.training
+        x = _images(20, 64, seed=2)  # 20 rows: split into engine calls of at most 16
+        got = onnx(x)
+    assert got.shape == (20, 256 if fn == "pooled" else 16)
+    np.testing.assert_allclose(got, _torch_features(tiny, x, fn), atol=1e-5, rtol=1e-4)
+    assert all(p.is_contiguous() for p in tiny.parameters())
+
+
+def test_check_parity_catches_differences_and_reordered_rankings():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20, 8)).astype(np.float32)
+    report = check_parity(a, a * 3.0)  # only the scale differs: equal after L2 normalisation
+    assert report == {"max_abs_diff": pytest.approx(0.0, abs=1e-7), "rows": 20, "top_k": 10}
+    with pytest.raises(EngineParityError, match="max \\|diff\\|"):
+        check_parity(a, a + 1e-2 * rng.normal(size=a.shape).astype(np.float32))
+    with pytest.raises(EngineParityError, match="shapes differ"):
+        check_parity(a, a[:, :4])
+    # rows 1 and 2 nearly equal (row 2 a hair closer to row 0); exchanging them changes every ranking that
+    # holds both, while the outputs move by ~1e-6, well inside the tolerance
+    x = a / np.linalg.norm(a, axis=1, keepdims=True)
+    x[2] = x[1] + 1e-6 * x[0]
+    swapped = x.copy()
+    swapped[[1, 2]] = x[[2, 1]]
+    with pytest.raises(EngineParityError, match="top-10 ranking"):
+        check_parity(x, swapped)
+    assert check_parity(x[:4], x[:4])["top_k"] == 3  # k capped at N - 1
+
+
+def test_export_is_cached_by_weights_and_input_size(tiny, tmp_path, monkeypatch):
+    exports = []
+    real_export = engines._export
+    monkeypatch.setattr(engines, "_export", lambda *a: exports.append(a[1]) or real_export(*a))
+    create_engine(tiny, "onnx", sample=_images(4, 64), cache_dir=tmp_path).close()
+    create_engine(tiny, "onnx", sample=_images(4, 64, seed=3), cache_dir=tmp_path).close()
+    assert len(exports) == 1 and len(list(tmp_path.glob("*.onnx"))) == 1  # reused
+    create_engine(tiny, "onnx", sample=_images(4, 72), cache_dir=tmp_path).close()  # another input size
+    before = set(tmp_path.glob("*.onnx"))
+    with torch.no_grad():
+        next(tiny.backbone.parameters()).mul_(1.5)  # other weights
+    create_engine(tiny, "onnx", sample=_images(4, 64), cache_dir=tmp_path).close()
+    assert len(exports) == 3 and len(list(tmp_path.glob("*.onnx"))) == 3
+    (newest,) = set(tmp_path.glob("*.onnx")) - before
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated file: detected by its sha256, exported again
+    with pytest.warns(UserWarning, match="exporting it again"), \
+            create_engine(tiny, "onnx", sample=_images(4, 64), cache_dir=tmp_path) as onnx:
+        np.testing.assert_allclose(onnx(_images(3, 64)), _torch_features(tiny, _images(3, 64)), atol=1e-5)
+    assert len(exports) == 4
+
+
+def test_auto_falls_back_to_torch_when_parity_fails(tiny, monkeypatch):
+    def failing(*_, **__):
+        raise EngineParityError("simulated")
+
+    monkeypatch.setattr(engines, "check_parity", failing)
+    with pytest.raises(EngineParityError):
+        create_engine(tiny, "onnx", sample=_images(4, 64))
+    with pytest.warns(UserWarning, match="falling back to PyTorch"), \
+            create_engine(tiny, "auto", sample=_images(4, 64)) as engine:
+        assert engine.name == "torch"
+
+
+def test_pytorch_is_the_fallback_without_onnxruntime(tiny, tmp_path, monkeypatch):
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from fashlib.features import extract
+
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    import pandas as pd
+
+    table = pd.DataFrame({"path": paths})
+    transform = T.Compose([T.Resize((64, 64)), T.ToTensor()])
+    with_onnx = extract(tiny, table, transform=transform, progress=False)
+    assert default_engine(tiny) == "onnx" and default_engine(tiny, "cuda") == "torch"
+    assert default_engine(lambda x: x) == "torch"
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    assert not engines.onnxruntime_available() and engines.available_engines() == ["torch"]
+    assert default_engine(tiny) == "torch"
+    with pytest.raises(ImportError, match="pip install onnx onnxruntime"):
+        create_engine(tiny, "onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: PyTorch is simply the engine
+        without = extract(tiny, table, transform=transform, progress=False)
+    np.testing.assert_allclose(without, with_onnx, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown engine"):
+        create_engine(tiny, "tensorrt")
+
+
+def test_throughput_is_measured_for_every_engine():
+    from fashlib.experiments import engine_throughputs
+
+    speeds = engine_throughputs("test_efficientnet", 64, batch_size=4, batches=2)
+    assert sorted(speeds) == ["onnx", "torch"] and all(v > 0 and np.isfinite(v) for v in speeds.values())
