@@ -408,8 +408,6 @@ def extract(
     loader_options = dict(num_workers=num_workers, decode_threads=decode_threads, pin=not cpu)
     _compute_shards(model, dataset, todo, batch_size=batch_size, engine_options=engine_options,
                     loader_options=loader_options, store=store, progress=progress, desc=f"extract {fn}")
-    if hasattr(dataset, "report_bad"):
-        dataset.report_bad()
     if world > 1:
         return _assemble_distributed(npy, meta, key, folder, shards, rank, model, fn)
     out = np.concatenate([arrays[i] for i, _, _ in shards]) if shards else np.empty((0, 0), dtype=np.float32)
