@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import index as catalogue
+from .models import PretrainedWeightsError, SavedModelError
 
 MODEL_HELP = ("a saved model folder (fashlib.models.save_embedder; chapter 05 writes "
               "runs/book/05_recall_at_k_results/model) or a timm backbone name with offline weights, e.g. "
@@ -104,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             idx = catalogue.open_index(args.index, args.model)
             print(summary(idx) + f"\nserving on http://{args.host}:{args.port}/ (Ctrl+C stops)")
             create_app(idx, k=args.k, max_upload_mb=args.max_upload_mb).run(host=args.host, port=args.port)
-    except (catalogue.CatalogueIndexError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (catalogue.CatalogueIndexError, PretrainedWeightsError, SavedModelError, ValueError, FileNotFoundError,
+            NotADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
