@@ -94,6 +94,20 @@ def build_ivfpq(gallery: np.ndarray, m: int, nlist: int, train_size: int, seed: 
     return index
 
 
+def build_ivfpqr(gallery: np.ndarray, spec: str, nlist: int, train_size: int, seed: int) -> faiss.Index:
+    """IVF + PQ (m1 bytes) whose candidates are re-ranked with a second PQ (m2 bytes) of the residual error:
+    faiss IndexIVFPQR, `spec` "m1+m2", m1 + m2 bytes per vector plus its 8-byte id. It exists for the L2
+    metric only, which ranks unit vectors exactly as the inner product does (|q - x|^2 = 2 - 2 q.x)."""
+    index = faiss.index_factory(gallery.shape[1], f"IVF{nlist},PQ{spec}", faiss.METRIC_L2)
+    for pq in (faiss.downcast_index(index).pq, faiss.downcast_index(index).refine_pq):
+        pq.cp.max_points_per_centroid = 128
+    sample = np.random.default_rng(seed).choice(len(gallery), size=min(train_size, len(gallery)), replace=False)
+    index.train(gallery[np.sort(sample)])
+    index.add(gallery)
+    faiss.downcast_index(index).k_factor = 8  # re-rank 8 k candidates
+    return index
+
+
 def build_hnsw(gallery: np.ndarray, m: int, ef_construction: int) -> faiss.Index:
     index = faiss.IndexHNSWFlat(gallery.shape[1], m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = ef_construction
@@ -147,6 +161,15 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
                       args.nprobes, "nprobe", query, exact, lat_q, k, n, p50)
         print("\n".join(json.dumps(r) for r in rows[-len(args.nprobes):]), flush=True)
         del index
+    for spec in args.pqr:
+        t0 = time.perf_counter()
+        index = build_ivfpqr(gallery, spec, nlist, max(args.train_size, 39 * nlist), args.seed)
+        build = time.perf_counter() - t0
+        ivf = faiss.extract_index_ivf(index)
+        rows += sweep(f"IVF{nlist},PQ{spec} (PQ re-ranking)", index, build, lambda v: setattr(ivf, "nprobe", v),
+                      args.nprobes, "nprobe", query, exact, lat_q, k, n, p50)
+        print("\n".join(json.dumps(r) for r in rows[-len(args.nprobes):]), flush=True)
+        del index
     if n <= args.hnsw_max_n:
         t0 = time.perf_counter()
         index = build_hnsw(gallery, args.hnsw_m, args.ef_construction)
@@ -182,7 +205,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000, help="queries for recall@10")
     parser.add_argument("--latency-queries", type=int, default=200, help="single queries timed for p50/p99")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--pq-bytes", type=int, nargs="+", default=[64, 96], help="PQ code bytes per vector")
+    parser.add_argument("--pq-bytes", type=int, nargs="*", default=[64], help="PQ code bytes per vector")
+    parser.add_argument("--pqr", nargs="*", default=["64+32"],
+                        help="IVF-PQ with PQ re-ranking (IndexIVFPQR), code bytes m1+m2 per vector")
     parser.add_argument("--opq", action="store_true", help="learn an OPQ rotation before IVF-PQ (slow to train)")
     parser.add_argument("--nlist", type=int, default=None, help="IVF cells (default ~sqrt(N), a power of 2)")
     parser.add_argument("--nprobes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
