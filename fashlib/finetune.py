@@ -5,7 +5,9 @@
 Training is monitored on the validation protocol (eval_split="val"); the final model is then evaluated
 once on each protocol named by --final (default: val and test). The training rows are the same in both
 protocols. Writes checkpoints, the query/gallery embeddings and metrics.json of each final evaluation
-under --out (see fashlib.experiments.save_run); rerunning the same command resumes a stopped run.
+under --out (see fashlib.experiments.save_run) and the model as <out>/model (fashlib.models.save_embedder: reload
+it with load_embedder, or index a folder with it: `python3 -m fashlib.index build FOLDER --model <out>/model`);
+rerunning the same command resumes a stopped run.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Sequence
 
 from . import experiments
+from .models import save_embedder
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -54,7 +58,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                               num_workers=args.num_workers)
         results[split] = experiments.evaluate(table, embeddings)
         experiments.save_run(args.out, f"final_{split}", table, embeddings, results[split], config)
-    print(json.dumps({"results": results, "history": history, "config": config}, indent=2, default=str))
+    saved = save_embedder(model, Path(args.out) / "model", image_size=args.image_size, metrics=results,
+                          protocol=f"{args.dataset}: " + ", ".join(f"{s} protocol" for s in args.final))
+    print(json.dumps({"results": results, "history": history, "config": config, "model": str(saved)}, indent=2,
+                     default=str))
     return results
 
 

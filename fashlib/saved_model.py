@@ -92,6 +92,7 @@ class SavedEmbedder(nn.Module):
         self.kind, self.flip_average = kind, bool(flip_average)
         self.info = dict(info or {})  # weights origin etc., written to config.json
         self.transforms = [build_transform(p) for p in self.preps]
+        self.to(memory_format=torch.channels_last)  # NHWC: ~2x faster EfficientNet on CPU, as features.extract
         self.eval()
 
     @property
@@ -107,6 +108,7 @@ class SavedEmbedder(nn.Module):
 
         With flip_average each branch's batch holds 2N images: the N images, then their mirror images.
         """
+        inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
         if self.kind == "network":
             return self.branches[0](inputs[0])
         parts = []

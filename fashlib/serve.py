@@ -77,7 +77,7 @@ def _form(k: int) -> str:
     return ('<form id="form" method="post" action="/search" enctype="multipart/form-data">'
             '<div class="drop" id="drop"><p>Drop a photo here, or choose one:</p>'
             '<input type="file" id="photo" name="photo" accept="image/*"> '
-            f'<button type="submit" id="submit">Search the top {k}</button></div></form>')
+            f'<button type="submit" id="go">Search the top {k}</button></div></form>')
 
 
 def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0):
