@@ -74,7 +74,7 @@ def summary(idx: catalogue.CatalogueIndex) -> str:
 def table(photos: Sequence[str], results: Sequence[Sequence[dict]]) -> str:
     lines = [f"{'photo':<30} {'rank':>4} {'score':>7}  path"]
     for photo, hits in zip(photos, results):
-        lines += [f"{str(photo)[-30:]:<30} {h['rank']:>4} {h['score']:>7.4f}  {h['path']}" for h in hits]
+        lines += [f"{Path(photo).name[-30:]:<30} {h['rank']:>4} {h['score']:>7.4f}  {h['path']}" for h in hits]
     return "\n".join(lines)
 
 
