@@ -5,7 +5,9 @@
 Training is monitored on the validation protocol (eval_split="val"); the final model is then evaluated
 once on each protocol named by --final (default: val and test). The training rows are the same in both
 protocols. Writes checkpoints, the query/gallery embeddings and metrics.json of each final evaluation
-under --out (see fashlib.experiments.save_run); rerunning the same command resumes a stopped run.
+under --out (see fashlib.experiments.save_run) and the model as <out>/model (fashlib.models.save_embedder:
+reload it with load_embedder, or index a folder with it: `python3 -m fashlib.index build FOLDER --model
+<out>/model`); rerunning the same command resumes a stopped run.
 
 The default --out names the run: runs/finetune/<backbone>-<loss>-<hash of the settings>, so two different
 runs never share a folder. A folder that holds a run with other settings is refused before anything is
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import experiments
+from .models import save_embedder
 from .paths import data_root
 
 DEFAULT_BASE = Path("runs") / "finetune"
@@ -91,7 +94,10 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> dict:
                                               num_workers=args.num_workers)
         results[split] = experiments.evaluate(table, embeddings)
         experiments.save_run(args.out, f"final_{split}", table, embeddings, results[split], config)
-    print(json.dumps({"results": results, "history": history, "config": config, "out": args.out}, indent=2,
+    saved = save_embedder(model, Path(args.out) / "model", image_size=args.image_size, metrics=results,
+                          protocol=f"{args.dataset}: " + ", ".join(f"{s} protocol" for s in args.final))
+    print(json.dumps({"results": results, "history": history, "config": config, "out": args.out,
+                      "model": str(saved)}, indent=2,
                      default=str))
     return results
 

@@ -1,0 +1,233 @@
+"""Benchmark: exact vs OPQ+IVF-PQ vs HNSW faiss indexes for a catalogue of unit vectors of the model's size.
+
+For each catalogue size: build time, memory per vector (bytes of the serialised index / N, codes, ids, graph
+links and coarse centroids included), query latency p50/p99 at batch 1 (single thread, `--latency-queries`
+queries one by one), and recall@10 against exact search (mean |approx top-10 & exact top-10| / 10 over
+`--queries` queries). Approximate indexes are swept over their search-time knob (nprobe, efSearch).
+
+Synthetic data (`--data`):
+  catalogue  products with several photos each: product centres in a `--latent`-dimensional subspace of R^dim,
+             photos = centre + within-product noise, L2-normalised; queries are new photos of known products.
+             Trained embeddings have such low intrinsic dimension; this is the realistic case.
+  uniform    iid Gaussian directions: no structure at all, the worst case for every compressed index.
+
+Usage (the run reported in the README, 2 shared CPU cores):
+    nice -n 10 python3 benchmarks/bench_index.py --sizes 100000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Callable
+
+import faiss
+import numpy as np
+
+TARGET_RECALL, TARGET_SPEEDUP, TARGET_BYTES = 0.95, 20.0, 128
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
+
+
+def catalogue_vectors(items: np.ndarray, centres: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors of photos of products `items`: product centre (rows of `centres`, latent space) + noise,
+    mapped into R^dim by a fixed orthonormal basis, plus a little isotropic noise."""
+    latent = centres.shape[1]
+    basis = np.linalg.qr(np.random.default_rng(1234).standard_normal((dim, latent)))[0].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(items), dim), dtype=np.float32)
+    for start in range(0, len(items), 100_000):
+        part = items[start:start + 100_000]
+        z = centres[part] + 0.35 * rng.standard_normal((len(part), latent), dtype=np.float32)
+        x = z @ basis.T + 0.02 * rng.standard_normal((len(part), dim), dtype=np.float32)
+        out[start:start + len(part)] = normalise(x)
+    return out
+
+
+def uniform_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    return normalise(np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32))
+
+
+def memory_per_vector(index: faiss.Index, n: int) -> float:
+    """Bytes of the serialised index per stored vector (what it holds in memory, up to allocator slack)."""
+    return len(faiss.serialize_index(index)) / n
+
+
+def latencies_ms(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[float, float]:
+    """(p50, p99) in ms of single-query searches on one thread."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    times = []
+    try:
+        index.search(queries[:1], k)  # warm-up
+        for q in queries:
+            t0 = time.perf_counter()
+            index.search(q[None, :], k)
+            times.append(time.perf_counter() - t0)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3)
+
+
+def overlap(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of the exact top-k found in the approximate top-k (recall@k against exact search)."""
+    return float(np.mean([len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approx, exact)]) / exact.shape[1])
+
+
+def build_ivfpq(gallery: np.ndarray, m: int, nlist: int, train_size: int, seed: int, opq: bool) -> faiss.Index:
+    """[OPQ rotation +] IVF (nlist cells) + PQ with m bytes per vector, trained on a random sample."""
+    dim = gallery.shape[1]
+    spec = f"IVF{nlist},PQ{m}"
+    if opq:
+        spec = f"OPQ{m}_{m * -(-dim // m)}," + spec
+    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    if opq:
+        rotation = faiss.downcast_VectorTransform(index.chain.at(0))
+        rotation.niter, rotation.max_train_points = 10, 20_000  # defaults (50 iterations, 65k points): ~1 h here
+    faiss.downcast_index(faiss.extract_index_ivf(index)).pq.cp.max_points_per_centroid = 128
+    sample = np.random.default_rng(seed).choice(len(gallery), size=min(train_size, len(gallery)), replace=False)
+    index.train(gallery[np.sort(sample)])
+    index.add(gallery)
+    return index
+
+
+def build_ivfpqr(gallery: np.ndarray, spec: str, nlist: int, train_size: int, seed: int) -> faiss.Index:
+    """IVF + PQ (m1 bytes) whose candidates are re-ranked with a second PQ (m2 bytes) of the residual error:
+    faiss IndexIVFPQR, `spec` "m1+m2", m1 + m2 bytes per vector plus its 8-byte id. It exists for the L2
+    metric only, which ranks unit vectors exactly as the inner product does (|q - x|^2 = 2 - 2 q.x)."""
+    index = faiss.index_factory(gallery.shape[1], f"IVF{nlist},PQ{spec}", faiss.METRIC_L2)
+    for pq in (faiss.downcast_index(index).pq, faiss.downcast_index(index).refine_pq):
+        pq.cp.max_points_per_centroid = 128
+    sample = np.random.default_rng(seed).choice(len(gallery), size=min(train_size, len(gallery)), replace=False)
+    index.train(gallery[np.sort(sample)])
+    index.add(gallery)
+    faiss.downcast_index(index).k_factor = 8  # re-rank 8 k candidates
+    return index
+
+
+def build_hnsw(gallery: np.ndarray, m: int, ef_construction: int) -> faiss.Index:
+    index = faiss.IndexHNSWFlat(gallery.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = ef_construction
+    index.add(gallery)
+    return index
+
+
+def sweep(name: str, index: faiss.Index, build_s: float, set_knob: Callable[[int], None], knobs: list[int],
+          knob_name: str, query: np.ndarray, exact: np.ndarray, lat_q: np.ndarray, k: int, n: int,
+          exact_p50: float) -> list[dict]:
+    rows, mem = [], memory_per_vector(index, n)
+    for value in knobs:
+        set_knob(value)
+        _, idx = index.search(query, k)
+        p50, p99 = latencies_ms(index, lat_q, k)
+        rows.append(dict(n=n, method=f"{name} {knob_name}={value}", build_s=build_s, bytes_per_vector=mem,
+                         p50_ms=p50, p99_ms=p99, speedup=exact_p50 / p50, recall_at_10=overlap(idx, exact)))
+    return rows
+
+
+def run_size(n: int, args: argparse.Namespace) -> list[dict]:
+    """Every index on one catalogue size; one row per (index, search knob)."""
+    k, dim = args.k, args.dim
+    if args.data == "catalogue":
+        n_items = max(1, n // args.photos)
+        centres = np.random.default_rng(7).standard_normal((n_items, args.latent), dtype=np.float32)
+        items = np.random.default_rng(args.seed).integers(0, n_items, n)
+        gallery = catalogue_vectors(items, centres, dim, args.seed + 1)
+        query = catalogue_vectors(items[np.random.default_rng(args.seed + 3).integers(0, n, args.queries)],
+                                  centres, dim, args.seed + 2)
+    else:
+        gallery, query = uniform_vectors(n, dim, args.seed + 1), uniform_vectors(args.queries, dim, args.seed + 2)
+    lat_q = query[: args.latency_queries]
+    t0 = time.perf_counter()
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(gallery)
+    build = time.perf_counter() - t0
+    _, exact = flat.search(query, k)
+    p50, p99 = latencies_ms(flat, lat_q, k)
+    rows = [dict(n=n, method="exact IndexFlatIP", build_s=build, bytes_per_vector=memory_per_vector(flat, n),
+                 p50_ms=p50, p99_ms=p99, speedup=1.0, recall_at_10=1.0)]
+    print(json.dumps(rows[-1]), flush=True)
+    del flat
+    nlist = args.nlist or int(2 ** round(np.log2(np.sqrt(n))))
+    for m in args.pq_bytes:
+        t0 = time.perf_counter()
+        index = build_ivfpq(gallery, m, nlist, max(args.train_size, 39 * nlist), args.seed, args.opq)
+        build = time.perf_counter() - t0
+        ivf = faiss.extract_index_ivf(index)
+        rows += sweep(f"{'OPQ+' if args.opq else ''}IVF{nlist},PQ{m}", index, build, lambda v: setattr(ivf, "nprobe", v),
+                      args.nprobes, "nprobe", query, exact, lat_q, k, n, p50)
+        print("\n".join(json.dumps(r) for r in rows[-len(args.nprobes):]), flush=True)
+        del index
+    for spec in args.pqr:
+        t0 = time.perf_counter()
+        index = build_ivfpqr(gallery, spec, nlist, max(args.train_size, 39 * nlist), args.seed)
+        build = time.perf_counter() - t0
+        ivf = faiss.extract_index_ivf(index)
+        rows += sweep(f"IVF{nlist},PQ{spec} (PQ re-ranking)", index, build, lambda v: setattr(ivf, "nprobe", v),
+                      args.nprobes, "nprobe", query, exact, lat_q, k, n, p50)
+        print("\n".join(json.dumps(r) for r in rows[-len(args.nprobes):]), flush=True)
+        del index
+    if n <= args.hnsw_max_n:
+        t0 = time.perf_counter()
+        index = build_hnsw(gallery, args.hnsw_m, args.ef_construction)
+        build = time.perf_counter() - t0
+        rows += sweep(f"HNSW{args.hnsw_m},Flat", index, build, lambda v: setattr(index.hnsw, "efSearch", v),
+                      args.ef_search, "efSearch", query, exact, lat_q, k, n, p50)
+        print("\n".join(json.dumps(r) for r in rows[-len(args.ef_search):]), flush=True)
+    return rows
+
+
+def meets_targets(row: dict) -> bool:
+    return (row["recall_at_10"] >= TARGET_RECALL and row["speedup"] >= TARGET_SPEEDUP
+            and row["bytes_per_vector"] <= TARGET_BYTES)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n| N | index | build s | bytes/vector | p50 ms | p99 ms | speed-up vs exact | recall@10 | targets |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']:,} | {r['method']} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | {r['p50_ms']:.3f} "
+              f"| {r['p99_ms']:.3f} | {r['speedup']:.1f}x | {r['recall_at_10']:.3f} | "
+              f"{'met' if meets_targets(r) else ''} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="catalogue sizes")
+    parser.add_argument("--dim", type=int, default=256, help="embedding size (the book's model: 256)")
+    parser.add_argument("--data", choices=["catalogue", "uniform"], default="catalogue", help="synthetic generator")
+    parser.add_argument("--latent", type=int, default=32, help="catalogue data: intrinsic dimension")
+    parser.add_argument("--photos", type=int, default=5, help="catalogue data: photos per product")
+    parser.add_argument("--queries", type=int, default=1000, help="queries for recall@10")
+    parser.add_argument("--latency-queries", type=int, default=200, help="single queries timed for p50/p99")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--pq-bytes", type=int, nargs="*", default=[64], help="PQ code bytes per vector")
+    parser.add_argument("--pqr", nargs="*", default=["64+32"],
+                        help="IVF-PQ with PQ re-ranking (IndexIVFPQR), code bytes m1+m2 per vector")
+    parser.add_argument("--opq", action="store_true", help="learn an OPQ rotation before IVF-PQ (slow to train)")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF cells (default ~sqrt(N), a power of 2)")
+    parser.add_argument("--nprobes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    parser.add_argument("--train-size", type=int, default=50_000, help="OPQ/IVF/PQ training sample")
+    parser.add_argument("--hnsw-max-n", type=int, default=10**9,
+                        help="skip HNSW above this size (its 1M build takes tens of minutes on 2 shared cores)")
+    parser.add_argument("--hnsw-m", type=int, default=16)
+    parser.add_argument("--ef-construction", type=int, default=40)
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads (latency: 1 thread), data={args.data}, "
+          f"dim={args.dim}, k={args.k}", flush=True)
+    rows = [row for n in args.sizes for row in run_size(n, args)]
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

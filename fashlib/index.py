@@ -1,0 +1,425 @@
+"""Search your own catalogue: an on-disk index of a folder of photos (or a table), built with a saved model.
+
+Index folder layout (format "fashlib-index", version 1):
+    manifest.json           the files indexed (paths relative to the catalogue root, sizes, modification times),
+                            the files skipped and why, the model (reference, digest, embedding size), the faiss
+                            index type with its measured recall@10 against exact search, and the sha256 of
+                            the two files below (written last: it is the commit point of every build/update)
+    embeddings-<sha>.npy    float32 (N, D) L2-normalised embeddings, row i = manifest file i
+    index-<sha>.faiss       serialised faiss index over those rows (inner product = cosine similarity)
+
+Exact search (faiss IndexFlatIP) up to `exact_max` photos; above it an HNSW (or IVF) index whose recall@10
+against exact search is measured on a sample of the catalogue and reported. `update` embeds only new or
+changed files (size or modification time differ) and drops deleted ones. Command line: see `python3 -m
+fashlib.index --help` (build, update, query, serve).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import metrics
+
+FORMAT, FORMAT_VERSION = "fashlib-index", 1
+MANIFEST = "manifest.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+EXACT_MAX = 50_000
+APPROX_OPTIONS = {"hnsw": {"M": 32, "efConstruction": 40, "efSearch": 128}, "ivf": {"nprobe": 32}}
+RECALL_K, RECALL_QUERIES = 10, 1000
+
+
+class CatalogueIndexError(RuntimeError):
+    """An index cannot be used as asked; the message says why and how to fix it."""
+
+
+class ModelMismatchError(CatalogueIndexError):
+    """The index was built with another model than the one given."""
+
+
+class CorruptIndexError(CatalogueIndexError):
+    """An index file is missing, truncated or altered (its sha256 differs from the manifest's)."""
+
+
+# ------------------------------------------------------------------------------------------ files
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """(image paths, other files) under `root`, recursive, relative POSIX paths, sorted; hidden entries ignored.
+
+    Images are files ending in .jpg, .jpeg, .png or .webp (any case); NotADirectoryError if root is no folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"catalogue folder {root} does not exist or is not a folder")
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            rel = Path(dirpath, name).relative_to(root).as_posix()
+            (images if name.lower().endswith(IMAGE_SUFFIXES) else others).append(rel)
+    return sorted(images), sorted(others)
+
+
+def _stat(path: Path) -> dict:
+    st = path.stat()
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+
+
+# ------------------------------------------------------------------------------------------ model
+def resolve_model(model: Any) -> tuple[Any, dict]:
+    """(SavedEmbedder, reference stored in the manifest) from a saved model folder, a backbone name or an object.
+
+    A backbone name (e.g. tf_efficientnet_lite0) gives its frozen ImageNet features (average pooling, no head).
+    Raises CatalogueIndexError when `model` is neither.
+    """
+    from .saved_model import CONFIG_FILE, SavedEmbedder, features_embedder, load_embedder
+
+    if isinstance(model, SavedEmbedder):
+        return model, {"object": model.describe()}
+    text = str(model)
+    if (Path(text) / CONFIG_FILE).is_file():
+        return load_embedder(text), {"folder": str(Path(text).resolve())}
+    import timm
+
+    if text in timm.list_models():
+        return features_embedder(text), {"backbone": text}
+    raise CatalogueIndexError(f"--model {text!r} is neither a saved model folder (no {Path(text) / CONFIG_FILE}) nor "
+                              "a timm backbone name; use e.g. runs/book/05_recall_at_k_results/model or "
+                              "tf_efficientnet_lite0")
+
+
+def model_from_manifest(manifest: dict) -> Any:
+    """Reload the model an index was built with, from the reference its manifest holds."""
+    ref = manifest["model"]["ref"]
+    if "folder" in ref:
+        return resolve_model(ref["folder"])[0]
+    if "backbone" in ref:
+        return resolve_model(ref["backbone"])[0]
+    raise CatalogueIndexError(f"the index was built with an in-memory model ({ref.get('object')}); pass it again")
+
+
+def embed_files(model: Any, root: Path, paths: Sequence[str], batch_size: int = 16,
+                progress: bool = True) -> tuple[np.ndarray, list[str], list[dict]]:
+    """Embed root/path for every path; (embeddings of the decodable ones, their paths, skipped [{path, reason}])."""
+    from tqdm.auto import tqdm
+
+    from .saved_model import open_rgb
+
+    out, kept, skipped, batch, names = [], [], [], [], []
+
+    def flush() -> None:
+        if batch:
+            out.append(embed_images(model, batch))
+            kept.extend(names)
+            batch.clear()
+            names.clear()
+
+    for rel in tqdm(paths, disable=not progress, desc="index photos", unit="photo"):
+        try:
+            batch.append(open_rgb(root / rel))
+            names.append(rel)
+        except Exception as err:  # noqa: BLE001 - any decoding failure skips the file, listed with its reason
+            skipped.append({"path": rel, "reason": f"{type(err).__name__}: {err}"[:300]})
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    dim = model.embedding_dim
+    return (np.concatenate(out) if out else np.empty((0, dim), np.float32)), kept, skipped
+
+
+def embed_images(model: Any, images: Sequence[Any]) -> np.ndarray:
+    """Decoded PIL images -> float32 (N, D) embeddings with the model's own preprocessing."""
+    import torch
+
+    with torch.inference_mode():
+        return model(model.preprocess(list(images))).float().numpy()
+
+
+# ------------------------------------------------------------------------------------------ faiss
+def make_faiss_index(embeddings: np.ndarray, exact_max: int = EXACT_MAX, approx: str = "hnsw",
+                     seed: int = 0) -> tuple[Any, dict]:
+    """(faiss index, its description) over the rows: exact up to `exact_max` rows, else `approx` ("hnsw"|"ivf").
+
+    The approximate index's recall@10 against exact search is measured on up to 1000 catalogue rows used as
+    queries (seeded sample) and returned as `recall_at_10`.
+    """
+    n = len(embeddings)
+    if n <= exact_max:
+        return metrics.build_index(embeddings, "flat"), {"type": "flat", "options": {}, "recall_at_10": 1.0}
+    if approx not in APPROX_OPTIONS:
+        raise ValueError(f"approx must be one of {sorted(APPROX_OPTIONS)}, got {approx!r}")
+    options = dict(APPROX_OPTIONS[approx])
+    index = metrics.build_index(embeddings, approx, k=RECALL_K, **options)
+    k = min(RECALL_K, n)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(RECALL_QUERIES, n), replace=False))
+    exact = metrics.search(embeddings[rows], embeddings, k, "flat")[1]
+    found = index.search(np.ascontiguousarray(embeddings[rows]), k)[1]
+    recall = float(np.mean([len(np.intersect1d(a[a >= 0], e)) for a, e in zip(found, exact)]) / k)
+    return index, {"type": approx, "options": options, "recall_at_10": recall, "recall_queries": len(rows)}
+
+
+# ------------------------------------------------------------------------------------------ the index
+@dataclass
+class CatalogueIndex:
+    """An opened index: `embeddings` (N, D) float32, `faiss` index, `manifest`, catalogue `root`."""
+
+    folder: Path
+    manifest: dict
+    embeddings: np.ndarray
+    faiss: Any
+    model: Any = field(default=None, repr=False)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.manifest["source"]["root"])
+
+    @property
+    def paths(self) -> list[str]:
+        return [f["path"] for f in self.manifest["files"]]
+
+    def __len__(self) -> int:
+        return len(self.manifest["files"])
+
+    def file_path(self, item: int) -> Path:
+        """Absolute path of catalogue photo `item`; PermissionError if it resolves outside the catalogue root."""
+        if not 0 <= int(item) < len(self):
+            raise IndexError(f"no photo {item} in an index of {len(self)}")
+        root = self.root.resolve()
+        path = (root / self.manifest["files"][int(item)]["path"]).resolve()
+        if not path.is_relative_to(root):
+            raise PermissionError(f"photo {item} resolves outside the catalogue folder {root}")
+        return path
+
+    def search(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, k) float32, ids (Q, k) int64) of the k most similar catalogue photos per query vector."""
+        k = min(int(k), len(self))
+        if k < 1:
+            raise CatalogueIndexError(f"index {self.folder} is empty")
+        return self.faiss.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+
+    def query(self, photos: Sequence[Any], k: int = 10) -> list[list[dict]]:
+        """Top-k results per photo (path or PIL image): [{rank, id, path, score}], best first.
+
+        Raises ValueError naming the photo when it cannot be decoded.
+        """
+        from .saved_model import open_rgb
+
+        images = []
+        for photo in photos:
+            try:
+                images.append(open_rgb(photo))
+            except Exception as err:  # noqa: BLE001
+                raise ValueError(f"query photo {photo} cannot be read as an image ({type(err).__name__}: {err})") \
+                    from err
+        scores, ids = self.search(embed_images(self.require_model(), images), k)
+        return [[{"rank": r + 1, "id": int(i), "path": self.paths[i], "score": float(s)}
+                 for r, (s, i) in enumerate(zip(srow, irow)) if i >= 0] for srow, irow in zip(scores, ids)]
+
+    def require_model(self) -> Any:
+        if self.model is None:
+            self.model = model_from_manifest(self.manifest)
+            check_model(self.manifest, self.model, self.folder)
+        return self.model
+
+
+def check_model(manifest: dict, model: Any, folder: Path) -> None:
+    """ModelMismatchError when `model`'s digest differs from the one the index was built with."""
+    built = manifest["model"]
+    if model.digest() != built["digest"]:
+        raise ModelMismatchError(
+            f"index {folder} was built with another model: {built['description']} (digest {built['digest'][:12]}), "
+            f"not {model.describe()} (digest {model.digest()[:12]}). Query it with the model it was built with, or "
+            f"rebuild it: {rebuild_command(manifest, folder, 'MODEL')}")
+
+
+def rebuild_command(manifest: dict, folder: Path, model: str | None = None) -> str:
+    ref = manifest.get("model", {}).get("ref", {}) if isinstance(manifest, dict) else {}
+    model = model or ref.get("folder") or ref.get("backbone") or "MODEL"
+    root = manifest.get("source", {}).get("table") or manifest.get("source", {}).get("root") or "FOLDER"
+    return f"python3 -m fashlib.index build {root} --model {model} --out {folder}"
+
+
+def _corrupt(folder: Path, manifest: dict, what: str) -> CorruptIndexError:
+    return CorruptIndexError(f"index {folder} is corrupt: {what}. Rebuild it: {rebuild_command(manifest, folder)}")
+
+
+def open_index(folder: str | os.PathLike, model: Any = None) -> CatalogueIndex:
+    """Open and verify an index (sha256 of every file, row counts); check `model` against it when given.
+
+    Raises CorruptIndexError (with the command that rebuilds it) or ModelMismatchError.
+    """
+    import faiss
+
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise CatalogueIndexError(f"{path} not found: {folder} is not an index; build one with "
+                                  "python3 -m fashlib.index build FOLDER --model MODEL --out INDEX")
+    try:
+        manifest = json.loads(path.read_text())
+        assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
+    except Exception as err:  # noqa: BLE001
+        raise _corrupt(folder, {}, f"{path} is unreadable or not a fashlib index ({type(err).__name__})") from err
+    data = {}
+    for key in ("embeddings", "index"):
+        file = folder / manifest[f"{key}_file"]
+        raw = file.read_bytes() if file.is_file() else None
+        if raw is None or _sha256(raw) != manifest[f"{key}_sha256"]:
+            raise _corrupt(folder, manifest, f"{file.name} is missing or its sha256 differs from the manifest's")
+        data[key] = raw
+    embeddings = np.load(io.BytesIO(data["embeddings"]), allow_pickle=False)
+    index = faiss.deserialize_index(np.frombuffer(data["index"], dtype=np.uint8))
+    n = len(manifest["files"])
+    if embeddings.shape[0] != n or index.ntotal != n:
+        raise _corrupt(folder, manifest, f"{n} files but {embeddings.shape[0]} embeddings and {index.ntotal} indexed")
+    opened = CatalogueIndex(folder, manifest, embeddings, index)
+    if model is not None:
+        model = resolve_model(model)[0]
+        check_model(manifest, model, folder)
+        opened.model = model
+    return opened
+
+
+def _write(folder: Path, manifest: dict, embeddings: np.ndarray, index: Any) -> None:
+    """Write embeddings and index under content-named files, then the manifest (the commit), then drop old files."""
+    import faiss
+
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(embeddings, dtype=np.float32), allow_pickle=False)
+    blobs = {"embeddings": (buffer.getvalue(), "npy"), "index": (faiss.serialize_index(index).tobytes(), "faiss")}
+    for key, (raw, suffix) in blobs.items():
+        digest = _sha256(raw)
+        manifest[f"{key}_file"], manifest[f"{key}_sha256"] = f"{key}-{digest[:16]}.{suffix}", digest
+        _atomic_write(folder / manifest[f"{key}_file"], raw)
+    _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    keep = {MANIFEST, manifest["embeddings_file"], manifest["index_file"]}
+    for old in list(folder.glob("embeddings-*.npy")) + list(folder.glob("index-*.faiss")):
+        if old.name not in keep:
+            old.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------ build / update
+def _source(source: Any) -> tuple[dict, Path, list[str], list[str]]:
+    """(manifest source, root, image paths relative to root, unsupported files) of a folder, table or CSV."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        root = Path(source).resolve()
+        images, others = scan_folder(root)
+        return {"type": "folder", "root": str(root), "table": None}, root, images, others
+    table_file = None
+    if isinstance(source, (str, os.PathLike)):
+        table_file = Path(source).resolve()
+        if not table_file.is_file():
+            raise FileNotFoundError(f"catalogue {source} is neither a folder nor a CSV table")
+        table = pd.read_csv(table_file)
+        base = table_file.parent
+    else:
+        table, base = source, Path.cwd()
+    if "path" not in table.columns:
+        raise ValueError(f"the catalogue table {table_file or ''} needs a 'path' column")
+    paths = [(base / p).resolve() for p in table["path"].astype(str)]
+    if not paths:
+        raise ValueError("the catalogue table is empty")
+    root = Path(os.path.commonpath([p.parent for p in paths]))
+    rel = [p.relative_to(root).as_posix() for p in paths]
+    images = [r for r in rel if r.lower().endswith(IMAGE_SUFFIXES)]
+    others = [r for r in rel if not r.lower().endswith(IMAGE_SUFFIXES)]
+    return {"type": "table", "root": str(root), "table": str(table_file) if table_file else None}, root, images, others
+
+
+def build(source: Any, model: Any, out: str | os.PathLike, *, exact_max: int = EXACT_MAX, approx: str = "hnsw",
+          batch_size: int = 16, progress: bool = True) -> CatalogueIndex:
+    """Index every photo of `source` (a folder, recursive; a CSV or DataFrame with a `path` column) into `out`.
+
+    `model`: a saved model folder, a backbone name or a SavedEmbedder. Undecodable files and files that are not
+    .jpg/.jpeg/.png/.webp are skipped and listed in manifest["skipped"]. Returns the opened index.
+    """
+    from . import __version__
+
+    embedder, ref = resolve_model(model)
+    src, root, images, others = _source(source)
+    start = time.perf_counter()
+    embeddings, kept, skipped = embed_files(embedder, root, images, batch_size, progress)
+    entries = [{"path": p, **_stat(root / p)} for p in kept]
+    skipped += [{"path": p, "reason": "unsupported file type (not .jpg, .jpeg, .png or .webp)"} for p in others]
+    index, info = make_faiss_index(embeddings, exact_max, approx)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "fashlib": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": src,
+                "model": {"ref": ref, "digest": embedder.digest(), "description": embedder.describe(),
+                          "embedding_dim": embedder.embedding_dim},
+                "index": {**info, "exact_max": exact_max}, "files": entries,
+                "skipped": sorted(skipped, key=lambda s: s["path"]),
+                "last_run": {"embedded": len(kept), "seconds": round(time.perf_counter() - start, 2)}}
+    _write(Path(out), manifest, embeddings, index)
+    return CatalogueIndex(Path(out), manifest, embeddings, index, embedder)
+
+
+def update(folder: str | os.PathLike, model: Any = None, source: Any = None, *, batch_size: int = 16,
+           progress: bool = True) -> tuple[CatalogueIndex, dict]:
+    """Bring an index up to date with its catalogue: embed new or changed files only, drop deleted ones.
+
+    `model` defaults to the one the index was built with (ModelMismatchError if another is given); `source`
+    to the folder or CSV it was built from. Returns (index, {added, changed, removed, unchanged, skipped}).
+    """
+    old = open_index(folder, model)
+    embedder = old.require_model()
+    manifest = old.manifest
+    src, root, images, others = _source(source if source is not None else
+                                        (manifest["source"]["table"] or manifest["source"]["root"]))
+    if source is None and src["type"] == "table" and manifest["source"]["table"] is None:
+        raise CatalogueIndexError("this index was built from an in-memory table: pass the table again as `source`")
+    before = {f["path"]: (i, f) for i, f in enumerate(manifest["files"])}
+    stats = {p: _stat(root / p) for p in images}
+    same = [p for p in images if p in before and {k: before[p][1][k] for k in ("size", "mtime_ns")} == stats[p]]
+    same_set = set(same)
+    todo = [p for p in images if p not in same_set]
+    new, kept, skipped = embed_files(embedder, root, todo, batch_size, progress)
+    vectors = {p: old.embeddings[before[p][0]] for p in same} | dict(zip(kept, new))
+    order = sorted(vectors)
+    embeddings = np.stack([vectors[p] for p in order]) if order else np.empty((0, embedder.embedding_dim), np.float32)
+    skipped += [{"path": p, "reason": "unsupported file type (not .jpg, .jpeg, .png or .webp)"} for p in others]
+    index, info = make_faiss_index(embeddings, manifest["index"].get("exact_max", EXACT_MAX),
+                                   manifest["index"]["type"] if manifest["index"]["type"] != "flat" else "hnsw")
+    report = {"added": sum(p not in before for p in kept), "changed": sum(p in before for p in kept),
+              "removed": sum(p not in stats for p in before), "unchanged": len(same), "skipped": len(skipped)}
+    manifest = {**manifest, "source": src, "files": [{"path": p, **stats[p]} for p in order],
+                "skipped": sorted(skipped, key=lambda s: s["path"]), "index": {**info, "exact_max":
+                manifest["index"].get("exact_max", EXACT_MAX)}, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "last_run": {**report, "embedded": len(kept)}}
+    _write(Path(folder), manifest, embeddings, index)
+    return CatalogueIndex(Path(folder), manifest, embeddings, index, embedder), report
+
+
+if __name__ == "__main__":
+    from .index_cli import main
+
+    raise SystemExit(main())

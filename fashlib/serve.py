@@ -1,0 +1,139 @@
+"""A local web page to search a catalogue index by photo (Flask), and the self-contained HTML contact sheet.
+
+`create_app(index)` serves, on 127.0.0.1 by default (`python3 -m fashlib.index serve INDEX`):
+    GET  /                the page: choose or drop a photo (inline CSS and JS, nothing from the network)
+    POST /search          multipart field "photo" -> the page with the top-k catalogue photos and their scores
+                          (JSON with ?format=json); 400 with a message for a file that is not an image,
+                          413 for an upload above `max_upload_mb`
+    GET  /thumb/<id>      a JPEG thumbnail of catalogue photo <id> (an integer row of the index; no path is
+                          ever taken from the request, and a manifest path resolving outside the catalogue
+                          folder is refused with 403)
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any, Sequence
+
+from PIL import Image
+
+THUMB_SIZE = 256
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222;background:#fafafa}
+h1{font-size:1.4rem} .drop{border:2px dashed #888;border-radius:8px;padding:1.5rem;text-align:center;background:#fff}
+.drop.over{border-color:#06c;background:#eef5ff} .grid{display:flex;flex-wrap:wrap;gap:.8rem;margin-top:1rem}
+figure{margin:0;width:170px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:.4rem}
+figure img{width:160px;height:160px;object-fit:contain;display:block;margin:auto}
+figcaption{font-size:.75rem;word-break:break-all} .error{color:#b00020;font-weight:bold} .query{border-color:#06c}
+"""
+SCRIPT = """
+const zone=document.getElementById('drop'), input=document.getElementById('photo'), form=document.getElementById('form');
+['dragenter','dragover'].forEach(e=>zone.addEventListener(e,ev=>{ev.preventDefault();zone.classList.add('over');}));
+['dragleave','drop'].forEach(e=>zone.addEventListener(e,ev=>{ev.preventDefault();zone.classList.remove('over');}));
+zone.addEventListener('drop',ev=>{if(ev.dataTransfer.files.length){input.files=ev.dataTransfer.files;form.submit();}});
+input.addEventListener('change',()=>{if(input.files.length){form.submit();}});
+"""
+
+
+def thumbnail_jpeg(image: Image.Image | Any, size: int = THUMB_SIZE) -> bytes:
+    """JPEG bytes of an image (PIL or path) fitted into size x size."""
+    from .saved_model import open_rgb
+
+    img = open_rgb(image)
+    img.thumbnail((size, size))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+
+
+def figure(src: str, caption: str, cls: str = "") -> str:
+    return (f'<figure class="{cls}"><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def page(title: str, body: str, script: str = "") -> str:
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body>{body}{f'<script>{script}</script>' if script else ''}</body></html>")
+
+
+def contact_sheet(index: Any, photos: Sequence[str], results: Sequence[Sequence[dict]]) -> str:
+    """Self-contained HTML (thumbnails inlined as base64) of each query photo followed by its results."""
+    rows = []
+    for photo, hits in zip(photos, results):
+        cells = [figure(data_uri(thumbnail_jpeg(photo)), f"query: {photo}", "query")]
+        cells += [figure(data_uri(thumbnail_jpeg(index.file_path(h["id"]))), f"#{h['rank']} {h['score']:.3f} {h['path']}")
+                  for h in hits]
+        rows.append(f'<div class="grid">{"".join(cells)}</div>')
+    return page("fashlib: query results", f"<h1>Query results ({html.escape(str(index.folder))})</h1>" + "".join(rows))
+
+
+def _form(k: int) -> str:
+    return ('<form id="form" method="post" action="/search" enctype="multipart/form-data">'
+            '<div class="drop" id="drop"><p>Drop a photo here, or choose one:</p>'
+            '<input type="file" id="photo" name="photo" accept="image/*"> '
+            f'<button type="submit" id="go">Search the top {k}</button></div></form>')
+
+
+def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0):
+    """Flask app over an opened CatalogueIndex (fashlib.index.open_index); see the module docstring."""
+    from flask import Flask, Response, abort, jsonify, request
+    from werkzeug.exceptions import RequestEntityTooLarge
+
+    app = Flask("fashlib.serve")
+    app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
+    model = index.require_model()
+    header = (f"<h1>Search the catalogue by photo</h1><p>{len(index)} photos in {html.escape(str(index.root))}; "
+              f"model: {html.escape(model.describe())}</p>")
+
+    def message(status: int, text: str):
+        if request.args.get("format") == "json":
+            return jsonify(error=text), status
+        return Response(page("fashlib search", header + _form(k) + f'<p class="error" id="error">{html.escape(text)}</p>',
+                             SCRIPT), status=status, mimetype="text/html")
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(_err):
+        return message(413, f"The upload is larger than the limit of {max_upload_mb:g} MB; choose a smaller photo.")
+
+    @app.get("/")
+    def home():
+        return Response(page("fashlib search", header + _form(k), SCRIPT), mimetype="text/html")
+
+    @app.post("/search")
+    def search():
+        upload = request.files.get("photo")
+        if upload is None or upload.filename == "":
+            return message(400, "No photo received: choose an image file (JPEG, PNG or WebP).")
+        try:
+            image = Image.open(io.BytesIO(upload.read()))
+            image.load()
+            results = index.query([image], k=k)[0]
+        except Exception:  # noqa: BLE001 - anything PIL cannot decode is "not an image"
+            return message(400, f"{upload.filename!r} is not an image this server can read (JPEG, PNG or WebP).")
+        if request.args.get("format") == "json":
+            return jsonify(results=results)
+        cells = [figure(data_uri(thumbnail_jpeg(image)), f"your photo: {upload.filename}", "query")]
+        cells += [figure(f"/thumb/{r['id']}", f"#{r['rank']} {r['score']:.3f} {r['path']}") for r in results]
+        grid = f'<div class="grid" id="results">{"".join(cells)}</div>'
+        return Response(page("fashlib search results", header + _form(k) + grid, SCRIPT), mimetype="text/html")
+
+    @app.get("/thumb/<int:item>")
+    def thumb(item: int):
+        try:
+            path = index.file_path(item)
+        except IndexError:
+            abort(404)
+        except PermissionError:
+            abort(403)
+        try:
+            return Response(thumbnail_jpeg(path), mimetype="image/jpeg")
+        except OSError:
+            abort(404)
+
+    return app

@@ -1,0 +1,146 @@
+"""fashlib.index on a generated catalogue: build, query, update, model mismatch, corruption, the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from fashlib import index as ci, index_cli, models
+
+from catalogue_photos import make_catalogue, photo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, one_thread) -> Path:
+    """Frozen Lite0 ImageNet features (offline weights) at 96 px, saved as a model folder."""
+    model = models.features_embedder("tf_efficientnet_lite0", image_size=96)
+    return models.save_embedder(model, tmp_path_factory.mktemp("model") / "lite0-96")
+
+
+@pytest.fixture()
+def catalogue(tmp_path) -> Path:
+    return make_catalogue(tmp_path / "catalogue")
+
+
+def test_build_lists_skipped_files_and_finds_each_photo(catalogue, model_dir, tmp_path):
+    idx = ci.build(catalogue, model_dir, tmp_path / "idx", progress=False)
+    assert len(idx) == 12 and idx.manifest["index"]["type"] == "flat"
+    assert {s["path"] for s in idx.manifest["skipped"]} == {"broken.jpg", "notes.txt"}
+    assert all(not Path(p).is_absolute() for p in idx.paths) and "sub/p01.png" in idx.paths
+    assert idx.manifest["model"]["digest"] == models.load_embedder(model_dir).digest()
+    photos = [catalogue / p for p in idx.paths]
+    flipped = [Image.open(p).transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in photos]
+    for hits, path in zip(idx.query(photos, k=3), idx.paths):
+        assert hits[0]["path"] == path and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    firsts = [hits[0]["path"] for hits in ci.open_index(tmp_path / "idx").query(flipped, k=1)]
+    assert firsts == idx.paths  # a mirrored photo finds its original first
+
+
+def test_update_embeds_only_new_and_changed_files(catalogue, model_dir, tmp_path):
+    out = tmp_path / "idx"
+    before = ci.build(catalogue, model_dir, out, progress=False)
+    (catalogue / "p00.jpg").unlink()
+    photo(50).save(catalogue / "sub" / "new.webp")
+    photo(60).save(catalogue / "p02.webp")  # same name, new content
+    idx, report = ci.update(out, progress=False)
+    assert report == {"added": 1, "changed": 1, "removed": 1, "unchanged": 10, "skipped": 2}
+    assert idx.manifest["last_run"]["embedded"] == 2
+    assert "p00.jpg" not in idx.paths and "sub/new.webp" in idx.paths
+    kept = before.paths.index("p04.jpg")
+    np.testing.assert_array_equal(idx.embeddings[idx.paths.index("p04.jpg")], before.embeddings[kept])
+    assert idx.query([catalogue / "p02.webp"], k=1)[0][0]["path"] == "p02.webp"
+    assert len(list(out.glob("embeddings-*.npy"))) == 1  # the previous version's files are gone
+    _, again = ci.update(out, progress=False)
+    assert again["added"] == again["changed"] == again["removed"] == 0
+
+
+def test_another_model_is_refused(catalogue, model_dir, tmp_path):
+    ci.build(catalogue, model_dir, tmp_path / "idx", progress=False)
+    other = models.save_embedder(models.features_embedder("resnet10t", pretrained=False, image_size=64),
+                                 tmp_path / "other")
+    with pytest.raises(ci.ModelMismatchError, match="built with another model.*rebuild it: python3 -m fashlib"):
+        ci.open_index(tmp_path / "idx", other)
+    with pytest.raises(ci.ModelMismatchError):
+        ci.update(tmp_path / "idx", other, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "delete"])
+def test_corrupt_index_files_are_detected(catalogue, model_dir, tmp_path, damage):
+    out = tmp_path / "idx"
+    ci.build(catalogue, model_dir, out, progress=False)
+    target = next(out.glob("index-*.faiss") if damage != "flip_byte" else out.glob("embeddings-*.npy"))
+    if damage == "delete":
+        target.unlink()
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    else:
+        raw = bytearray(target.read_bytes())
+        raw[-5] ^= 0x01
+        target.write_bytes(bytes(raw))
+    with pytest.raises(ci.CorruptIndexError, match=f"corrupt.*Rebuild it: python3 -m fashlib.index build {catalogue}"):
+        ci.open_index(out)
+
+
+def test_approximate_index_reports_its_recall(catalogue, model_dir, tmp_path):
+    idx = ci.build(catalogue, model_dir, tmp_path / "idx", exact_max=4, progress=False)
+    info = idx.manifest["index"]
+    assert info["type"] == "hnsw" and info["recall_queries"] == 12
+    assert info["recall_at_10"] == pytest.approx(1.0)  # 12 photos: HNSW visits them all
+    assert ci.open_index(tmp_path / "idx").query([catalogue / "p04.jpg"], k=1)[0][0]["path"] == "p04.jpg"
+
+
+def test_build_from_a_table(catalogue, model_dir, tmp_path):
+    paths = sorted(str(p) for p in catalogue.rglob("p0*.jpg"))
+    idx = ci.build(pd.DataFrame({"path": paths}), model_dir, tmp_path / "idx", progress=False)
+    assert sorted(idx.paths) == sorted(str(Path(p).relative_to(catalogue)) for p in paths)
+    assert idx.file_path(0).is_file()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "fashlib.index", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_command_line_end_to_end(catalogue, model_dir, tmp_path, capsys):
+    out, sheet = tmp_path / "idx", tmp_path / "sheet.html"
+    built = run_cli("build", catalogue, "--model", model_dir, "--out", out)
+    assert built.returncode == 0, built.stderr
+    assert "12 photos" in built.stdout and "skipped 2 files" in built.stdout and "broken.jpg" in built.stdout
+    query = catalogue / "sub" / "p03.jpeg"
+    table = run_cli("query", out, query, "--k", "3", "--html", sheet)
+    assert table.returncode == 0, table.stderr
+    first = table.stdout.splitlines()[1].split()
+    assert first[1:] == ["1", "1.0000", "sub/p03.jpeg"]
+    html = sheet.read_text()
+    assert html.count("data:image/jpeg;base64,") == 4 and "http" not in html.replace(str(out), "")
+    refused = run_cli("query", out, query, "--model", "tf_efficientnet_lite1")
+    assert refused.returncode == 2 and "built with another model" in refused.stderr
+    # the same entry point in-process (no interpreter start-up): --json and update
+    assert index_cli.main(["query", str(out), str(query), "--k", "2", "--json"]) == 0
+    as_json = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in as_json[0]["results"]] [0] == "sub/p03.jpeg" and len(as_json[0]["results"]) == 2
+    shutil.copy(catalogue / "p04.jpg", catalogue / "copy.jpg")
+    assert index_cli.main(["update", str(out)]) == 0
+    assert "added 1, changed 0, removed 0" in capsys.readouterr().out
+
+
+def test_help_documents_every_option():
+    sub = index_cli.parser()._subparsers._group_actions[0].choices
+    for name, command in sub.items():
+        text = command.format_help()
+        for action in command._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help text"
+                assert action.option_strings[0] in text

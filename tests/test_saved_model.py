@@ -1,0 +1,98 @@
+"""Saved models: one folder (safetensors + config.json) that load_embedder rebuilds offline, giving the
+embeddings of the original model and of the course's own pipelines (random-weight backbones)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fashlib import experiments, features as fx, models
+from fashlib.saved_model import SavedModelError
+
+from catalogue_photos import photo
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory, one_thread) -> pd.DataFrame:
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i in range(6):
+        path = folder / f"p{i}.jpg"
+        photo(i, size=(70 + 5 * i, 60)).save(path)  # odd sizes: crops and flips are not symmetric
+        paths.append(str(path))
+    return pd.DataFrame({"path": paths, "label": [f"c{i % 3}" for i in range(6)], "split": "gallery"})
+
+
+def roundtrip(model, tmp_path, table):
+    folder = models.save_embedder(model, tmp_path / "model", metrics={"recall@1": 0.5}, protocol="toy protocol")
+    loaded = models.load_embedder(folder)
+    return folder, loaded, loaded.embed(table["path"])
+
+
+def test_head_on_cached_features_matches_the_course_pipeline(table, tmp_path):
+    torch.manual_seed(1)
+    head = models.EmbeddingHead(1280, 32, bnneck=True).eval()
+    head.bn.running_mean.normal_()  # non-trivial BNNeck statistics must survive the round trip
+    feats = experiments.backbone_features("tf_efficientnet_lite0", table, pretrained=False, image_size=SIZE,
+                                          flip_average=True, seed=3, progress=False)
+    course = fx.embed_features(head, feats)
+    model = models.features_embedder("tf_efficientnet_lite0", head, pretrained=False, image_size=SIZE,
+                                     flip_average=True, seed=3)
+    folder, loaded, emb = roundtrip(model, tmp_path, table)
+    assert emb.dtype == np.float32 and emb.shape == (6, 32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(emb, model.embed(table["path"]))  # identical to the original object
+    np.testing.assert_allclose(emb, course, atol=2e-5)  # and to backbone_features + embed_features
+    config = json.loads((folder / "config.json").read_text())
+    assert config["backbones"][0]["preprocessing"]["size"] == SIZE and config["flip_average"] is True
+    assert config["head"] == {"type": "EmbeddingHead", "in_dim": 1280, "embedding_dim": 32, "bnneck": True}
+    assert config["metrics"] == {"recall@1": 0.5} and config["protocol"] == "toy protocol"
+    assert config["digest"] == loaded.digest() == model.digest()
+
+
+def test_ensemble_of_backbones_with_a_head(table, tmp_path):
+    names = ["tf_efficientnet_lite0", "resnet10t"]
+    parts = [experiments.backbone_features(b, table, pretrained=False, image_size=SIZE, seed=0, progress=False)
+             for b in names]
+    ensemble = experiments.ensemble_features(parts)
+    torch.manual_seed(2)
+    head = models.EmbeddingHead(ensemble.shape[1], 16).eval()
+    model = models.features_embedder(names, head, pretrained=False, image_size=SIZE, seed=0)
+    _, loaded, emb = roundtrip(model, tmp_path, table)
+    np.testing.assert_allclose(emb, fx.embed_features(head, ensemble), atol=2e-5)
+    assert [b["backbone"] for b in json.loads((tmp_path / "model" / "config.json").read_text())["backbones"]] == names
+
+
+def test_fine_tuned_network_gem_bnneck(table, tmp_path):
+    torch.manual_seed(0)
+    net = models.create_embedder("tf_efficientnet_lite0", 24, pooling="gem", pretrained=False, bnneck=True)
+    net.train()
+    with torch.no_grad():  # one training-mode pass moves the BatchNorm statistics away from their init
+        net(torch.randn(4, 3, SIZE, SIZE))
+        net.pool.p.fill_(2.5)
+    net.eval()
+    course = experiments.embed_images(net, table, image_size=SIZE, progress=False)
+    folder = models.save_embedder(net, tmp_path / "net", image_size=SIZE)
+    loaded = models.load_embedder(folder)
+    emb = loaded.embed(table["path"])
+    np.testing.assert_allclose(emb, course, atol=2e-5)
+    assert loaded.kind == "network" and float(loaded.branches[0].pool.p.detach()) == pytest.approx(2.5)
+
+
+def test_corrupt_or_foreign_folders_are_refused(table, tmp_path):
+    model = models.features_embedder("resnet10t", pretrained=False, image_size=SIZE)
+    folder = models.save_embedder(model, tmp_path / "m")
+    weights = folder / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-10] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(SavedModelError, match="sha256 differs"):
+        models.load_embedder(folder)
+    with pytest.raises(SavedModelError, match="not a saved model folder"):
+        models.load_embedder(tmp_path)
