@@ -168,7 +168,7 @@ def _random_controls(v: Any) -> str | None:
 
 POSITIVE_INTS = ("epochs", "finetune_epochs", "embedding_dim", "batch_p", "batch_k", "throughput_batch_size",
                  "throughput_batches", "n_neighbors", "purity_k", "top_k", "max_k", "max_grid_categories",
-                 "examples_per_category")
+                 "examples_per_category", "n_queries", "latency_queries")
 SCHEMA: dict[str, Check] = {
     "dataset": choice(_datasets),
     "data_root": path(optional=True),
@@ -180,6 +180,9 @@ SCHEMA: dict[str, Check] = {
     "cache_dir": path(),
     "out_dir": path(),
     "gpu_runs_dir": path(optional=True),
+    "model_dir": path(optional=True),
+    "catalogue_folder": path(optional=True),
+    "fallback_backbone": choice(_backbones, label="timm model names", key=_model_name),
     "flip_average": boolean(),
     "ensemble": boolean(),
     "finetune": boolean(),
@@ -203,7 +206,7 @@ SCHEMA: dict[str, Check] = {
     "random_controls": Check(_random_controls),
 }
 # Parameters holding paths: resolved against the repository root; None keeps its documented default.
-PATH_PARAMETERS = ("data_root", "cache_dir", "out_dir", "gpu_runs_dir")
+PATH_PARAMETERS = ("data_root", "cache_dir", "out_dir", "gpu_runs_dir", "model_dir", "catalogue_folder")
 
 
 def validate(values: Mapping[str, Any]) -> dict[str, Any]:
