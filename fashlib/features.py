@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -33,6 +34,7 @@ __all__ = [
     "OUTPUTS",
     "weights_digest",
     "files_digest",
+    "structure_digest",
     "cache_key",
     "cache_paths",
     "extract",
@@ -43,7 +45,7 @@ __all__ = [
     "embed_features",
 ]
 
-CACHE_VERSION = 2  # 2: JPEG draft decoding (extract), shards
+CACHE_VERSION = 3  # 2: JPEG draft decoding (extract), shards; 3: structure_digest in the key
 DEFAULT_SHARD_SIZE = 2048  # rows per shard of a cache entry being extracted
 
 
@@ -69,6 +71,23 @@ def weights_digest(modules: nn.Module | Sequence[nn.Module]) -> str:
             t = tensor.detach().cpu().contiguous().reshape(-1)
             h.update(f"{i}:{name}:{t.dtype}:{tuple(tensor.shape)}\n".encode())
             h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def structure_digest(model: Any, modules: Sequence[nn.Module]) -> str:
+    """sha256 over what shapes the output besides the state_dict: each module's repr (layer types and
+    hyper-parameters, e.g. ReLU vs Tanh, GeM's eps), its non-persistent buffers, and the model's
+    feature layout (`feature_format`, `num_prefix_tokens`). Memory addresses in reprs are ignored."""
+    h = hashlib.sha256()
+    for i, module in enumerate(modules):
+        h.update(f"{i}:{re.sub(r' at 0x[0-9a-fA-F]+', '', repr(module))}\n".encode())
+        persistent = set(module.state_dict().keys())
+        for name, buffer in module.named_buffers():
+            if name not in persistent:
+                t = buffer.detach().cpu().contiguous().reshape(-1)
+                h.update(f"{i}:{name}:{t.dtype}:{tuple(buffer.shape)}\n".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes())
+    h.update(f"{getattr(model, 'feature_format', None)}:{getattr(model, 'num_prefix_tokens', None)}".encode())
     return h.hexdigest()
 
 
@@ -99,14 +118,14 @@ def cache_key(
     fn: str = "pooled",
     key_extra: Any = None,
 ) -> str:
-    """sha256 identifying one feature array: backbone, weights, transform, files, crops, output.
+    """sha256 identifying one feature array: backbone, weights, structure, transform, files, crops, output.
 
     For a plain callable (not an nn.Module) the weights cannot be digested, so `key_extra` must
     identify it.
     """
     if isinstance(model, nn.Module):
         modules = OUTPUTS[fn][1](model) if hasattr(model, "pooled_features") else [model]
-        weights = weights_digest(modules)
+        weights = weights_digest(modules) + structure_digest(model, modules)
     elif key_extra is None:
         raise ValueError("caching features of a plain function needs key_extra to identify it")
     else:
