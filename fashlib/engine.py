@@ -203,7 +203,8 @@ def _export_key(model: nn.Module, fn: str, shape: tuple[int, ...]) -> str:
     from .features import OUTPUTS, structure_digest, weights_digest
 
     modules = OUTPUTS[fn][1](model) if hasattr(model, "pooled_features") else [model]
-    parts = {"weights": weights_digest(modules), "structure": structure_digest(model, modules), "fn": fn, "input": list(shape), "torch": torch.__version__,
+    parts = {"weights": weights_digest(modules), "structure": structure_digest(model, modules), "fn": fn,
+             "input": list(shape), "torch": torch.__version__,
              "opset": OPSET, "model": type(model).__name__, "name": str(getattr(model, "backbone_name", ""))}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

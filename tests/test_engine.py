@@ -184,7 +184,8 @@ def test_a_trace_that_depends_on_the_batch_fails_parity_and_auto_falls_back():
 def test_export_cache_keys_see_the_architecture_not_only_the_weights(tmp_path):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3)
-    relu, tanh = (torch.nn.Sequential(conv, act, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()) for act in (torch.nn.ReLU(), torch.nn.Tanh()))
+    relu, tanh = (torch.nn.Sequential(conv, act, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+                  for act in (torch.nn.ReLU(), torch.nn.Tanh()))
     x = _images(3, 16, seed=2)
     for model in (relu, tanh):
         with create_engine(model, "onnx", sample=_images(4, 16), cache_dir=tmp_path) as engine, torch.no_grad():
