@@ -284,7 +284,8 @@ class OnnxEngine(_Engine):
 
     `sample` (N, 3, H, W) fixes the input size and is the parity batch (use real images: their features
     are well spread, so rankings are meaningful). `spin=False` lets idle intra-op threads sleep instead of
-    busy-waiting. Raises EngineParityError when the check fails.
+    busy-waiting. Raises EngineParityError when the check fails. Batches of another image size than
+    `sample`'s (a transform without a fixed output size) run in PyTorch, with one warning.
     """
 
     name = "onnx"
@@ -332,10 +333,28 @@ class OnnxEngine(_Engine):
 
         onnx_bytes = _cached_export(model, fn, sample, None if cache_dir is None else Path(cache_dir), parity)
         self.session = checked.get("session") or make(onnx_bytes)  # the checked session, or the cached file's
+        self.model, self.fn, self.shape = model, fn, tuple(sample.shape[1:])
+        self.fallback: TorchEngine | None = None
 
     def _run(self, images: torch.Tensor) -> np.ndarray:
+        if tuple(images.shape[1:]) != self.shape:  # the graph's image size is fixed at export
+            return self._other_size(images)
         x = np.ascontiguousarray(images.detach().float().cpu().numpy())
         return self.session.run(None, {"images": x})[0]
+
+    def _other_size(self, images: torch.Tensor) -> np.ndarray:
+        """Images of another size than the exported one run in PyTorch (warned once per engine)."""
+        if self.fallback is None:
+            warnings.warn(f"images of size {tuple(images.shape[1:])} differ from the exported {self.shape}: they "
+                          "run in PyTorch (slower); a transform with a fixed output size, e.g. Resize((h, w)) or "
+                          "CenterCrop, keeps every batch on ONNX Runtime", stacklevel=4)
+            self.fallback = TorchEngine(self.model, self.fn, "cpu", batch_size=self.batch_size)
+        return self.fallback(images)
+
+    def close(self) -> None:
+        if self.fallback is not None:
+            self.fallback.close()
+            self.fallback = None
 
 
 def _make_torch(model: Any, *, fn: str, device: str | torch.device, channels_last: bool, batch_size: int,

@@ -211,3 +211,15 @@ def test_unwritable_export_cache_keeps_the_onnx_engine(tiny, tmp_path):
             create_engine(tiny, "auto", sample=_images(4, 64), cache_dir=tmp_path / "file" / "engines") as engine:
         assert engine.name == "onnx"
         np.testing.assert_allclose(engine(_images(2, 64)), _torch_features(tiny, _images(2, 64)), atol=1e-5)
+
+
+def test_images_of_another_size_than_the_export_run_in_pytorch(tiny):
+    tiny.train()
+    wide, square = _images(3, 64)[..., :56], _images(2, 64, seed=4)  # e.g. Resize(64) of a landscape photo
+    with create_engine(tiny, "onnx", sample=_images(4, 64)) as engine:
+        with pytest.warns(UserWarning, match=r"differ from the exported \(3, 64, 64\)"):
+            got_wide = engine(wide)
+        got_square = engine(square)
+    assert tiny.training  # the PyTorch fallback gave the mode back
+    np.testing.assert_allclose(got_wide, _torch_features(tiny, wide), atol=1e-5)
+    np.testing.assert_allclose(got_square, _torch_features(tiny, square), atol=1e-5)
