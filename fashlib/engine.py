@@ -184,6 +184,9 @@ class TorchEngine(_Engine):
         self.was_training = model.training if self.is_module else False
         self.memory_format = torch.channels_last if channels_last and self.is_module else torch.contiguous_format
         self.dtype = model_dtype(model)
+        self.was_channels_last = self.is_module and any(  # a model already in channels_last stays so
+            t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+            for t in model.parameters())
         if self.is_module:
             model.to(self.device, memory_format=self.memory_format).eval()
 
@@ -195,7 +198,7 @@ class TorchEngine(_Engine):
     def close(self) -> None:
         if self.is_module:
             self.model.train(self.was_training)
-            if self.memory_format is torch.channels_last:
+            if self.memory_format is torch.channels_last and not self.was_channels_last:
                 self.model.to(memory_format=torch.contiguous_format)
 
 

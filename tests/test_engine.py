@@ -223,3 +223,14 @@ def test_images_of_another_size_than_the_export_run_in_pytorch(tiny):
     assert tiny.training  # the PyTorch fallback gave the mode back
     np.testing.assert_allclose(got_wide, _torch_features(tiny, wide), atol=1e-5)
     np.testing.assert_allclose(got_square, _torch_features(tiny, square), atol=1e-5)
+
+
+def test_torch_engine_gives_back_the_models_own_memory_format(tiny):
+    conv = tiny.backbone.conv_stem.weight
+    with create_engine(tiny, "torch") as engine:
+        engine(_images(2, 64))
+    assert conv.is_contiguous()  # channels_last only while extracting
+    tiny.to(memory_format=torch.channels_last)
+    with create_engine(tiny, "torch") as engine:
+        engine(_images(2, 64))
+    assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)  # kept as it was
