@@ -254,15 +254,20 @@ def _write_shard(folder: Path, index: int, key: str, rows: tuple[int, int], arra
 
 
 def _stored_step(folder: Path, key: str, step: int) -> int:
-    """Rows per shard of an entry already begun in `folder` (its shard 0), else `step`: a changed
-    shard_size never discards finished shards."""
-    try:
-        info = json.loads(_shard_files(folder, 0)[1].read_text())
-        start, stop = info["rows"]
-        if info["key"] == key and start == 0 and isinstance(stop, int) and stop > 0:
-            return stop
-    except (OSError, ValueError, TypeError, KeyError):
-        pass
+    """Rows per shard of an entry already begun in `folder` (from any finished shard's rows), else `step`:
+    a changed shard_size never discards finished shards."""
+    for meta in sorted(folder.glob("shard-*.json")):
+        try:
+            index, info = int(meta.stem.split("-")[1]), json.loads(meta.read_text())
+            start, stop = info["rows"]
+            if info["key"] != key or not (isinstance(start, int) and isinstance(stop, int)):
+                continue
+            if index == 0 and start == 0 and stop > 0:
+                return stop
+            if index > 0 and start > 0 and start % index == 0:
+                return start // index
+        except (OSError, ValueError, TypeError, KeyError, IndexError):
+            continue
     return step
 
 

@@ -463,17 +463,29 @@ def test_unwritable_cache_dir_computes_the_features_and_warns(table, transform, 
 
 def test_changed_shard_size_resumes_with_the_stored_one(table, tmp_path, loaded_rows):
     model, transform = script.setup()
-    options = dict(transform=transform, cache_dir=tmp_path, batch_size=2, progress=False)
+    options = dict(transform=transform, batch_size=2, progress=False)
     on_shard, stored = _interrupt_after(2)
     with pytest.raises(_Stop):
-        extract(model, table, shard_size=3, on_shard=on_shard, **options)  # rows 0-5 finished
+        extract(model, table, cache_dir=tmp_path / "a", shard_size=3, on_shard=on_shard, **options)  # rows 0-5
     assert stored == [0, 1]
     loaded_rows.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", FeatureCacheWarning)
-        got = extract(model, table, shard_size=5, **options)
+        got = extract(model, table, cache_dir=tmp_path / "a", shard_size=5, **options)
     assert sorted(loaded_rows) == [6]  # only the missing row decoded
     np.testing.assert_allclose(got, reference(model, table, transform), rtol=1e-4, atol=1e-5)
+    # shard 0 missing (e.g. rank 0 of a torchrun was interrupted first): the layout comes from shard 1
+    with pytest.raises(_Stop):
+        extract(model, table, cache_dir=tmp_path / "b", shard_size=2, on_shard=_interrupt_after(2)[0], **options)
+    (folder,) = (tmp_path / "b").glob("*.shards")
+    for path in folder.glob("shard-00000.*"):
+        path.unlink()
+    loaded_rows.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FeatureCacheWarning)
+        again = extract(model, table, cache_dir=tmp_path / "b", shard_size=3, **options)
+    assert sorted(loaded_rows) == [0, 1, 4, 5, 6]  # rows 2-3 (shard 1) reused
+    np.testing.assert_allclose(again, got, rtol=1e-5, atol=1e-6)
 
 
 def test_shard_write_survives_a_concurrent_finisher_removing_the_folder(tmp_path, monkeypatch):
