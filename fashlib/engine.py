@@ -8,11 +8,13 @@ features (N, D) float32 numpy, chosen from the registry `ENGINES`:
   dynamo exporter of torch 2.14 needs onnxscript, which is not installed and not needed here) at
   opset 17 with a dynamic batch axis, and run by an ONNX Runtime CPU session. Every export is checked
   against PyTorch on a sample batch (`check_parity`: max |diff| of L2-normalised outputs <= 1e-4 and
-  identical top-10 rankings); with `cache_dir` the .onnx file is kept under a key of (weights digest,
-  output, input shape, torch version) with its sha256 and parity figures, so it is exported once.
+  identical top-10 rankings; when the tracer warns that it turned a tensor into a Python value, also on
+  a second, different batch); with `cache_dir` the .onnx file is kept under a key of (weights and
+  structure digests, output, input shape, torch version) with its sha256 and parity figures, so it is
+  exported once.
 - "torch": the nn.Module (or plain callable) under inference_mode, channels_last on CPU.
 
-"auto" picks "onnx" on CPU when onnxruntime is importable and the model is an nn.Module, else "torch";
+"auto" picks "onnx" on CPU when onnxruntime is importable and the model is a float32 nn.Module, else "torch";
 an ONNX export that fails or misses parity falls back to PyTorch with a warning under "auto" (and raises
 under "onnx").
 
@@ -58,6 +60,7 @@ __all__ = [
     "check_parity",
     "create_engine",
     "default_engine",
+    "model_dtype",
     "onnxruntime_available",
 ]
 
@@ -82,6 +85,15 @@ def _forward_fn(model: Any, fn: str) -> Callable[[Any, torch.Tensor], torch.Tens
     if fn not in OUTPUTS:
         raise ValueError(f"unknown output {fn!r}; choose one of {sorted(OUTPUTS)}")
     return OUTPUTS[fn][0] if hasattr(model, "pooled_features") else (lambda m, x: m(x))
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """dtype of the first floating-point parameter or buffer of an nn.Module (float32 for anything else)."""
+    if isinstance(model, nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
+    return torch.float32
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -155,6 +167,9 @@ class _Engine:
 class TorchEngine(_Engine):
     """PyTorch forward under inference_mode; an nn.Module is put in eval mode (and channels_last on CPU).
 
+    Images are cast to the model's dtype (model_dtype: float16/bfloat16 models take float32 images);
+    features come back as float32.
+
     The model's previous mode and memory format are restored by close().
     """
 
@@ -168,39 +183,48 @@ class TorchEngine(_Engine):
         self.is_module = isinstance(model, nn.Module)
         self.was_training = model.training if self.is_module else False
         self.memory_format = torch.channels_last if channels_last and self.is_module else torch.contiguous_format
+        self.dtype = model_dtype(model)
+        self.was_channels_last = self.is_module and any(  # a model already in channels_last stays so
+            t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+            for t in model.parameters())
         if self.is_module:
             model.to(self.device, memory_format=self.memory_format).eval()
 
     def _run(self, images: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            x = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            x = images.to(self.device, self.dtype, non_blocking=True, memory_format=self.memory_format)
             return self.forward(self.model, x).float().cpu().numpy()
 
     def close(self) -> None:
         if self.is_module:
             self.model.train(self.was_training)
-            if self.memory_format is torch.channels_last:
+            if self.memory_format is torch.channels_last and not self.was_channels_last:
                 self.model.to(memory_format=torch.contiguous_format)
 
 
 def _export_key(model: nn.Module, fn: str, shape: tuple[int, ...]) -> str:
-    from .features import OUTPUTS, weights_digest
+    from .features import OUTPUTS, structure_digest, weights_digest
 
     modules = OUTPUTS[fn][1](model) if hasattr(model, "pooled_features") else [model]
-    parts = {"weights": weights_digest(modules), "fn": fn, "input": list(shape), "torch": torch.__version__,
+    parts = {"weights": weights_digest(modules), "structure": structure_digest(model, modules), "fn": fn,
+             "input": list(shape), "torch": torch.__version__,
              "opset": OPSET, "model": type(model).__name__, "name": str(getattr(model, "backbone_name", ""))}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _export(model: nn.Module, fn: str, sample: torch.Tensor) -> bytes:
-    """ONNX bytes of one output of `model` (eval mode; the model's mode is restored afterwards)."""
+def _export(model: nn.Module, fn: str, sample: torch.Tensor) -> tuple[bytes, list[str]]:
+    """(ONNX bytes of one output of `model`, the tracer's warnings); eval mode, the model's mode restored.
+
+    A TracerWarning means the trace turned a tensor into a Python value (a branch, a size): the graph
+    may hold only for inputs like `sample`, so the caller checks parity on a different batch too.
+    """
     was_training = model.training
     wrapper = _Forward(model, _forward_fn(model, fn)).eval()  # the exporter restores the *wrapper's* mode
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*will be removed.*")
             torch.onnx.export(wrapper, (sample.contiguous(),), buffer, dynamo=False, opset_version=OPSET,
@@ -208,15 +232,25 @@ def _export(model: nn.Module, fn: str, sample: torch.Tensor) -> bytes:
                               dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
     finally:
         model.train(was_training)
-    return buffer.getvalue()
+    traced = sorted({str(w.message).split(".")[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)})
+    return buffer.getvalue(), traced
+
+
+def _probe(sample: torch.Tensor) -> torch.Tensor:
+    """A batch unlike `sample` for a second parity check: negated, mirrored, one row fewer (another size)."""
+    probe = -sample.flip(-1)
+    return probe[:-1] if len(probe) > 1 else probe
 
 
 def _cached_export(model: nn.Module, fn: str, sample: torch.Tensor, cache_dir: Path | None,
-                   parity: Callable[[bytes], dict]) -> bytes:
-    """The exported ONNX bytes: from `cache_dir` when a verified copy exists, else exported + parity-checked."""
+                   parity: Callable[[bytes, list[str]], dict]) -> bytes:
+    """The exported ONNX bytes: from `cache_dir` when a verified copy exists, else exported + parity-checked.
+
+    A cache_dir that cannot be written (read-only, full) only costs the reuse: warning, bytes returned.
+    """
     if cache_dir is None:
-        onnx_bytes = _export(model, fn, sample)
-        parity(onnx_bytes)
+        onnx_bytes, traced = _export(model, fn, sample)
+        parity(onnx_bytes, traced)
         return onnx_bytes
     key = _export_key(model, fn, tuple(sample.shape[1:]))
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(getattr(model, "backbone_name", "model")))
@@ -231,16 +265,20 @@ def _cached_export(model: nn.Module, fn: str, sample: torch.Tensor, cache_dir: P
             raise ValueError("key or sha256 differs from the stored one")
         except (OSError, ValueError) as err:
             warnings.warn(f"exported model {path} unusable ({err}); exporting it again", stacklevel=4)
-    onnx_bytes = _export(model, fn, sample)
-    report = parity(onnx_bytes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta.unlink(missing_ok=True)  # written last: the commit marker
-    for target, data in ((path, onnx_bytes), (meta, json.dumps(
-            {"key": key, "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "parity": report}, indent=1).encode())):
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
+    onnx_bytes, traced = _export(model, fn, sample)
+    report = parity(onnx_bytes, traced)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta.unlink(missing_ok=True)  # written last: the commit marker
+        for target, data in ((path, onnx_bytes), (meta, json.dumps(
+                {"key": key, "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "parity": report}, indent=1).encode())):
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, target)
+    except OSError as err:
+        warnings.warn(f"exported model not kept in {cache_dir} ({err}); it is used from memory and exported "
+                      "again next time: pass a writable cache_dir", stacklevel=4)
     return onnx_bytes
 
 
@@ -249,7 +287,8 @@ class OnnxEngine(_Engine):
 
     `sample` (N, 3, H, W) fixes the input size and is the parity batch (use real images: their features
     are well spread, so rankings are meaningful). `spin=False` lets idle intra-op threads sleep instead of
-    busy-waiting. Raises EngineParityError when the check fails.
+    busy-waiting. Raises EngineParityError when the check fails. Batches of another image size than
+    `sample`'s (a transform without a fixed output size) run in PyTorch, with one warning.
     """
 
     name = "onnx"
@@ -262,6 +301,9 @@ class OnnxEngine(_Engine):
         super().__init__(batch_size)
         if not isinstance(model, nn.Module):
             raise TypeError(f"the ONNX engine exports nn.Modules; got {type(model).__name__}: use engine='torch'")
+        if model_dtype(model) != torch.float32:
+            raise TypeError(f"the ONNX engine exports float32 models; this one is {model_dtype(model)}: "
+                            "use engine='torch' or model.float()")
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
@@ -277,20 +319,45 @@ class OnnxEngine(_Engine):
 
         checked: dict[str, Any] = {}
 
-        def parity(onnx_bytes: bytes) -> dict:
+        def parity(onnx_bytes: bytes, traced: list[str]) -> dict:
+            batches = [sample, _probe(sample)] if traced else [sample]  # see _export
             with TorchEngine(model, fn, "cpu", channels_last=False, batch_size=len(sample)) as reference:
-                expected = reference(sample)
-            checked["session"] = make(onnx_bytes)
-            got = checked["session"].run(None, {"images": sample.numpy()})[0]
-            self.parity = check_parity(expected, got)
+                expected = [reference(x) for x in batches]
+            checked["session"] = session = make(onnx_bytes)
+            got = [session.run(None, {"images": x.numpy()})[0] for x in batches]
+            self.parity = check_parity(expected[0], got[0])
+            if traced:
+                try:
+                    check_parity(expected[1], got[1])
+                except EngineParityError as err:
+                    raise EngineParityError(f"the exported graph holds only for batches like the traced one "
+                                            f"(the tracer warned: {'; '.join(traced)}): {err}") from None
             return self.parity
 
         onnx_bytes = _cached_export(model, fn, sample, None if cache_dir is None else Path(cache_dir), parity)
         self.session = checked.get("session") or make(onnx_bytes)  # the checked session, or the cached file's
+        self.model, self.fn, self.shape = model, fn, tuple(sample.shape[1:])
+        self.fallback: TorchEngine | None = None
 
     def _run(self, images: torch.Tensor) -> np.ndarray:
+        if tuple(images.shape[1:]) != self.shape:  # the graph's image size is fixed at export
+            return self._other_size(images)
         x = np.ascontiguousarray(images.detach().float().cpu().numpy())
         return self.session.run(None, {"images": x})[0]
+
+    def _other_size(self, images: torch.Tensor) -> np.ndarray:
+        """Images of another size than the exported one run in PyTorch (warned once per engine)."""
+        if self.fallback is None:
+            warnings.warn(f"images of size {tuple(images.shape[1:])} differ from the exported {self.shape}: they "
+                          "run in PyTorch (slower); a transform with a fixed output size, e.g. Resize((h, w)) or "
+                          "CenterCrop, keeps every batch on ONNX Runtime", stacklevel=4)
+            self.fallback = TorchEngine(self.model, self.fn, "cpu", batch_size=self.batch_size)
+        return self.fallback(images)
+
+    def close(self) -> None:
+        if self.fallback is not None:
+            self.fallback.close()
+            self.fallback = None
 
 
 def _make_torch(model: Any, *, fn: str, device: str | torch.device, channels_last: bool, batch_size: int,
@@ -318,9 +385,10 @@ def available_engines() -> list[str]:
 
 
 def default_engine(model: Any, device: str | torch.device = "cpu") -> str:
-    """"onnx" for an nn.Module on the CPU when onnxruntime is installed, else "torch"."""
+    """"onnx" for a float32 nn.Module on the CPU when onnxruntime is installed, else "torch"."""
     cpu = torch.device(device).type == "cpu"
-    return "onnx" if cpu and isinstance(model, nn.Module) and "onnx" in available_engines() else "torch"
+    exportable = isinstance(model, nn.Module) and model_dtype(model) == torch.float32
+    return "onnx" if cpu and exportable and "onnx" in available_engines() else "torch"
 
 
 def create_engine(model: Any, engine: str = "auto", *, sample: torch.Tensor | None = None, fn: str = "pooled",

@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -33,6 +34,7 @@ __all__ = [
     "OUTPUTS",
     "weights_digest",
     "files_digest",
+    "structure_digest",
     "cache_key",
     "cache_paths",
     "extract",
@@ -43,7 +45,7 @@ __all__ = [
     "embed_features",
 ]
 
-CACHE_VERSION = 2  # 2: JPEG draft decoding (extract), shards
+CACHE_VERSION = 3  # 2: JPEG draft decoding (extract), shards; 3: structure_digest in the key
 DEFAULT_SHARD_SIZE = 2048  # rows per shard of a cache entry being extracted
 
 
@@ -69,6 +71,23 @@ def weights_digest(modules: nn.Module | Sequence[nn.Module]) -> str:
             t = tensor.detach().cpu().contiguous().reshape(-1)
             h.update(f"{i}:{name}:{t.dtype}:{tuple(tensor.shape)}\n".encode())
             h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def structure_digest(model: Any, modules: Sequence[nn.Module]) -> str:
+    """sha256 over what shapes the output besides the state_dict: each module's repr (layer types and
+    hyper-parameters, e.g. ReLU vs Tanh, GeM's eps), its non-persistent buffers, and the model's
+    feature layout (`feature_format`, `num_prefix_tokens`). Memory addresses in reprs are ignored."""
+    h = hashlib.sha256()
+    for i, module in enumerate(modules):
+        h.update(f"{i}:{re.sub(r' at 0x[0-9a-fA-F]+', '', repr(module))}\n".encode())
+        persistent = set(module.state_dict().keys())
+        for name, buffer in module.named_buffers():
+            if name not in persistent:
+                t = buffer.detach().cpu().contiguous().reshape(-1)
+                h.update(f"{i}:{name}:{t.dtype}:{tuple(buffer.shape)}\n".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes())
+    h.update(f"{getattr(model, 'feature_format', None)}:{getattr(model, 'num_prefix_tokens', None)}".encode())
     return h.hexdigest()
 
 
@@ -99,14 +118,14 @@ def cache_key(
     fn: str = "pooled",
     key_extra: Any = None,
 ) -> str:
-    """sha256 identifying one feature array: backbone, weights, transform, files, crops, output.
+    """sha256 identifying one feature array: backbone, weights, structure, transform, files, crops, output.
 
     For a plain callable (not an nn.Module) the weights cannot be digested, so `key_extra` must
     identify it.
     """
     if isinstance(model, nn.Module):
         modules = OUTPUTS[fn][1](model) if hasattr(model, "pooled_features") else [model]
-        weights = weights_digest(modules)
+        weights = weights_digest(modules) + structure_digest(model, modules)
     elif key_extra is None:
         raise ValueError("caching features of a plain function needs key_extra to identify it")
     else:
@@ -220,12 +239,54 @@ def _read_shard(folder: Path, index: int, key: str, rows: tuple[int, int]) -> np
 
 
 def _write_shard(folder: Path, index: int, key: str, rows: tuple[int, int], array: np.ndarray) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     npy, meta = _shard_files(folder, index)
-    meta.unlink(missing_ok=True)  # the json is the commit marker: written last
-    _atomic_write(npy, lambda f: np.save(f, array, allow_pickle=False))
     info = {"key": key, "rows": list(rows), "shape": list(array.shape), "sha256": _array_digest(array)}
-    _atomic_write(meta, lambda f: f.write(json.dumps(info)), mode="w")
+    for attempt in (0, 1):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            meta.unlink(missing_ok=True)  # the json is the commit marker: written last
+            _atomic_write(npy, lambda f: np.save(f, array, allow_pickle=False))
+            _atomic_write(meta, lambda f: f.write(json.dumps(info)), mode="w")
+            return
+        except FileNotFoundError:  # another process finishing the same entry removed the folder: once more
+            if attempt:
+                raise
+
+
+def _stored_step(folder: Path, key: str, step: int) -> int:
+    """Rows per shard of an entry already begun in `folder` (from any finished shard's rows), else `step`:
+    a changed shard_size never discards finished shards."""
+    for meta in sorted(folder.glob("shard-*.json")):
+        try:
+            index, info = int(meta.stem.split("-")[1]), json.loads(meta.read_text())
+            start, stop = info["rows"]
+            if info["key"] != key or not (isinstance(start, int) and isinstance(stop, int)):
+                continue
+            if index == 0 and start == 0 and stop > 0:
+                return stop
+            if index > 0 and start > 0 and start % index == 0:
+                return start // index
+        except (OSError, ValueError, TypeError, KeyError, IndexError):
+            continue
+    return step
+
+
+def _writable(cache_dir: Path, world: int, n_rows: int) -> bool:
+    """Whether a file can be created in cache_dir (made if missing); if not, warn (one process) or raise (several)."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=cache_dir, prefix=".write-probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+        return True
+    except OSError as err:
+        if world > 1:
+            raise OSError(f"feature cache {cache_dir} is not writable ({err}): ranks exchange shards through it; "
+                          "pass a cache_dir every rank can write") from err
+        warnings.warn(f"feature cache {cache_dir} is not writable ({err}): the features of {n_rows} rows are "
+                      "computed but not cached; pass a writable cache_dir (or cache_dir=None)",
+                      FeatureCacheWarning, stacklevel=3)
+        return False
 
 
 def _distributed() -> tuple[int, int]:
@@ -363,7 +424,9 @@ def extract(
     PIL draft mode (at 1/2..1/8 scale) unless boxes are cropped.
     With `cache_dir` the array is cached under cache_key, written in shards of `shard_size` rows as
     they finish: an interrupted run resumes at the missing shards (finished ones are verified by digest
-    and never recomputed; a corrupted one is rebuilt with a FeatureCacheWarning). `on_shard(index)` is
+    and never recomputed; a corrupted one is rebuilt with a FeatureCacheWarning; an entry begun with
+    another shard_size is finished with that one). A cache_dir that cannot be written is still read
+    (entry, shards); what is missing is computed and not stored, with a FeatureCacheWarning. `on_shard(index)` is
     called after each shard is stored. Under torch.distributed (e.g. torchrun), each rank extracts the
     shards index % world_size == rank and rank 0 assembles the entry (every rank must call extract, with a
     cache_dir all of them can read; without cache_dir every rank extracts every row, independently);
@@ -380,10 +443,12 @@ def extract(
         cached = _read_cache(npy, meta, key, len(table))
         if cached is not None:
             return cached
-    n, step = len(table), max(1, int(shard_size)) if cache_dir is not None else max(1, len(table))
-    shards = [(i, start, min(start + step, n)) for i, start in enumerate(range(0, n, step))]
     rank, world = _distributed() if cache_dir is not None else (0, 1)
     folder = shard_folder(npy) if cache_dir is not None else None
+    writable = cache_dir is not None and _writable(Path(cache_dir), world, len(table))
+    n, step = len(table), max(1, int(shard_size)) if cache_dir is not None else max(1, len(table))
+    step = _stored_step(folder, key, step) if folder is not None else step
+    shards = [(i, start, min(start + step, n)) for i, start in enumerate(range(0, n, step))]
     arrays: dict[int, np.ndarray] = {}
     mine = [s for s in shards if s[0] % world == rank]
     if folder is not None:
@@ -395,7 +460,7 @@ def extract(
 
     def store(index: int, array: np.ndarray) -> None:
         arrays[index] = array
-        if folder is not None:
+        if writable:
             _write_shard(folder, index, key, shards[index][1:], array)
         if on_shard is not None:
             on_shard(index)
@@ -403,7 +468,7 @@ def extract(
     dataset = _make_dataset(table, transform, crop_boxes, margin)
     cpu = torch.device(device).type == "cpu"
     engine_options = dict(engine=engine, fn=fn, device=device, threads=threads, channels_last=channels_last,
-                          cache_dir=None if cache_dir is None else Path(cache_dir) / "engines",
+                          cache_dir=Path(cache_dir) / "engines" if writable else None,
                           batch_size=min(batch_size, DEFAULT_BATCH_SIZE) if cpu else batch_size)
     loader_options = dict(num_workers=num_workers, decode_threads=decode_threads, pin=not cpu)
     _compute_shards(model, dataset, todo, batch_size=batch_size, engine_options=engine_options,
@@ -411,7 +476,7 @@ def extract(
     if world > 1:
         return _assemble_distributed(npy, meta, key, folder, shards, rank, model, fn)
     out = np.concatenate([arrays[i] for i, _, _ in shards]) if shards else np.empty((0, 0), dtype=np.float32)
-    if cache_dir is not None:
+    if writable:
         _write_cache(npy, meta, key, out, model, fn)
         shutil.rmtree(folder, ignore_errors=True)
     return out

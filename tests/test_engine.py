@@ -152,3 +152,85 @@ def test_throughput_is_measured_for_every_engine():
 
     speeds = engine_throughputs("test_efficientnet", 64, batch_size=4, batches=2)
     assert sorted(speeds) == ["onnx", "torch"] and all(v > 0 and np.isfinite(v) for v in speeds.values())
+
+
+class _Branchy(torch.nn.Module):
+    """Python control flow on a tensor value: a trace keeps only the branch of its sample batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).mean(dim=(2, 3))
+        return y if float(x.mean()) > 0 else -2 * y
+
+
+def test_a_trace_that_depends_on_the_batch_fails_parity_and_auto_falls_back():
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    sample = _images(4, 32).abs()  # positive mean: the traced branch
+    with pytest.raises(EngineParityError, match="tracer warned"):
+        create_engine(model, "onnx", sample=sample)
+    other = -_images(3, 32, seed=1).abs()  # the other branch
+    with torch.no_grad():
+        expected = model(other).numpy()
+    with pytest.warns(UserWarning, match="falling back to PyTorch"), \
+            create_engine(model, "auto", sample=sample) as engine:
+        assert engine.name == "torch"
+        np.testing.assert_allclose(engine(other), expected, atol=1e-6)
+
+
+def test_export_cache_keys_see_the_architecture_not_only_the_weights(tmp_path):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    relu, tanh = (torch.nn.Sequential(conv, act, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+                  for act in (torch.nn.ReLU(), torch.nn.Tanh()))
+    x = _images(3, 16, seed=2)
+    for model in (relu, tanh):
+        with create_engine(model, "onnx", sample=_images(4, 16), cache_dir=tmp_path) as engine, torch.no_grad():
+            np.testing.assert_allclose(engine(x), model(x).numpy(), atol=1e-5)
+    assert len(list(tmp_path.glob("*.onnx"))) == 2
+
+
+def test_float16_models_run_in_pytorch_with_float32_features(tiny):
+    half = tiny.half()
+    x = _images(3, 64)
+    assert engines.model_dtype(half) == torch.float16 and default_engine(half) == "torch"
+    with pytest.raises(TypeError, match="float32 models"):
+        create_engine(half, "onnx", sample=x)
+    with create_engine(half, "auto", sample=x) as engine:
+        got = engine(x)
+    assert engine.name == "torch" and got.dtype == np.float32
+    np.testing.assert_allclose(got, _torch_features(half.float(), x), rtol=2e-2, atol=2e-2)
+
+
+def test_unwritable_export_cache_keeps_the_onnx_engine(tiny, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.warns(UserWarning, match="not kept"), \
+            create_engine(tiny, "auto", sample=_images(4, 64), cache_dir=tmp_path / "file" / "engines") as engine:
+        assert engine.name == "onnx"
+        np.testing.assert_allclose(engine(_images(2, 64)), _torch_features(tiny, _images(2, 64)), atol=1e-5)
+
+
+def test_images_of_another_size_than_the_export_run_in_pytorch(tiny):
+    tiny.train()
+    wide, square = _images(3, 64)[..., :56], _images(2, 64, seed=4)  # e.g. Resize(64) of a landscape photo
+    with create_engine(tiny, "onnx", sample=_images(4, 64)) as engine:
+        with pytest.warns(UserWarning, match=r"differ from the exported \(3, 64, 64\)"):
+            got_wide = engine(wide)
+        got_square = engine(square)
+    assert tiny.training  # the PyTorch fallback gave the mode back
+    np.testing.assert_allclose(got_wide, _torch_features(tiny, wide), atol=1e-5)
+    np.testing.assert_allclose(got_square, _torch_features(tiny, square), atol=1e-5)
+
+
+def test_torch_engine_gives_back_the_models_own_memory_format(tiny):
+    conv = tiny.backbone.conv_stem.weight
+    with create_engine(tiny, "torch") as engine:
+        engine(_images(2, 64))
+    assert conv.is_contiguous()  # channels_last only while extracting
+    tiny.to(memory_format=torch.channels_last)
+    with create_engine(tiny, "torch") as engine:
+        engine(_images(2, 64))
+    assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)  # kept as it was

@@ -406,3 +406,103 @@ def test_large_jpegs_decode_in_draft_mode_no_smaller_than_the_resize(tmp_path):
     assert features._make_dataset(table, transform, False, 0.1).load_image(0).size == (160, 100)
     cropped = features._make_dataset(table, transform, True, 0.0).load_image(0)
     assert cropped.size == (590, 380)  # box coordinates are in full-size pixels: no draft when cropping
+
+
+# --------------------------------------------------------------------------------------------
+# Keys that see the architecture; unwritable caches; a changed shard_size
+# --------------------------------------------------------------------------------------------
+class _MeanPool(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class _Scaled(torch.nn.Module):
+    """Conv, then a scale held in a non-persistent buffer (not in the state_dict)."""
+
+    def __init__(self, conv: torch.nn.Module, scale: float):
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("scale", torch.tensor(scale), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3)) * self.scale
+
+
+def _direct(model, table, transform) -> np.ndarray:
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in table["path"]])
+    with torch.no_grad():
+        return model.eval()(x).numpy()
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_cache_never_reuses_features_of_another_architecture_with_equal_weights(table, transform, tmp_path, engine):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    relu, tanh = (torch.nn.Sequential(conv, act, _MeanPool()) for act in (torch.nn.ReLU(), torch.nn.Tanh()))
+    assert features.weights_digest(relu) == features.weights_digest(tanh)  # same state_dict
+    options = dict(transform=transform, cache_dir=tmp_path, engine=engine, progress=False)
+    np.testing.assert_allclose(extract(relu, table, **options), _direct(relu, table, transform), atol=1e-5)
+    np.testing.assert_allclose(extract(tanh, table, **options), _direct(tanh, table, transform), atol=1e-5)
+    # a non-persistent buffer changes the output too
+    twice = extract(_Scaled(conv, 2.0), table, **options)
+    thrice = extract(_Scaled(conv, 3.0), table, **options)
+    np.testing.assert_allclose(thrice, twice * 1.5, rtol=1e-5, atol=1e-6)
+
+
+def test_unwritable_cache_dir_computes_the_features_and_warns(table, transform, tmp_path):
+    model, _ = script.setup()
+    (tmp_path / "file").write_text("not a folder")
+    unwritable = tmp_path / "file" / "cache"  # cannot be created, whoever runs the test (even root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = extract(model, table, transform=transform, cache_dir=unwritable, shard_size=2, progress=False)
+    messages = [str(w.message) for w in caught]
+    assert [w.category for w in caught] == [FeatureCacheWarning] and "not writable" in messages[0], messages
+    np.testing.assert_allclose(got, reference(model, table, transform), rtol=1e-4, atol=1e-5)
+
+
+def test_changed_shard_size_resumes_with_the_stored_one(table, tmp_path, loaded_rows):
+    model, transform = script.setup()
+    options = dict(transform=transform, batch_size=2, progress=False)
+    on_shard, stored = _interrupt_after(2)
+    with pytest.raises(_Stop):
+        extract(model, table, cache_dir=tmp_path / "a", shard_size=3, on_shard=on_shard, **options)  # rows 0-5
+    assert stored == [0, 1]
+    loaded_rows.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FeatureCacheWarning)
+        got = extract(model, table, cache_dir=tmp_path / "a", shard_size=5, **options)
+    assert sorted(loaded_rows) == [6]  # only the missing row decoded
+    np.testing.assert_allclose(got, reference(model, table, transform), rtol=1e-4, atol=1e-5)
+    # shard 0 missing (e.g. rank 0 of a torchrun was interrupted first): the layout comes from shard 1
+    with pytest.raises(_Stop):
+        extract(model, table, cache_dir=tmp_path / "b", shard_size=2, on_shard=_interrupt_after(2)[0], **options)
+    (folder,) = (tmp_path / "b").glob("*.shards")
+    for path in folder.glob("shard-00000.*"):
+        path.unlink()
+    loaded_rows.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FeatureCacheWarning)
+        again = extract(model, table, cache_dir=tmp_path / "b", shard_size=3, **options)
+    assert sorted(loaded_rows) == [0, 1, 4, 5, 6]  # rows 2-3 (shard 1) reused
+    np.testing.assert_allclose(again, got, rtol=1e-5, atol=1e-6)
+
+
+def test_shard_write_survives_a_concurrent_finisher_removing_the_folder(tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "entry.shards"
+    real = features._atomic_write
+    calls = []
+
+    def racing(path, write, mode="wb"):
+        calls.append(path.name)
+        if len(calls) == 1:
+            shutil.rmtree(folder)  # the other process assembled the entry and removed the folder
+        return real(path, write, mode)
+
+    monkeypatch.setattr(features, "_atomic_write", racing)
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    features._write_shard(folder, 0, "k" * 64, (0, 2), array)
+    monkeypatch.setattr(features, "_atomic_write", real)
+    np.testing.assert_array_equal(features._read_shard(folder, 0, "k" * 64, (0, 2)), array)
