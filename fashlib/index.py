@@ -173,8 +173,12 @@ def make_faiss_index(embeddings: np.ndarray, exact_max: int = EXACT_MAX, approx:
     queries (seeded sample) and returned as `recall_at_10`.
     """
     n = len(embeddings)
-    if n <= exact_max:
-        return metrics.build_index(embeddings, "flat"), {"type": "flat", "options": {}, "recall_at_10": 1.0}
+    if n <= exact_max:  # a faiss index (it is serialised with the catalogue), not metrics' numpy exact search
+        import faiss
+
+        flat = faiss.IndexFlatIP(embeddings.shape[1])
+        flat.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        return flat, {"type": "flat", "options": {}, "recall_at_10": 1.0}
     if approx not in APPROX_OPTIONS:
         raise ValueError(f"approx must be one of {sorted(APPROX_OPTIONS)}, got {approx!r}")
     options = dict(APPROX_OPTIONS[approx])
