@@ -142,3 +142,15 @@ def test_seed_study_and_postprocessing_tables():
     sweep = study.postprocessing_sweep(val, emb, [("none", {}), ("qe", {"k": 1}), ("rerank", {"k1": 5, "k2": 2})])
     assert sweep["method"].tolist() == ["none", "qe", "rerank"]
     assert (sweep["recall@1_low"] <= sweep["recall@1"]).all() and (sweep["recall@1"] <= sweep["recall@1_high"]).all()
+
+
+def test_postprocessing_test_uses_validation_choice():
+    x, val, test = _protocol_tables()
+    emb = experiments.l2_normalize(x)
+    sweep = study.postprocessing_sweep(val, emb, [("none", {}), ("qe", {"k": 1}), ("qe", {"k": 2})])
+    sweep.loc[2, "recall@1"] = 2.0  # pretend k=2 won on validation: the test row must use it
+    result = study.postprocessing_test(sweep, test, emb, n_boot=200)
+    assert result.loc["qe", "params (chosen on val)"] == "k=2"
+    expected = study.postprocessed_scores(test, emb, "qe", k=2)["recall@1"].mean()
+    assert result.loc["qe", "recall@1"] == pytest.approx(expected)
+    assert result.loc["none", "Δ recall@1"] == 0 and result.loc["none", "Δ recall@1 p"] == 1.0
