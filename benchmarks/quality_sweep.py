@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/quality_sweep")
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="keep only configurations whose name contains one of these (the baseline always stays)")
     parser.add_argument("--flip", action="store_true", help="flip-averaged features (twice the extraction)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy shared CPU)")
     args = parser.parse_args()
@@ -117,6 +119,8 @@ def main() -> None:
     print(note, flush=True)
     features = load_features(args, val)
     configs = candidates(list(features))
+    if args.only:
+        configs = {n: c for n, c in configs.items() if "baseline" in n or any(t in n for t in args.only)}
     table, embeddings = validation_stage(features, val, configs, args.seeds)
     table.to_csv(out / "validation.csv")
 
