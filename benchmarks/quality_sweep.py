@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
-                        help="keep only configurations whose name contains one of these (the baseline always stays)")
+                        help="keep only configurations whose name contains one of these (the test baseline always stays)")
     parser.add_argument("--flip", action="store_true", help="flip-averaged features (twice the extraction)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy shared CPU)")
     args = parser.parse_args()
@@ -119,8 +119,9 @@ def main() -> None:
     print(note, flush=True)
     features = load_features(args, val)
     configs = candidates(list(features))
+    base_name = f"{'ens' if 'ens' in features else next(iter(features))}/baseline-linear-triplet-pk16x4"
     if args.only:
-        configs = {n: c for n, c in configs.items() if "baseline" in n or any(t in n for t in args.only)}
+        configs = {n: c for n, c in configs.items() if n == base_name or any(t in n for t in args.only)}
     table, embeddings = validation_stage(features, val, configs, args.seeds)
     table.to_csv(out / "validation.csv")
 
@@ -139,7 +140,6 @@ def main() -> None:
 
     # ---- test, once: the frozen baseline and the chosen configuration refit on train + validation
     test_rows = []
-    base_name = f"{'ens' if 'ens' in features else next(iter(features))}/baseline-linear-triplet-pk16x4"
     base_emb = train_embed(features, test, configs[base_name], [args.seeds[0]])[0]
     base_scores = study.query_scores(test, base_emb)
     test_rows.append({"system": f"baseline (book): {base_name}, train only, seed {args.seeds[0]}",
