@@ -208,8 +208,10 @@ def train_head_on_features(features: np.ndarray, table: pd.DataFrame, *, loss: s
                            **options: Any) -> tuple[np.ndarray, list[float], torch.nn.Module]:
     """Train an embedding head on the training rows' cached features; embed every row with it.
 
-    Returns (embeddings of all rows, per-epoch losses, the head). Options go to features.train_head
-    (p, k, lr, weight_decay, loss_options, bnneck...).
+    Returns (embeddings of all rows, per-epoch losses, the head). Options go to features.train_head:
+    head_type ("linear" | "mlp"), hidden_dim, bnneck, sampler ("pk" | "m_per_class"), p, k, lr,
+    weight_decay, loss_options... To refit a chosen configuration on train + validation rows, pass
+    study.train_val_table(val_table, test_table) as `table` (or call study.refit_on_train_val).
     """
     from .features import embed_features, train_head
 

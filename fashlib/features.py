@@ -41,6 +41,11 @@ __all__ = [
     "shard_folder",
     "draft_size",
     "create_loss",
+    "HEADS",
+    "SAMPLERS",
+    "MLPHead",
+    "build_head",
+    "MPerClassBatches",
     "train_head",
     "embed_features",
 ]
@@ -523,17 +528,99 @@ def create_loss(name: str, options: dict | None, num_classes: int, embedding_dim
 
 
 
+class MLPHead(nn.Module):
+    """Pooled vector -> [BNNeck] -> Linear(in, hidden) -> BatchNorm1d -> ReLU -> Linear(hidden, dim) -> L2 norm.
+
+    The two-layer head of the pytorch-metric-learning examples (e.g. 1280-512-256 on EfficientNet-Lite0);
+    BNNeck (Luo et al. 2019) is the same frozen-bias BatchNorm as EmbeddingHead's.
+    """
+
+    def __init__(self, in_dim: int, embedding_dim: int = 256, hidden_dim: int = 512, bnneck: bool = False):
+        super().__init__()
+        self.in_dim, self.embedding_dim, self.hidden_dim = int(in_dim), int(embedding_dim), int(hidden_dim)
+        self.bnneck = bool(bnneck)
+        self.bn = nn.BatchNorm1d(in_dim) if bnneck else nn.Identity()
+        if bnneck:
+            self.bn.bias.requires_grad_(False)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, embedding_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.mlp(self.bn(x)), p=2, dim=1)
+
+
+HEADS = ("linear", "mlp")
+SAMPLERS = ("pk", "m_per_class")
+
+
+def build_head(kind: str, in_dim: int, embedding_dim: int = 256, *, bnneck: bool = False,
+               hidden_dim: int = 512) -> nn.Module:
+    """A head for cached pooled features: "linear" (EmbeddingHead) or "mlp" (MLPHead), with or without BNNeck.
+
+    Raises ValueError for an unknown kind. Both return L2-normalised (N, embedding_dim) float32 embeddings.
+    """
+    if kind == "linear":
+        return EmbeddingHead(in_dim, embedding_dim, bnneck=bnneck)
+    if kind == "mlp":
+        return MLPHead(in_dim, embedding_dim, hidden_dim=hidden_dim, bnneck=bnneck)
+    raise ValueError(f"unknown head {kind!r}; choose one of {HEADS}")
+
+
+class MPerClassBatches:
+    """m-per-class batches as pytorch-metric-learning's MPerClassSampler draws them, but seeded per epoch.
+
+    Every batch takes p labels uniformly at random (without replacement) and k = m rows of each (without
+    replacement when the label has >= k rows, else with); labels with < 2 rows are never drawn. Unlike
+    PKSampler, labels are not visited in rounds: frequent and rare labels are equally likely in each batch.
+    `batches_per_epoch` defaults to len(labels) // (p * k). Deterministic for (seed, epoch).
+    """
+
+    def __init__(self, codes: np.ndarray, p: int, k: int, seed: int = 0, batches_per_epoch: int | None = None):
+        groups = pd.Series(np.arange(len(codes))).groupby(np.asarray(codes))
+        self._pools = [v.to_numpy() for _, v in groups if len(v) >= 2]
+        if len(self._pools) < p:
+            raise ValueError(f"m-per-class sampling needs p={p} labels with >= 2 rows, found {len(self._pools)}")
+        self.p, self.k, self.seed, self.epoch = int(p), int(k), int(seed), 0
+        self.batches_per_epoch = int(batches_per_epoch or max(1, len(codes) // (p * k)))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        for _ in range(self.batches_per_epoch):
+            labels = rng.choice(len(self._pools), self.p, replace=False)
+            yield [int(i) for lab in labels for i in rng.choice(self._pools[lab], self.k,
+                                                                 replace=len(self._pools[lab]) < self.k)]
+
+
+def _make_sampler(kind: str, codes: np.ndarray, p: int, k: int, seed: int, batches_per_epoch: int | None):
+    from .data.sampler import PKSampler
+
+    if kind == "pk":
+        return PKSampler(codes, p, k, seed=seed, batches_per_epoch=batches_per_epoch)
+    if kind == "m_per_class":
+        return MPerClassBatches(codes, p, k, seed=seed, batches_per_epoch=batches_per_epoch)
+    raise ValueError(f"unknown sampler {kind!r}; choose one of {SAMPLERS}")
+
+
 def train_head(
     features: np.ndarray,
     labels: Sequence | np.ndarray,
     *,
-    head: EmbeddingHead | None = None,
+    head: nn.Module | None = None,
+    head_type: str = "linear",
+    hidden_dim: int = 512,
     embedding_dim: int = 256,
     loss: str = "multi_similarity",
     loss_options: dict | None = None,
     epochs: int = 30,
     p: int = 16,
     k: int = 4,
+    sampler: str = "pk",
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     seed: int = 0,
@@ -541,15 +628,17 @@ def train_head(
     progress: bool = True,
     bnneck: bool = False,
     batches_per_epoch: int | None = None,
-) -> tuple[EmbeddingHead, list[float]]:
-    """Train only an EmbeddingHead (plus the loss's own parameters) on cached pooled features.
+) -> tuple[nn.Module, list[float]]:
+    """Train only an embedding head (plus the loss's own parameters) on cached pooled features.
 
-    Batches come from PKSampler (p labels x k rows), the optimiser is AdamW; everything is seeded
-    (the global RNG state is restored afterwards), so equal arguments give equal weights. A given
-    `head` is trained in place. Returns (head in eval mode, per-epoch mean losses).
+    features: (N, D) float32; labels: N labels. The head is `build_head(head_type, D, embedding_dim,
+    bnneck=bnneck, hidden_dim=hidden_dim)` unless `head` is given (then trained in place). Batches hold p
+    labels x k rows from `sampler`: "pk" (PKSampler, labels visited in rounds) or "m_per_class"
+    (MPerClassBatches, pytorch-metric-learning's m-per-class with m = k); the optimiser is AdamW. Everything is
+    seeded (the global RNG state is restored afterwards), so equal arguments give equal weights.
+    Returns (head in eval mode, per-epoch mean losses). Raises ValueError for mismatched rows, unknown
+    head or sampler.
     """
-    from .data.sampler import PKSampler
-
     x_all = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
     codes, classes = pd.factorize(pd.Series(np.asarray(labels)), sort=True)
     if len(codes) != len(x_all):
@@ -563,18 +652,18 @@ def train_head(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if head is None:
-            head = EmbeddingHead(x_all.shape[1], embedding_dim, bnneck=bnneck)
+            head = build_head(head_type, x_all.shape[1], embedding_dim, bnneck=bnneck, hidden_dim=hidden_dim)
         head.to(device)
         loss_fn = create_loss(loss, loss_options, len(classes), head.embedding_dim).to(device)
         params = [q for module in (head, loss_fn) for q in module.parameters() if q.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        sampler = PKSampler(codes, p, k, seed=seed, batches_per_epoch=batches_per_epoch)
+        batches = _make_sampler(sampler, codes, p, k, seed, batches_per_epoch)
         head.train()
         loss_fn.train()
         for epoch in tqdm(range(epochs), disable=not progress, desc=f"train head ({loss})", unit="epoch"):
-            sampler.set_epoch(epoch)
+            batches.set_epoch(epoch)
             total, count = 0.0, 0
-            for batch in sampler:
+            for batch in batches:
                 index = torch.as_tensor(batch)
                 value = loss_fn(head(x_all[index].to(device)), y_all[index].to(device))
                 optimizer.zero_grad(set_to_none=True)

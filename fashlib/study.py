@@ -1,0 +1,196 @@
+"""Studies on cached features that return tables: seeds, intervals, post-processing, train+validation refit.
+
+Each function is one notebook cell's computation: it takes a table (fashlib.experiments layout: a `split`
+column with train / query / gallery rows), feature or embedding arrays in table order, and returns a
+DataFrame. Intervals are percentile bootstraps over queries (fashlib.stats); seeds vary the head's
+initialisation and batch order only (the cached backbone features are fixed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import postprocess, stats
+from .experiments import KS, eval_rows, train_head_on_features, train_rows
+
+__all__ = [
+    "train_val_table",
+    "refit_on_train_val",
+    "query_scores",
+    "intervals_row",
+    "seed_study",
+    "POSTPROCESSING",
+    "postprocessed_scores",
+    "postprocessing_sweep",
+    "postprocessing_test",
+]
+
+
+# ------------------------------------------------------------------------------------------ final model
+def train_val_table(val_table: pd.DataFrame, test_table: pd.DataFrame) -> pd.DataFrame:
+    """The test table with every validation query/gallery row turned into a training row.
+
+    For refitting the configuration chosen on validation on train + validation before the single test
+    evaluation. Both tables must list the same images in the same order (experiments.load_protocols).
+    Datasets whose validation set was held out of the training rows already train on them in the test
+    table, so nothing changes there. Raises ValueError when the tables differ in rows, or when a
+    validation row is a test query/gallery row (that would train on the test protocol).
+    """
+    if len(val_table) != len(test_table) or not (val_table["path"].to_numpy() == test_table["path"].to_numpy()).all():
+        raise ValueError("train_val_table: the validation and test tables list different images; "
+                         "build both with experiments.load_protocols")
+    val_rows = np.isin(val_table["split"].to_numpy(), ("query", "gallery"))
+    test_split = test_table["split"].to_numpy().astype(object).copy()
+    clash = val_rows & np.isin(test_split, ("query", "gallery"))
+    if clash.any():
+        raise ValueError(f"{int(clash.sum())} validation rows are test query/gallery rows; refusing to train on them")
+    test_split[val_rows] = "train"
+    return test_table.assign(split=test_split)
+
+
+def refit_on_train_val(features: np.ndarray, val_table: pd.DataFrame, test_table: pd.DataFrame,
+                       **config: Any) -> tuple[np.ndarray, list[float], Any]:
+    """Train the chosen head configuration on train + validation rows; embed every row for the test evaluation.
+
+    `config` goes to experiments.train_head_on_features (loss, head_type, sampler, epochs, seed, ...).
+    Returns (embeddings of all rows, per-epoch losses, head).
+    """
+    return train_head_on_features(features, train_val_table(val_table, test_table), **config)
+
+
+# ------------------------------------------------------------------------------------------ intervals
+def query_scores(table: pd.DataFrame, embeddings: np.ndarray, ks: Sequence[int] = KS) -> pd.DataFrame:
+    """Per-query hit@K and AP@R of the table's queries against its gallery (stats.per_query_scores)."""
+    query, gallery = eval_rows(table)
+    labels = table["label"].to_numpy()
+    return stats.per_query_scores(embeddings[query], labels[query], embeddings[gallery], labels[gallery], ks)
+
+
+def intervals_row(scores: pd.DataFrame, metrics: Sequence[str] = ("recall@1", "map@r"), n_boot: int = 2000,
+                  seed: int = 0) -> dict[str, float]:
+    """{metric: mean, metric_low: ..., metric_high: ...} (95% bootstrap) for a per-query table."""
+    row: dict[str, float] = {}
+    for metric in metrics:
+        column = "ap@r" if metric == "map@r" else metric
+        ci = stats.bootstrap_ci(scores[column].to_numpy(), n_boot=n_boot, seed=seed)
+        row.update({metric: ci.value, f"{metric}_low": ci.low, f"{metric}_high": ci.high})
+    return row
+
+
+def seed_study(features: Mapping[str, np.ndarray], table: pd.DataFrame, configs: Mapping[str, Mapping[str, Any]],
+               seeds: Sequence[int] = (0, 1, 2), metrics: Sequence[str] = ("recall@1", "map@r"),
+               progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train every configuration with every seed on cached features; evaluate on the table's queries.
+
+    features: name -> (N, D) array; configs: name -> {"features": features name, plus train_head_on_features
+    options (loss is required)}. Returns (runs: one row per configuration and seed with the metrics,
+    summary: one row per configuration with mean, std over seeds and the 95% bootstrap interval over
+    queries of the seed-0 run).
+    """
+    rows, summary = [], []
+    for name, config in configs.items():
+        options = {k: v for k, v in config.items() if k != "features"}
+        per_seed = []
+        for seed in seeds:
+            emb, _, _ = train_head_on_features(features[config["features"]], table, seed=seed, progress=progress,
+                                               **options)
+            scores = query_scores(table, emb)
+            per_seed.append(scores)
+            rows.append({"config": name, "seed": seed, **{m: scores["ap@r" if m == "map@r" else m].mean()
+                                                         for m in metrics}})
+        runs = pd.DataFrame([r for r in rows if r["config"] == name])
+        entry = {"config": name}
+        for m in metrics:
+            entry.update({f"{m} mean": runs[m].mean(), f"{m} std": runs[m].std(ddof=1) if len(runs) > 1 else 0.0})
+        ci = intervals_row(per_seed[0], metrics)
+        entry.update({f"{m} 95% CI (seed {seeds[0]})": f"{ci[m + '_low']:.3f}-{ci[m + '_high']:.3f}" for m in metrics})
+        summary.append(entry)
+    return pd.DataFrame(rows), pd.DataFrame(summary).set_index("config")
+
+
+# ------------------------------------------------------------------------------------------ post-processing
+def _qe(q, g, k=2, alpha=0.0):
+    return postprocess.query_expansion(q, g, k, alpha), g
+
+
+def _dba(q, g, k=2, alpha=0.0):
+    return q, postprocess.database_augmentation(g, k, alpha)
+
+
+def _dba_qe(q, g, k=2, alpha=0.0):
+    g = postprocess.database_augmentation(g, k, alpha)
+    return postprocess.query_expansion(q, g, k, alpha), g
+
+
+POSTPROCESSING: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
+    "none": lambda q, g: (q, g),
+    "qe": _qe,
+    "aqe": _qe,  # alpha-weighted: pass alpha > 0
+    "dba": _dba,
+    "dba+qe": _dba_qe,
+}
+
+
+def postprocessed_scores(table: pd.DataFrame, embeddings: np.ndarray, method: str = "none",
+                         ks: Sequence[int] = KS, **params: Any) -> pd.DataFrame:
+    """Per-query scores after a post-processing method: one of POSTPROCESSING or "rerank"
+    (postprocess.k_reciprocal_rerank with params k1, k2, lambda_value)."""
+    query, gallery = eval_rows(table)
+    labels = table["label"].to_numpy()
+    q, g = postprocess.l2_normalize(embeddings[query]), postprocess.l2_normalize(embeddings[gallery])
+    depth = int(min(len(gallery), max(max(ks), stats.relevant_counts(labels[query], labels[gallery]).max())))
+    if method == "rerank":
+        _, ranking = postprocess.k_reciprocal_rerank(q, g, top=depth, **params)
+    elif method in POSTPROCESSING:
+        q, g = POSTPROCESSING[method](q, g, **params)
+        ranking = postprocess.rank(q, g, depth)
+    else:
+        raise ValueError(f"unknown post-processing {method!r}; choose one of {sorted(POSTPROCESSING) + ['rerank']}")
+    return stats.scores_from_ranking(ranking, labels[query], labels[gallery], [k for k in ks if k <= depth])
+
+
+def postprocessing_sweep(table: pd.DataFrame, embeddings: np.ndarray,
+                         grid: Sequence[tuple[str, Mapping[str, Any]]] | None = None) -> pd.DataFrame:
+    """Recall@1 and mAP@R with 95% intervals for each (method, params) of `grid` (default: k in 1, 2, 3, 5, 10
+    for QE, alphaQE (alpha 3), DBA, DBA+QE, and k-reciprocal re-ranking with k1 in 10, 20)."""
+    if grid is None:
+        grid = [("none", {})]
+        for k in (1, 2, 3, 5, 10):
+            grid += [("qe", {"k": k}), ("aqe", {"k": k, "alpha": 3.0}), ("dba", {"k": k}), ("dba+qe", {"k": k})]
+        grid += [("rerank", {"k1": k1, "k2": 6, "lambda_value": 0.3}) for k1 in (10, 20)]
+    rows = []
+    for method, params in grid:
+        scores = postprocessed_scores(table, embeddings, method, **params)
+        rows.append({"method": method, "params": ", ".join(f"{k}={v}" for k, v in params.items()),
+                     **intervals_row(scores)})
+    return pd.DataFrame(rows)
+
+
+def _parse_params(text: str) -> dict[str, Any]:
+    """Inverse of the `params` column of postprocessing_sweep ("k=2, alpha=3.0" -> {"k": 2, "alpha": 3.0})."""
+    if not text:
+        return {}
+    pairs = (item.split("=") for item in text.split(", "))
+    return {key: float(value) if "." in value else int(value) for key, value in pairs}
+
+
+def postprocessing_test(val_sweep: pd.DataFrame, table: pd.DataFrame, embeddings: np.ndarray,
+                        n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Each method's best setting ON VALIDATION (`val_sweep` rows, highest Recall@1, then mAP@R), scored once
+    on `table`'s queries: Recall@1 and mAP@R with 95% intervals, and the paired difference to no
+    post-processing (bootstrap interval, sign-flip p-value). One row per method."""
+    ranked = val_sweep.sort_values(["recall@1", "map@r"], ascending=False, kind="mergesort")
+    chosen = ranked.drop_duplicates("method").set_index("method")
+    plain = postprocessed_scores(table, embeddings, "none")
+    rows = []
+    for method, row in chosen.iterrows():
+        scores = postprocessed_scores(table, embeddings, method, **_parse_params(row["params"]))
+        diff = stats.compare_scores(scores, plain, n_boot=n_boot, seed=seed)
+        rows.append({"method": method, "params (chosen on val)": row["params"], "val recall@1": row["recall@1"],
+                     **intervals_row(scores, n_boot=n_boot, seed=seed),
+                     "Δ recall@1": diff.loc["recall@1", "diff"], "Δ recall@1 p": diff.loc["recall@1", "p_value"],
+                     "Δ map@r": diff.loc["ap@r", "diff"], "Δ map@r p": diff.loc["ap@r", "p_value"]})
+    return pd.DataFrame(rows).set_index("method")
