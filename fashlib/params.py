@@ -166,7 +166,7 @@ def _random_controls(v: Any) -> str | None:
     return None if problem is None else f"True, False or a list of timm model names ({problem})"
 
 
-POSITIVE_INTS = ("epochs", "finetune_epochs", "embedding_dim", "batch_p", "batch_k", "throughput_batch_size",
+POSITIVE_INTS = ("epochs", "finetune_epochs", "embedding_dim", "throughput_batch_size",
                  "throughput_batches", "n_neighbors", "purity_k", "top_k", "max_k", "max_grid_categories",
                  "examples_per_category")
 SCHEMA: dict[str, Check] = {
@@ -184,6 +184,9 @@ SCHEMA: dict[str, Check] = {
     "ensemble": boolean(),
     "finetune": boolean(),
     **{name: integer(1) for name in POSITIVE_INTS},
+    # P x K batches: pair-based losses need 2 labels with 2 images each, or their loss is 0 (nothing learnt)
+    "batch_p": integer(2),
+    "batch_k": integer(2),
     "n_examples": integer(0),
     "n_failures": integer(0),
     "embedding_dims": int_list(),

@@ -65,6 +65,9 @@ def test_parameter_drift_names_each_difference():
     ("select_by", "map@R", "did you mean 'map@r'?"),
     ("ks", [1, 0], "ks=[1, 0]: expected a non-empty list of integers >= 1"),
     ("holdout_fraction", 1.5, "holdout_fraction=1.5: expected a number > 0.0 and <= 1.0"),
+    # one image per label (or one label) per batch: pair losses are 0 with zero gradient, nothing is learnt
+    ("batch_k", 1, "batch_k=1: expected an integer >= 2"),
+    ("batch_p", 1, "batch_p=1: expected an integer >= 2"),
 ])
 def test_a_bad_value_names_the_parameter_the_value_and_what_is_allowed(name, value, expected):
     with pytest.raises(params.ParameterError) as err:
