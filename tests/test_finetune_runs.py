@@ -189,7 +189,7 @@ def test_proxy_losses_may_train_on_one_image_per_label():
 def test_finetune_refuses_values_that_cannot_make_a_run_before_claiming_a_folder(tmp_path, capsys, option, value):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as err:
-        finetune.parse_args(["--out", str(out), option, value])
+        finetune.parse_args(["--out", str(out), f"{option}={value}"])
     assert err.value.code == 2
     message = capsys.readouterr().err
     assert f"{option} {float(value) if option == '--lr' else value}: must be" in message
