@@ -186,3 +186,39 @@ def test_clothing_csv_duplicates_conflicts_and_encoding(tmp_path):
         read_clothing(_clothing(tmp_path / "c", ROWS_CSV, clash))
     with pytest.raises(ValueError, match=r"images\.csv: not UTF-8 text.*\(line 2\)"):
         read_clothing(_clothing(tmp_path / "d", ROWS_CSV, text.replace("T-Shirt", "Tée", 1), encoding="latin-1"))
+
+
+def test_inshop_item_with_training_and_query_images_is_an_error_naming_both_lines(tmp_path):
+    # In-shop items never cross splits; an item trained on and queried was read without a word (a leak)
+    make_inshop(tmp_path, seed=1)
+    part = tmp_path / "inshop" / "Eval" / "list_eval_partition.txt"
+    lines = _lines(part)
+    q = next(i for i, line in enumerate(lines) if line.endswith("query"))
+    item = lines[q].split()[1]
+    lines[q] = lines[q].replace("query", "train")
+    _save(part, lines)
+    first = next(i for i, line in enumerate(lines) if line.split()[1:2] == [item])
+    other = next(i for i, line in enumerate(lines) if i > first and line.split()[1:2] == [item]
+                 and (line.endswith("train") != lines[first].endswith("train")))
+    with pytest.raises(ValueError, match=rf"list_eval_partition\.txt: item '{item}' is .* on line {first + 1} and "
+                                         rf".* on line {other + 1}; an item is either trained on or evaluated"):
+        load("inshop", root=tmp_path)
+
+
+def test_query_and_gallery_images_of_one_item_are_the_protocol(tmp_path):
+    make_inshop(tmp_path, seed=1)
+    table = load("inshop", root=tmp_path)
+    shared = set(table.loc[table.split == "query", "item_id"]) & set(table.loc[table.split == "gallery", "item_id"])
+    assert shared  # still read: only train against query/gallery is refused
+
+
+def test_line_numbers_count_only_line_feeds_and_carriage_returns(tmp_path):
+    # str.splitlines also breaks at \x0b, \x0c, \x1c-\x1e, U+0085, U+2028: a vertical tab inside line 4 shifted
+    # every later line number by one (and split the record in two)
+    rows = _plain().split("\n")
+    rows[3] = rows[3].replace("  ", "\x0b", 1)  # record line 4, fields still separated by whitespace
+    bad = [*rows[:5], "img/D/w.jpg id_4", *rows[5:]]  # line 6 has 2 fields
+    path = tmp_path / "odd.txt"
+    path.write_text("\n".join(bad), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"odd\.txt, line 6: expected 3 fields"):
+        read_annotation(path, COLUMNS)
