@@ -526,3 +526,19 @@ def test_an_interrupted_run_leaves_nothing_that_the_html_build_publishes(tmp_pat
     assert book.read_valid_stamp(outdir / "n.ipynb") is None
     with pytest.raises(RuntimeError, match="without a valid stamp"):
         book.build_html(tmp_path)
+
+
+def test_tree_fingerprint_follows_a_linked_image_folder_and_survives_loops(tmp_path):
+    # images/ linked to another disk: an edited image there rebuilt nothing (os.walk does not follow links)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "a.jpg").write_bytes(b"one")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images.csv").write_text("image\na\n")
+    (data / "images").symlink_to(store, target_is_directory=True)
+    (store / "loop").symlink_to(data, target_is_directory=True)  # a cycle must end
+    (data / "gone.jpg").symlink_to(tmp_path / "nothing.jpg")  # dangling: counted, not a crash
+    first = book.tree_fingerprint(data)
+    (store / "a.jpg").write_bytes(b"two!")
+    assert book.tree_fingerprint(data) != first
