@@ -222,3 +222,18 @@ def test_line_numbers_count_only_line_feeds_and_carriage_returns(tmp_path):
     path.write_text("\n".join(bad), encoding="utf-8")
     with pytest.raises(ValueError, match=r"odd\.txt, line 6: expected 3 fields"):
         read_annotation(path, COLUMNS)
+
+
+def test_consumer2shop_item_in_two_partitions_is_an_error_naming_both_lines(tmp_path):
+    # new photos of a test item listed as a training pair were read silently: the model trains on the query's item
+    make_consumer2shop(tmp_path, seed=0)
+    part = tmp_path / "consumer2shop" / "Eval" / "list_eval_partition.txt"
+    lines = _lines(part)
+    test_line = next(i for i, line in enumerate(lines) if line.endswith(" test"))
+    consumer, shop, item, _ = lines[test_line].split()
+    first = next(i for i, line in enumerate(lines) if i >= 2 and line.split()[2] == item)
+    new = f"{consumer.replace('.jpg', '_new.jpg')} {shop.replace('.jpg', '_new.jpg')} {item} train"
+    _save(part, [str(int(lines[0]) + 1), *lines[1:], new])
+    with pytest.raises(ValueError, match=rf"item_id '{item}' is listed on line {first + 1} and again.* on line "
+                                         rf"{len(lines) + 1}; an item belongs to one partition"):
+        load("consumer2shop", root=tmp_path)
