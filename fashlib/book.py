@@ -40,9 +40,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from . import params as nb_params
-from .paths import resolve_path
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from .paths import PROJECT_ROOT, resolve_path
 DEFAULT_CONFIG = Path("book") / "params.yaml"
 EXECUTED_DIR = Path("book") / "notebooks"
 # Parameter names whose string values are paths: made absolute against the project root before a

@@ -137,3 +137,16 @@ def test_in_a_kernel_started_in_notebooks_the_paths_are_the_repository_ones(tmp_
         "RESOLVED", str(REPO / "data"), str(REPO / ".cache" / "features"), str(REPO / "runs" / "book"), "3"]
     refused = cells[-1].outputs[0]["text"]
     assert "epochs='ten': expected an integer >= 1" in refused and "did you mean 'multi_similarity'?" in refused
+
+
+def test_repository_root_found_from_a_kernel_in_notebooks_when_fashlib_is_installed_elsewhere(tmp_path):
+    # `pip install .` puts fashlib in site-packages (no pyproject.toml beside it): the root was the kernel's
+    # working directory, so a kernel started in notebooks/ read notebooks/data and wrote notebooks/runs
+    from fashlib.paths import project_root
+
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    assert project_root(site, cwd=REPO / "notebooks") == REPO
+    assert project_root(site, cwd=REPO) == REPO
+    assert project_root(site, cwd=tmp_path) == tmp_path.resolve()  # not in a checkout: the working directory
+    assert project_root(REPO, cwd=tmp_path) == REPO  # a checkout's own fashlib wins
