@@ -112,7 +112,8 @@ def choice(allowed: Callable[[], Iterable[str]], many: bool = False, label: str 
         known = set(names)
         bad = [x for x in values if not isinstance(x, str) or key(x) not in known]
         if not bad:
-            return None
+            twice = [x for i, x in enumerate(values) if x in values[:i]]
+            return f"a list without repeats ({twice[0]!r} is listed twice)" if twice else None
         listed = (f"one of {', '.join(names)}" if len(names) <= 30
                   else f"one of the {len(names)} known {label or 'names'}")
         return f"{listed}; {bad[0]!r} is not{closest_hint(bad[0], names)}"
@@ -220,9 +221,23 @@ def validate(values: Mapping[str, Any]) -> dict[str, Any]:
             expected = check.test(values[name])
             if expected is not None:
                 problems.append(f"{name}={values[name]!r}: expected {expected}")
+    if not problems:
+        problems = _cross_problems(values)
     if problems:
         raise ParameterError("bad notebook parameter(s):\n  " + "\n  ".join(problems))
     return {k: values[k] for k in SCHEMA if k in values}
+
+
+def _cross_problems(values: Mapping[str, Any]) -> list[str]:
+    """Problems between parameters: random_controls names that are not among backbones (the notebook runs a
+    random-weights control only for a listed backbone, so such a name was silently left out)."""
+    controls, backbones = values.get("random_controls"), values.get("backbones")
+    if isinstance(controls, list) and isinstance(backbones, list):
+        outside = [c for c in controls if c not in backbones]
+        if outside:
+            return [f"random_controls={controls!r}: expected names from backbones ({', '.join(backbones)}); "
+                    f"{outside[0]!r} is not{closest_hint(outside[0], backbones)}"]
+    return []
 
 
 def resolve(values: Mapping[str, Any], root: str | os.PathLike = PROJECT_ROOT) -> dict[str, Any]:

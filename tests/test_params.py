@@ -68,6 +68,8 @@ def test_parameter_drift_names_each_difference():
     # one image per label (or one label) per batch: pair losses are 0 with zero gradient, nothing is learnt
     ("batch_k", 1, "batch_k=1: expected an integer >= 2"),
     ("batch_p", 1, "batch_p=1: expected an integer >= 2"),
+    # a loss or backbone listed twice gave two rows of one configuration
+    ("losses", ["triplet", "proxy_anchor", "triplet"], "a list without repeats ('triplet' is listed twice)"),
 ])
 def test_a_bad_value_names_the_parameter_the_value_and_what_is_allowed(name, value, expected):
     with pytest.raises(params.ParameterError) as err:
@@ -150,3 +152,13 @@ def test_repository_root_found_from_a_kernel_in_notebooks_when_fashlib_is_instal
     assert project_root(site, cwd=REPO) == REPO
     assert project_root(site, cwd=tmp_path) == tmp_path.resolve()  # not in a checkout: the working directory
     assert project_root(REPO, cwd=tmp_path) == REPO  # a checkout's own fashlib wins
+
+
+def test_random_controls_must_name_listed_backbones():
+    # the notebook runs a random-weights control only for a backbone it compares: other names were ignored
+    backbones = ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
+    with pytest.raises(params.ParameterError, match=r"random_controls=\['tf_efficientnet_lite2'\]: expected names "
+                                                    r"from backbones .*'tf_efficientnet_lite2' is not"):
+        params.validate({"backbones": backbones, "random_controls": ["tf_efficientnet_lite2"]})
+    for good in (True, False, ["tf_efficientnet_lite1"]):
+        params.validate({"backbones": backbones, "random_controls": good})
