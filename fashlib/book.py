@@ -71,7 +71,8 @@ class NotebookRun:
     """What happened to one notebook in run_notebooks."""
 
     name: str
-    status: str  # "executed", "skipped" (unchanged), "missing" (no source notebook), "planned" (dry run)
+    status: str  # "executed", "skipped" (unchanged), "missing" (no source notebook), "planned" (dry run),
+    # "stale" (left out by --only although its inputs changed since its executed copy was made)
     output_path: Path | None = None
     seconds: float = 0.0
     parameters: dict = field(default_factory=dict)
@@ -391,6 +392,7 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
     FileNotFoundError unless allow_missing (then they are reported as "missing")."""
     notebooks_dir, output_dir, root = Path(notebooks_dir), Path(output_dir), Path(root)
     names = list(params.get("notebooks", {}))
+    left_out = [n for n in names if only and n not in only]
     if only:
         unknown = [n for n in only if n not in names]
         if unknown:
@@ -435,7 +437,23 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
         write_stamp(out, stamp, seconds)
         log(f"{prefix}: done in {seconds:.1f} s -> {out}")
         runs.append(NotebookRun(name, "executed", out, seconds, parameters, ignored))
-    return runs
+    return runs + _stale(params, left_out, notebooks_dir, output_dir, root, library, log)
+
+
+def _stale(params: Mapping, names: Sequence[str], notebooks_dir: Path, output_dir: Path, root: Path,
+           library: str, log) -> list[NotebookRun]:
+    """Notebooks left out by --only whose executed copy no longer matches its inputs (source, parameters,
+    library, data, recorded runs): status "stale", each named in the log. Never-executed ones are left alone."""
+    stale = []
+    for name in names:
+        source, out = notebooks_dir / f"{name}.ipynb", output_dir / f"{name}.ipynb"
+        if not source.exists() or not out.exists():
+            continue
+        parameters, _ = _received(params, name, notebooks_dir, root)
+        if not is_up_to_date(out, make_stamp(source, parameters, library, input_fingerprints(parameters, root))):
+            log(f"{name}: STALE, left out by --only although its inputs changed since it ran ({out})")
+            stale.append(NotebookRun(name, "stale", out))
+    return stale
 
 
 def _received(params: Mapping, name: str, notebooks_dir: Path, root: Path) -> tuple[dict, list[str]]:
@@ -594,6 +612,11 @@ def build(config: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[str] =
         f"({time.perf_counter() - t0:.1f} s)")
     if skip_html:
         return runs, None
+    stale = [r.name for r in runs if r.status == "stale"]
+    if stale:
+        raise RuntimeError(f"not publishing stale results: {', '.join(stale)} ran with other inputs (data, parameters, "
+                           "library or recorded runs) than this build's; add them to --only, build without --only, "
+                           "or pass --skip-html to execute only")
     log("jupyter-book build ...")
     result = build_html(site, allow_missing=allow_missing)
     if result.returncode != 0:
@@ -615,7 +638,8 @@ def main(argv: Sequence[str] | None = None, root: str | os.PathLike = PROJECT_RO
     b.add_argument("--config", default=str(DEFAULT_CONFIG), help="parameter file (default: %(default)s)")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter (YAML value); NOTEBOOK.KEY=VALUE for one notebook; repeatable")
-    b.add_argument("--only", nargs="+", metavar="NAME", help="execute only these notebooks (others stay as they are)")
+    b.add_argument("--only", nargs="+", metavar="NAME", help="execute only these notebooks (others stay as they are; one whose inputs changed is "
+                        "named STALE and blocks the HTML build)")
     b.add_argument("--output-dir", help="build the site here (sources copied) instead of in the repository")
     b.add_argument("--skip-html", action="store_true", help="execute the notebooks only")
     b.add_argument("--force", action="store_true", help="re-execute even unchanged notebooks")
