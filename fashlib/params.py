@@ -220,12 +220,25 @@ def validate(values: Mapping[str, Any]) -> dict[str, Any]:
         if name in values:
             expected = check.test(values[name])
             if expected is not None:
-                problems.append(f"{name}={values[name]!r}: expected {expected}")
+                problems.append(f"{name}={values[name]!r}: expected {expected}{_text_hint(name, values[name])}")
     if not problems:
         problems = _cross_problems(values)
     if problems:
         raise ParameterError("bad notebook parameter(s):\n  " + "\n  ".join(problems))
     return {k: values[k] for k in SCHEMA if k in values}
+
+
+def _text_hint(name: str, value: Any) -> str:
+    """How to pass a list or number that arrived as text (papermill's -p passes "[a, b]" as a string)."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        parsed = load_yaml(value)
+    except yaml.YAMLError:
+        return ""
+    if isinstance(parsed, (list, dict)) or _is_number(parsed):
+        return f" (it arrived as text: with papermill pass it as YAML, -y '{name}: {value}')"
+    return ""
 
 
 def _cross_problems(values: Mapping[str, Any]) -> list[str]:

@@ -162,3 +162,13 @@ def test_random_controls_must_name_listed_backbones():
         params.validate({"backbones": backbones, "random_controls": ["tf_efficientnet_lite2"]})
     for good in (True, False, ["tf_efficientnet_lite1"]):
         params.validate({"backbones": backbones, "random_controls": good})
+
+
+def test_a_list_that_arrived_as_text_says_how_to_pass_it():
+    # papermill -p losses "[triplet, arcface]" passes a string; the error now says to use -y
+    with pytest.raises(params.ParameterError, match=r"losses='\[triplet, arcface\]': expected a non-empty list "
+                                                    r"of loss names \(it arrived as text: .*-y 'losses: \[triplet, arcface\]'\)"):
+        params.validate({"losses": "[triplet, arcface]"})
+    with pytest.raises(params.ParameterError) as err:
+        params.validate({"epochs": "ten"})
+    assert "arrived as text" not in str(err.value)  # plain words get no hint
