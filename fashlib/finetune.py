@@ -58,6 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None,
                         help=f"output folder (default: {DEFAULT_BASE}/<backbone>-<loss>-<settings hash>)")
     args = parser.parse_args(argv)
+    args.final = [s for s in ("val", "test") if s in args.final]  # one order, no repeats: the same run
     for problem in _bad_values(args):
         parser.error(problem)  # exit 2 before a folder is claimed or anything is loaded
     if args.out is None:

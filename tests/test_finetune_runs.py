@@ -194,3 +194,12 @@ def test_finetune_refuses_values_that_cannot_make_a_run_before_claiming_a_folder
     message = capsys.readouterr().err
     assert f"{option} {float(value) if option == '--lr' else value}: must be" in message
     assert not out.exists()
+
+
+def test_the_order_of_final_protocols_does_not_make_another_run():
+    # "--final test val" was refused by the folder of "--final val test" (final: [...] -> [...]), and
+    # "--final test test" evaluated twice
+    a = finetune.parse_args(["--final", "val", "test"])
+    b = finetune.parse_args(["--final", "test", "val", "test"])
+    assert b.final == ["val", "test"] and a.out == b.out
+    assert finetune.parse_args(["--final", "test", "test"]).final == ["test"]
