@@ -237,3 +237,35 @@ def test_consumer2shop_item_in_two_partitions_is_an_error_naming_both_lines(tmp_
     with pytest.raises(ValueError, match=rf"item_id '{item}' is listed on line {first + 1} and again.* on line "
                                          rf"{len(lines) + 1}; an item belongs to one partition"):
         load("consumer2shop", root=tmp_path)
+
+
+def _attr_file(tmp_path: Path) -> tuple[Path, list[str]]:
+    from fashlib.data.synthetic import make_attributes
+
+    folder = make_attributes(tmp_path, n_products=5, seed=4)
+    path = folder / "Anno" / "list_attr_img.txt"
+    return path, _lines(path)
+
+
+def test_attributes_an_image_without_attribute_row_is_an_error_not_no_attributes(tmp_path):
+    # the image used to get attributes=() as if none was marked
+    path, lines = _attr_file(tmp_path)
+    name = lines[2].split()[0]
+    _save(path, [str(int(lines[0]) - 1), lines[1], *lines[3:]])
+    with pytest.raises(ValueError, match=rf"list_attr_img\.txt: 1 image\(s\) of the partition have no attribute row "
+                                         rf"\(e\.g\. '{name}'\)"):
+        load("attributes", root=tmp_path)
+
+
+def test_attributes_two_different_rows_for_one_image_are_an_error(tmp_path):
+    # "first occurrence wins" chose silently
+    path, lines = _attr_file(tmp_path)
+    fields = lines[2].split()
+    flipped = [fields[0], *("-1" if v == "1" else "1" for v in fields[1:])]
+    _save(path, [str(int(lines[0]) + 1), *lines[1:], " ".join(flipped)])
+    with pytest.raises(ValueError, match=rf"image '{fields[0]}' has two rows with different attribute values"):
+        load("attributes", root=tmp_path)
+    _save(path, [str(int(lines[0]) + 1), *lines[1:], lines[2]])  # an identical repeat is fine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(load("attributes", root=tmp_path)) == 15
