@@ -660,7 +660,8 @@ def main(argv: Sequence[str] | None = None, root: str | os.PathLike = PROJECT_RO
     b.add_argument("--config", default=str(DEFAULT_CONFIG), help="parameter file (default: %(default)s)")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter (YAML value); NOTEBOOK.KEY=VALUE for one notebook; repeatable")
-    b.add_argument("--only", nargs="+", metavar="NAME", help="execute only these notebooks (others stay as they are; one whose inputs changed is "
+    b.add_argument("--only", nargs="+", metavar="NAME",
+                   help="execute only these notebooks (others stay as they are; one whose inputs changed is "
                         "named STALE and blocks the HTML build)")
     b.add_argument("--output-dir", help="build the site here (sources copied) instead of in the repository")
     b.add_argument("--skip-html", action="store_true", help="execute the notebooks only")

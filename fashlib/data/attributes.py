@@ -40,7 +40,8 @@ def attribute_tuples(wanted: pd.Series, images: np.ndarray, matrix: np.ndarray, 
     missing = sorted(set(wanted) - set(images.tolist()))
     if missing:
         raise ValueError(f"{path}: {len(missing)} image(s) of the partition have no attribute row (e.g. "
-                         f"{missing[0]!r}); an absent row is not 'no attributes': fix the file or pass attributes=False")
+                         f"{missing[0]!r}); an absent row is not 'no attributes': fix the file or pass "
+                         "attributes=False")
     index = {n: i for i, n in enumerate(images.tolist())}
     return [tuple(names[np.flatnonzero(matrix[index[n]] == 1)]) for n in wanted]
 
