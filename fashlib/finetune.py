@@ -2,12 +2,13 @@
 
     python3 -m fashlib.finetune --dataset clothing --backbone tf_efficientnet_lite2 --device cuda --epochs 20
 
-Training is monitored on the validation protocol (eval_split="val"); the final model is then evaluated
-once on each protocol named by --final (default: val and test). The training rows are the same in both
-protocols. Writes checkpoints, the query/gallery embeddings and metrics.json of each final evaluation
-under --out (see fashlib.experiments.save_run) and the model as <out>/model (fashlib.models.save_embedder:
-reload it with load_embedder, or index a folder with it: `python3 -m fashlib.index build FOLDER --model
-<out>/model`); rerunning the same command resumes a stopped run.
+Training is monitored on the validation protocol (eval_split="val"; for datasets without one, In-shop and
+DeepFashion2, a validation set held out of the training rows, never the test protocol); the final model is
+then evaluated once on each protocol named by --final (default: val and test); see
+experiments.load_protocols. Writes checkpoints, the query/gallery embeddings and metrics.json of each final
+evaluation under --out (see fashlib.experiments.save_run) and the model as <out>/model
+(fashlib.models.save_embedder: reload it with load_embedder, or index a folder with it:
+`python3 -m fashlib.index build FOLDER --model <out>/model`); rerunning the same command resumes a stopped run.
 
 The default --out names the run: runs/finetune/<backbone>-<loss>-<hash of the settings>, so two different
 runs never share a folder. A folder that holds a run with other settings is refused before anything is
@@ -60,9 +61,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None,
                         help=f"output folder (default: {DEFAULT_BASE}/<backbone>-<loss>-<settings hash>)")
     args = parser.parse_args(argv)
+    args.final = [s for s in ("val", "test") if s in args.final]  # one order, no repeats: the same run
+    for problem in _bad_values(args):
+        parser.error(problem)  # exit 2 before a folder is claimed or anything is loaded
     if args.out is None:
         args.out = str(experiments.run_folder(DEFAULT_BASE, run_settings(args)))
     return args
+
+
+def _bad_values(args: argparse.Namespace) -> list[str]:
+    """Messages for values that cannot make a run (each names the option, the value and what is allowed)."""
+    minimum = {"epochs": 1, "p": 2, "k": 2, "embedding_dim": 1, "image_size": 1, "max_images": 1}
+    out = [f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}"
+           + (" (P x K batches need 2 labels with 2 images each, or the loss has nothing to compare)"
+              if name in ("p", "k") else "")
+           for name, low in minimum.items() if getattr(args, name) is not None and getattr(args, name) < low]
+    if not args.lr > 0:  # also catches nan
+        out.append(f"--lr {args.lr}: must be > 0")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -75,18 +91,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(2) from None
 
 
+def protocol_tables(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """({"val": table, "test": table}, note) from experiments.load_protocols; the note says which validation.
+
+    A dataset without a validation protocol (inshop, deepfashion2, attributes) gets one held out of its
+    TRAINING rows: training is never monitored on, and "val" never reports, the test protocol."""
+    val, test, note = experiments.load_protocols(args.dataset, args.data_root, max_images=args.max_images,
+                                                 seed=args.seed)
+    return {"val": val, "test": test}, note
+
+
 def _run(args: argparse.Namespace, settings: dict[str, Any]) -> dict:
     """Load the tables, fine-tune into args.out (claimed first), evaluate once per --final protocol."""
     start = time.perf_counter()
-    tables = {split: experiments.load_table(args.dataset, args.data_root, eval_split=split,
-                                            max_images=args.max_images, seed=args.seed)
-              for split in dict.fromkeys(["val", *args.final])}
+    tables, note = protocol_tables(args)
+    print(note, file=sys.stderr)
     history, model = experiments.finetune(
         args.backbone, tables["val"], args.out, loss=args.loss, embedding_dim=args.embedding_dim,
         image_size=args.image_size, epochs=args.epochs, p=args.p, k=args.k, lr=args.lr,
         device=args.device, num_workers=args.num_workers, seed=args.seed,
         run_config={k: settings[k] for k in ("dataset", "data_root", "max_images", "final")})
-    config = {**vars(args), "train_seconds": round(time.perf_counter() - start, 1)}
+    config = {**vars(args), "protocol": note, "train_seconds": round(time.perf_counter() - start, 1)}
     results = {}
     for split in args.final:
         table = tables[split]

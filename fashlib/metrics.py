@@ -11,8 +11,9 @@ for, and a collapsed model (all scores equal) ranks the gallery in file order. A
 (ivf, hnsw) rank as faiss does; a query they answer with fewer than k rows gives an
 IncompleteSearchWarning.
 
-Inputs are checked: embeddings with NaN or infinite values, and query/gallery labels of kinds that
-can never be equal (numbers against strings), are a ValueError.
+Inputs are checked: embeddings with NaN or infinite values (or float64 values beyond float32), missing
+labels (None, NaN), query/gallery labels of kinds that can never be equal (numbers against strings, str
+against bytes) and cut-offs K that are not integers >= 1 are a ValueError.
 
 Self-exclusion rule (``exclude_self=True``): the queries ARE the gallery, row for row; query i's
 own row i is removed from its ranked list (by position, whatever the scores), and also from its
@@ -22,6 +23,7 @@ relevant set when computing R for MAP@R. Query and gallery must then have the sa
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -45,6 +47,11 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (N, D), got shape {x.shape}")
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4 and x.size:
+        big = np.isfinite(x) & (np.abs(x) > np.finfo(np.float32).max)
+        if big.any():
+            raise ValueError(f"{name} has values beyond the float32 range (e.g. {x[big][0]!r}) in "
+                             f"{int(big.any(axis=1).sum())} rows; search runs in float32: L2-normalise the rows first.")
     x = np.ascontiguousarray(x, dtype=np.float32)
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if len(bad):
@@ -65,19 +72,38 @@ def _as_labels(labels: Any, n: int, name: str) -> np.ndarray:
 
 
 def _label_kinds(labels: np.ndarray) -> set[str]:
-    """{'number'}, {'text'} or both: what the labels are, for the comparability check."""
+    """{'number'}, {'text'}, {'bytes'} or several: what the labels are, for the comparability check.
+
+    Text and bytes are different kinds: numpy never finds 'a' == b'a' (labels read with h5py are bytes)."""
     if labels.dtype.kind in "biuf":
         return {"number"}
-    if labels.dtype.kind in "US":
+    if labels.dtype.kind == "U":
         return {"text"}
-    return {"text" if isinstance(v, (str, bytes)) else "number" if isinstance(v, (int, float, np.number)) else
-            type(v).__name__ for v in labels.tolist()}
+    if labels.dtype.kind == "S":
+        return {"bytes"}
+    return {"text" if isinstance(v, str) else "bytes" if isinstance(v, bytes) else
+            "number" if isinstance(v, (int, float, np.number)) else type(v).__name__ for v in labels.tolist()}
+
+
+def _missing_labels(labels: np.ndarray) -> np.ndarray:
+    """Positions of missing labels: None, or NaN (which equals nothing, not even another NaN)."""
+    if labels.dtype.kind == "f":
+        return np.flatnonzero(np.isnan(labels))
+    if labels.dtype.kind != "O":
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero([v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)) for v in labels.tolist()])
 
 
 def _label_pair(query_labels: Any, gallery_labels: Any, n_query: int, n_gallery: int) -> tuple[np.ndarray, np.ndarray]:
     """(query labels, gallery labels) as arrays; ValueError when their kinds can never compare equal."""
     q_lab = _as_labels(query_labels, n_query, "query_labels")
     g_lab = _as_labels(gallery_labels, n_gallery, "gallery_labels")
+    for name, lab in (("query_labels", q_lab), ("gallery_labels", g_lab)):
+        missing = _missing_labels(lab)
+        if len(missing):
+            raise ValueError(f"{name} has {len(missing)} missing label(s) (None or NaN) at rows "
+                             f"{missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}; a missing label matches "
+                             "nothing, so such a query would count as a miss: drop those rows or fill the labels.")
     q_kinds, g_kinds = _label_kinds(q_lab), _label_kinds(g_lab)
     if len(q_lab) and len(g_lab) and not q_kinds & g_kinds:
         raise ValueError(
@@ -263,6 +289,22 @@ def neighbours(query_emb: Any, gallery_emb: Any, k: int = 10, query_labels: Any 
 # ---------------------------------------------------------------- metrics
 
 
+def _check_ks(ks: Any) -> list[int]:
+    """The distinct cut-offs of `ks` (one int or a sequence of ints >= 1), sorted.
+
+    ValueError for anything else: a 0, negative or fractional K, or a string ("15" is not (1, 5))."""
+    if isinstance(ks, (int, np.integer)) and not isinstance(ks, (bool, np.bool_)):
+        ks = [ks]
+    if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
+        raise ValueError(f"ks must be a sequence of integers >= 1, got {ks!r}")
+    ks = list(ks)
+    bad = [k for k in ks if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1]
+    if bad or not ks:
+        raise ValueError(f"ks must be a non-empty sequence of integers >= 1, got {ks!r}"
+                         + (f" ({bad[0]!r} is not)" if bad else ""))
+    return sorted({int(k) for k in ks})
+
+
 def recall_at_k(query_emb: Any, query_labels: Any, gallery_emb: Any, gallery_labels: Any,
                 ks: Sequence[int] = (1, 5, 10, 20, 50), exclude_self: bool = False,
                 index: str = "flat", **index_options: Any) -> dict[int, float]:
@@ -270,9 +312,7 @@ def recall_at_k(query_emb: Any, query_labels: Any, gallery_emb: Any, gallery_lab
 
     Every query counts in the denominator (one without any relevant gallery item is a miss).
     """
-    ks = sorted({int(k) for k in ks})
-    if not ks:
-        raise ValueError("ks is empty")
+    ks = _check_ks(ks)
     nb = neighbours(query_emb, gallery_emb, max(ks), query_labels, gallery_labels,
                     exclude_self, index, **index_options)
     found = np.logical_or.accumulate(nb.matches, axis=1)
@@ -280,10 +320,11 @@ def recall_at_k(query_emb: Any, query_labels: Any, gallery_emb: Any, gallery_lab
 
 
 def _relevant_counts(q_lab: np.ndarray, g_lab: np.ndarray, exclude_self: bool) -> np.ndarray:
-    """R per query: number of gallery items sharing its label (own row removed under exclude_self)."""
-    uniques, counts = np.unique(g_lab, return_counts=True)
-    pos = np.clip(np.searchsorted(uniques, q_lab), 0, len(uniques) - 1)
-    r = np.where(uniques[pos] == q_lab, counts[pos], 0)
+    """R per query: number of gallery items sharing its label (own row removed under exclude_self).
+
+    Counted by hashing (Python equality, as ``==`` compares), so mixed label kinds need no ordering."""
+    counts = Counter(g_lab.tolist())
+    r = np.fromiter((counts.get(v, 0) for v in q_lab.tolist()), dtype=np.int64, count=len(q_lab))
     if exclude_self:
         r = r - (g_lab == q_lab)
     return r

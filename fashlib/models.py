@@ -206,6 +206,12 @@ class Embedder(nn.Module):
         Maps (NCHW or NHWC) are pooled over their spatial axes, tokens over the patch tokens.
         """
         maps = channels_first(self.backbone(x), self.feature_format, self.num_prefix_tokens)
+        if maps.shape[1] != self.feature_dim:  # pooling the wrong axes gives vectors of another size
+            raise ValueError(
+                f"backbone {self.backbone_name!r} gives {maps.shape[1]} channels once read as "
+                f"{self.feature_format} (output {tuple(maps.shape)}), but {self.feature_dim} are expected: either the "
+                "layout is wrong (pass feature_format='NHWC' / 'NCHW' / 'NLC' and num_prefix_tokens to Embedder) or "
+                "the backbone's output is wider than its num_features (timm's head_hidden_size, e.g. MambaOut).")
         return self.pool(maps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

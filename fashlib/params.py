@@ -112,7 +112,8 @@ def choice(allowed: Callable[[], Iterable[str]], many: bool = False, label: str 
         known = set(names)
         bad = [x for x in values if not isinstance(x, str) or key(x) not in known]
         if not bad:
-            return None
+            twice = [x for i, x in enumerate(values) if x in values[:i]]
+            return f"a list without repeats ({twice[0]!r} is listed twice)" if twice else None
         listed = (f"one of {', '.join(names)}" if len(names) <= 30
                   else f"one of the {len(names)} known {label or 'names'}")
         return f"{listed}; {bad[0]!r} is not{closest_hint(bad[0], names)}"
@@ -166,7 +167,7 @@ def _random_controls(v: Any) -> str | None:
     return None if problem is None else f"True, False or a list of timm model names ({problem})"
 
 
-POSITIVE_INTS = ("epochs", "finetune_epochs", "embedding_dim", "batch_p", "batch_k", "throughput_batch_size",
+POSITIVE_INTS = ("epochs", "finetune_epochs", "embedding_dim", "throughput_batch_size",
                  "throughput_batches", "n_neighbors", "purity_k", "top_k", "max_k", "max_grid_categories",
                  "examples_per_category", "n_queries", "latency_queries")
 SCHEMA: dict[str, Check] = {
@@ -187,6 +188,9 @@ SCHEMA: dict[str, Check] = {
     "ensemble": boolean(),
     "finetune": boolean(),
     **{name: integer(1) for name in POSITIVE_INTS},
+    # P x K batches: pair-based losses need 2 labels with 2 images each, or their loss is 0 (nothing learnt)
+    "batch_p": integer(2),
+    "batch_k": integer(2),
     "n_examples": integer(0),
     "n_failures": integer(0),
     "embedding_dims": int_list(),
@@ -224,10 +228,37 @@ def validate(values: Mapping[str, Any]) -> dict[str, Any]:
         if name in values:
             expected = check.test(values[name])
             if expected is not None:
-                problems.append(f"{name}={values[name]!r}: expected {expected}")
+                problems.append(f"{name}={values[name]!r}: expected {expected}{_text_hint(name, values[name])}")
+    if not problems:
+        problems = _cross_problems(values)
     if problems:
         raise ParameterError("bad notebook parameter(s):\n  " + "\n  ".join(problems))
     return {k: values[k] for k in SCHEMA if k in values}
+
+
+def _text_hint(name: str, value: Any) -> str:
+    """How to pass a list or number that arrived as text (papermill's -p passes "[a, b]" as a string)."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        parsed = load_yaml(value)
+    except yaml.YAMLError:
+        return ""
+    if isinstance(parsed, (list, dict)) or _is_number(parsed):
+        return f" (it arrived as text: with papermill pass it as YAML, -y '{name}: {value}')"
+    return ""
+
+
+def _cross_problems(values: Mapping[str, Any]) -> list[str]:
+    """Problems between parameters: random_controls names that are not among backbones (the notebook runs a
+    random-weights control only for a listed backbone, so such a name was silently left out)."""
+    controls, backbones = values.get("random_controls"), values.get("backbones")
+    if isinstance(controls, list) and isinstance(backbones, list):
+        outside = [c for c in controls if c not in backbones]
+        if outside:
+            return [f"random_controls={controls!r}: expected names from backbones ({', '.join(backbones)}); "
+                    f"{outside[0]!r} is not{closest_hint(outside[0], backbones)}"]
+    return []
 
 
 def resolve(values: Mapping[str, Any], root: str | os.PathLike = PROJECT_ROOT) -> dict[str, Any]:

@@ -11,9 +11,19 @@ ENV_VAR = "FASHLIB_DATA"
 _PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 
 
-def project_root() -> Path:
-    """The repository that holds this fashlib (it has pyproject.toml); else the current directory."""
-    return _PACKAGE_PARENT if (_PACKAGE_PARENT / "pyproject.toml").exists() else Path.cwd().resolve()
+REPOSITORY_MARKER = Path("book") / "params.yaml"  # a folder holding this is a checkout of the course
+
+
+def project_root(package_parent: str | os.PathLike = _PACKAGE_PARENT, cwd: str | os.PathLike | None = None) -> Path:
+    """The repository: the folder holding this fashlib when it is a checkout (pyproject.toml beside it, the
+    editable install); else the nearest of the working directory and its parents that holds book/params.yaml
+    (fashlib installed with `pip install .` and a kernel started in <repository>/notebooks); else the
+    working directory."""
+    package_parent = Path(package_parent)
+    if (package_parent / "pyproject.toml").exists():
+        return package_parent
+    here = Path(cwd if cwd is not None else Path.cwd()).resolve()
+    return next((d for d in (here, *here.parents) if (d / REPOSITORY_MARKER).is_file()), here)
 
 
 PROJECT_ROOT = project_root()

@@ -65,6 +65,7 @@ __all__ = [
     "CHECKPOINT_NAME",
     "CheckpointMismatchError",
     "check_resumable",
+    "check_batch_shape",
 ]
 
 CHECKPOINT_NAME = "last.pt"
@@ -325,6 +326,21 @@ def check_resumable(state: dict[str, Any], model: nn.Module, loss_fn: nn.Module,
               "(resume=False).")
 
 
+def check_batch_shape(loss_fn: nn.Module, p: int, k: int) -> None:
+    """ValueError when P x K batches can give `loss_fn` nothing to learn from.
+
+    A loss without parameters of its own (contrastive, triplet, multi-similarity, centroid triplet) compares
+    the embeddings of one batch: with k < 2 there is no positive pair, with p < 2 no negative, and the loss is
+    0 with zero gradient at every step (the model would not change, and its metrics would look like a run).
+    Proxy and classification losses (proxy anchor, ArcFace, normalised softmax) learn from k = 1 batches."""
+    if any(True for _ in loss_fn.parameters()) or (p >= 2 and k >= 2):
+        return
+    raise ValueError(
+        f"p={p}, k={k}: {type(loss_fn).__name__} compares the embeddings inside a batch and needs at least 2 labels "
+        "(p >= 2) with at least 2 images each (k >= 2) per batch; with fewer its loss is 0 and nothing is learnt. "
+        "Raise p and k, or use a proxy loss (proxy_anchor, arcface, normalized_softmax).")
+
+
 def _all_finite(modules: Sequence[nn.Module]) -> bool:
     """True when every parameter of every module is finite."""
     return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
@@ -395,8 +411,11 @@ def fit(
     the last one. ``resume``: False (fresh start), "auto" (continue ``out_dir/last.pt`` if present), True
     (must exist) or a checkpoint path. ``on_epoch_end(epoch, history)`` runs after each checkpoint.
     History: {"epoch", "loss" (mean over the epoch), "lr" (last step), <metric>: value or None}.
+    ValueError (check_batch_shape) when p x k batches leave a parameter-free loss nothing to learn from.
     """
     out_dir = Path(out_dir)
+    if batch_sampler is None:
+        check_batch_shape(loss_fn, config.p, config.k)
     dist_info, device = _setup_distributed(config.device)
     try:
         return _fit(

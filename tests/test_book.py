@@ -519,3 +519,51 @@ def test_an_interrupted_run_leaves_nothing_that_the_html_build_publishes(tmp_pat
     assert book.read_valid_stamp(outdir / "n.ipynb") is None
     with pytest.raises(RuntimeError, match="without a valid stamp"):
         book.build_html(tmp_path)
+
+
+def test_tree_fingerprint_follows_a_linked_image_folder_and_survives_loops(tmp_path):
+    # images/ linked to another disk: an edited image there rebuilt nothing (os.walk does not follow links)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "a.jpg").write_bytes(b"one")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images.csv").write_text("image\na\n")
+    (data / "images").symlink_to(store, target_is_directory=True)
+    (store / "loop").symlink_to(data, target_is_directory=True)  # a cycle must end
+    (data / "gone.jpg").symlink_to(tmp_path / "nothing.jpg")  # dangling: counted, not a crash
+    first = book.tree_fingerprint(data)
+    (store / "a.jpg").write_bytes(b"two!")
+    assert book.tree_fingerprint(data) != first
+
+
+def test_only_names_the_notebooks_it_leaves_stale_and_the_html_build_refuses_them(tmp_path, monkeypatch):
+    # --only ran one notebook after the data changed; the others, computed on the old data, were published
+    data = tmp_path / "data" / "clothing-dataset"
+    data.mkdir(parents=True)
+    (data / "images.csv").write_text("image,label\n1,shirt\n")
+    monkeypatch.setenv("FASHLIB_DATA", str(tmp_path / "data"))
+    for name in ("a", "b"):
+        make_notebook(tmp_path / "notebooks" / f"{name}.ipynb", "dataset = 'clothing'\ndata_root = None", "x = 1")
+    (tmp_path / "params.yaml").write_text("dataset: clothing\ndata_root: null\nnotebooks:\n  a: {}\n  b: {}\n")
+    build = functools.partial(book.build, tmp_path / "params.yaml", root=tmp_path, log=lambda m: None)
+    runs, _ = build(skip_html=True)
+    assert [r.status for r in runs] == ["executed", "executed"]
+    assert [r.status for r in build(only=["a"], skip_html=True)[0]] == ["skipped"]  # nothing changed: no stale
+    (data / "images.csv").write_text("image,label\n1,shirt\n2,dress\n")
+    runs, _ = build(only=["a"], skip_html=True)
+    assert [(r.name, r.status) for r in runs] == [("a", "executed"), ("b", "stale")]
+    with pytest.raises(RuntimeError, match="not publishing stale results: b ran with other inputs"):
+        build(only=["a"])
+
+
+def test_an_upgraded_package_changes_the_library_hash(monkeypatch):
+    # torch or timm upgraded: the notebooks' numbers may change, but nothing was re-executed
+    from importlib import metadata
+
+    before = book.packages_hash()
+    assert book.packages_hash() == before and len(before) == 64
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "99.0" if name == "timm" else real(name))
+    assert book.packages_hash() != before
+    assert book.packages_hash(("surely-not-installed-pkg",)) != book.packages_hash(("timm",))

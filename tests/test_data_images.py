@@ -237,3 +237,11 @@ def test_load_table_drops_undecodable_rows(tmp_path):
         capped = experiments.load_table("inshop", tmp_path, decode_cache=tmp_path / "c", max_images=20)
     assert capped.attrs["undecodable"] == {"query": 1} and victim not in set(capped["path"])
     assert folder.is_dir()
+
+
+@pytest.mark.parametrize("value,want", [(0.5, 128), (1.0, 255), (200.0, 200), (30000.0, 117)])
+def test_float_grey_is_scaled_by_its_range_not_truncated_to_black(tmp_path, value, want):
+    # a 0..1 float TIFF (mode F) used to come out black (PIL truncates 0.5 to 0)
+    path = tmp_path / "f.tif"
+    Image.new("F", (4, 3), value).save(path)
+    assert np.asarray(open_rgb(path)).tolist() == np.full((3, 4, 3), want).tolist()

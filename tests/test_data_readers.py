@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 import shutil
 import time
 import warnings
@@ -389,7 +388,7 @@ def test_env_var_and_explicit_root(root, tmp_path, monkeypatch):
     assert len(load_quiet("inshop", root=root)) > 0  # explicit root wins over the env var
     assert len(load_quiet("inshop", path=root / "inshop")) > 0  # path= points at the dataset folder
     monkeypatch.delenv("FASHLIB_DATA")
-    monkeypatch.chdir(tmp_path)  # the default is <repository>/data, wherever the process was started
+    monkeypatch.chdir(tmp_path)  # the default is <repository>/data whatever the working directory (README)
     from fashlib.paths import PROJECT_ROOT
 
     with pytest.raises(FileNotFoundError, match=re.escape(str(PROJECT_ROOT / "data" / "inshop"))):

@@ -186,3 +186,86 @@ def test_clothing_csv_duplicates_conflicts_and_encoding(tmp_path):
         read_clothing(_clothing(tmp_path / "c", ROWS_CSV, clash))
     with pytest.raises(ValueError, match=r"images\.csv: not UTF-8 text.*\(line 2\)"):
         read_clothing(_clothing(tmp_path / "d", ROWS_CSV, text.replace("T-Shirt", "Tée", 1), encoding="latin-1"))
+
+
+def test_inshop_item_with_training_and_query_images_is_an_error_naming_both_lines(tmp_path):
+    # In-shop items never cross splits; an item trained on and queried was read without a word (a leak)
+    make_inshop(tmp_path, seed=1)
+    part = tmp_path / "inshop" / "Eval" / "list_eval_partition.txt"
+    lines = _lines(part)
+    q = next(i for i, line in enumerate(lines) if line.endswith("query"))
+    item = lines[q].split()[1]
+    lines[q] = lines[q].replace("query", "train")
+    _save(part, lines)
+    first = next(i for i, line in enumerate(lines) if line.split()[1:2] == [item])
+    other = next(i for i, line in enumerate(lines) if i > first and line.split()[1:2] == [item]
+                 and (line.endswith("train") != lines[first].endswith("train")))
+    with pytest.raises(ValueError, match=rf"list_eval_partition\.txt: item '{item}' is .* on line {first + 1} and "
+                                         rf".* on line {other + 1}; an item is either trained on or evaluated"):
+        load("inshop", root=tmp_path)
+
+
+def test_query_and_gallery_images_of_one_item_are_the_protocol(tmp_path):
+    make_inshop(tmp_path, seed=1)
+    table = load("inshop", root=tmp_path)
+    shared = set(table.loc[table.split == "query", "item_id"]) & set(table.loc[table.split == "gallery", "item_id"])
+    assert shared  # still read: only train against query/gallery is refused
+
+
+def test_line_numbers_count_only_line_feeds_and_carriage_returns(tmp_path):
+    # str.splitlines also breaks at \x0b, \x0c, \x1c-\x1e, U+0085, U+2028: a vertical tab inside line 4 shifted
+    # every later line number by one (and split the record in two)
+    rows = _plain().split("\n")
+    rows[3] = rows[3].replace("  ", "\x0b", 1)  # record line 4, fields still separated by whitespace
+    bad = [*rows[:5], "img/D/w.jpg id_4", *rows[5:]]  # line 6 has 2 fields
+    path = tmp_path / "odd.txt"
+    path.write_text("\n".join(bad), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"odd\.txt, line 6: expected 3 fields"):
+        read_annotation(path, COLUMNS)
+
+
+def test_consumer2shop_item_in_two_partitions_is_an_error_naming_both_lines(tmp_path):
+    # new photos of a test item listed as a training pair were read silently: the model trains on the query's item
+    make_consumer2shop(tmp_path, seed=0)
+    part = tmp_path / "consumer2shop" / "Eval" / "list_eval_partition.txt"
+    lines = _lines(part)
+    test_line = next(i for i, line in enumerate(lines) if line.endswith(" test"))
+    consumer, shop, item, _ = lines[test_line].split()
+    first = next(i for i, line in enumerate(lines) if i >= 2 and line.split()[2] == item)
+    new = f"{consumer.replace('.jpg', '_new.jpg')} {shop.replace('.jpg', '_new.jpg')} {item} train"
+    _save(part, [str(int(lines[0]) + 1), *lines[1:], new])
+    with pytest.raises(ValueError, match=rf"item_id '{item}' is listed on line {first + 1} and again.* on line "
+                                         rf"{len(lines) + 1}; an item belongs to one partition"):
+        load("consumer2shop", root=tmp_path)
+
+
+def _attr_file(tmp_path: Path) -> tuple[Path, list[str]]:
+    from fashlib.data.synthetic import make_attributes
+
+    folder = make_attributes(tmp_path, n_products=5, seed=4)
+    path = folder / "Anno" / "list_attr_img.txt"
+    return path, _lines(path)
+
+
+def test_attributes_an_image_without_attribute_row_is_an_error_not_no_attributes(tmp_path):
+    # the image used to get attributes=() as if none was marked
+    path, lines = _attr_file(tmp_path)
+    name = lines[2].split()[0]
+    _save(path, [str(int(lines[0]) - 1), lines[1], *lines[3:]])
+    with pytest.raises(ValueError, match=rf"list_attr_img\.txt: 1 image\(s\) of the partition have no attribute row "
+                                         rf"\(e\.g\. '{name}'\)"):
+        load("attributes", root=tmp_path)
+
+
+def test_attributes_two_different_rows_for_one_image_are_an_error(tmp_path):
+    # "first occurrence wins" chose silently
+    path, lines = _attr_file(tmp_path)
+    fields = lines[2].split()
+    flipped = [fields[0], *("-1" if v == "1" else "1" for v in fields[1:])]
+    _save(path, [str(int(lines[0]) + 1), *lines[1:], " ".join(flipped)])
+    with pytest.raises(ValueError, match=rf"image '{fields[0]}' has two rows with different attribute values"):
+        load("attributes", root=tmp_path)
+    _save(path, [str(int(lines[0]) + 1), *lines[1:], lines[2]])  # an identical repeat is fine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(load("attributes", root=tmp_path)) == 15

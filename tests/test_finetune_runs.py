@@ -145,3 +145,61 @@ def test_fit_refuses_another_configuration_but_resumes_a_longer_run(tmp_path):
         _fit(tmp_path, p=4, k=2)
     longer = _fit(tmp_path, epochs=2)  # more epochs (and device, workers, eval cadence) may change
     assert longer["epoch"] == [1, 2] and longer["loss"][0] == first["loss"][0]
+
+
+def test_finetune_never_monitors_or_reports_val_on_the_test_protocol(tmp_path):
+    # In-shop has no validation protocol: "val" used to be the test query/gallery (final_val == final_test)
+    synthetic.make_inshop(tmp_path, seed=0)
+    args = finetune.parse_args(["--dataset", "inshop", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    tables, note = finetune.protocol_tables(args)
+    val, test = tables["val"], tables["test"]
+    test_eval = set(test.loc[test["split"].isin(["query", "gallery"]), "path"])
+    val_eval = set(val.loc[val["split"].isin(["query", "gallery"]), "path"])
+    assert len(val_eval) > 0 and len(test_eval) > 0
+    assert not val_eval & test_eval  # validation rows are held out of the training rows
+    assert val_eval <= set(test.loc[test["split"] == "train", "path"])
+    assert not test_eval & set(val.loc[val["split"] == "train", "path"])  # never trained on test rows
+    assert "no validation protocol" in note
+
+
+@pytest.mark.parametrize("p,k", [(2, 1), (1, 2)])
+def test_fit_refuses_batches_that_give_a_pair_loss_nothing_to_learn(tmp_path, p, k):
+    # k=1 (or p=1): multi-similarity / triplet losses are exactly 0 with zero gradient at every step
+    from fashlib import losses
+
+    emb = torch.nn.functional.normalize(torch.randn(4, 8), dim=1).requires_grad_()
+    labels = torch.arange(4) if k == 1 else torch.zeros(4, dtype=torch.long)
+    assert float(losses.create("multi_similarity")(emb, labels)) == 0.0
+    with pytest.raises(ValueError, match=rf"p={p}, k={k}: .*needs at least 2 labels"):
+        _fit(tmp_path, p=p, k=k)
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+
+
+def test_proxy_losses_may_train_on_one_image_per_label():
+    from fashlib import losses
+    from fashlib.train import check_batch_shape
+
+    check_batch_shape(losses.create("proxy_anchor", num_classes=4, embedding_dim=8), p=4, k=1)  # no error
+    with pytest.raises(ValueError, match="proxy loss"):
+        check_batch_shape(losses.create("multi_similarity"), p=4, k=1)
+
+
+@pytest.mark.parametrize("option,value", [("--k", "1"), ("--p", "1"), ("--epochs", "0"), ("--lr", "nan"),
+                                          ("--lr", "-1e-4"), ("--max-images", "0")])
+def test_finetune_refuses_values_that_cannot_make_a_run_before_claiming_a_folder(tmp_path, capsys, option, value):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        finetune.parse_args(["--out", str(out), f"{option}={value}"])
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert f"{option} {float(value) if option == '--lr' else value}: must be" in message
+    assert not out.exists()
+
+
+def test_the_order_of_final_protocols_does_not_make_another_run():
+    # "--final test val" was refused by the folder of "--final val test" (final: [...] -> [...]), and
+    # "--final test test" evaluated twice
+    a = finetune.parse_args(["--final", "val", "test"])
+    b = finetune.parse_args(["--final", "test", "val", "test"])
+    assert b.final == ["val", "test"] and a.out == b.out
+    assert finetune.parse_args(["--final", "test", "test"]).final == ["test"]

@@ -326,3 +326,58 @@ def test_search_never_returns_missing_ids_silently(data):
     with pytest.warns(metrics.IncompleteSearchWarning, match=r"fewer than k=200 gallery rows for \d+ of 150 queries.*nprobe"):
         _, idx = metrics.search(query, gallery, k=200, index="ivf", nlist=12, nprobe=1)
     assert (idx < 0).any()
+
+
+# ---------------------------------------------------------------- inputs that used to give silent wrong numbers
+
+
+def _three_queries():
+    base = np.eye(3, DIM)
+    gallery = _normalise(np.concatenate([base, base + 0.1 * np.eye(3, DIM, k=3)]))  # rows 3-5 near rows 0-2
+    return gallery[:3].copy(), np.array([0, 1, 2]), gallery, np.array([0, 1, 2, 0, 1, 2])
+
+
+@pytest.mark.parametrize("ks", [(0, 5), (-1, 2), (1.7,), (1, True), "15", ()])
+def test_recall_cutoffs_that_are_not_positive_integers_are_refused(ks):
+    # (0, 5) used to return {0: Recall@5}; "15" was read as (1, 5)
+    q, ql, g, gl = _three_queries()
+    with pytest.raises(ValueError, match="ks must be"):
+        metrics.recall_at_k(q, ql, g, gl, ks=ks)
+
+
+def test_a_single_int_cutoff_is_one_k():
+    q, ql, g, gl = _three_queries()
+    assert metrics.recall_at_k(q, ql, g, gl, ks=2) == {2: 1.0}
+
+
+def test_text_labels_against_bytes_labels_are_refused():
+    # numpy never finds 'a' == b'a': Recall@1 was 0.0 on a perfect ranking
+    q, ql, g, gl = _three_queries()
+    with pytest.raises(ValueError, match="can never equal"):
+        metrics.recall_at_k(q, ql.astype(str), g, gl.astype(str).astype("S"), ks=(1,))
+    with pytest.raises(ValueError, match="can never equal"):
+        metrics.map_at_r(q, ql.astype(str).astype(object), g, np.array([str(v).encode() for v in gl], dtype=object))
+
+
+@pytest.mark.parametrize("labels", [np.array([0.0, 1.0, np.nan]), np.array(["0", "1", None], dtype=object)])
+def test_missing_query_labels_are_refused_not_counted_as_misses(labels):
+    # a NaN / None label matched nothing: Recall@1 was 0.667 on a perfect ranking
+    q, _, g, gl = _three_queries()
+    gallery_labels = gl.astype(labels.dtype) if labels.dtype != object else gl.astype(str).astype(object)
+    with pytest.raises(ValueError, match=r"query_labels has 1 missing label\(s\) .* rows \[2\]"):
+        metrics.recall_at_k(q, labels, g, gallery_labels, ks=(1,))
+    with pytest.raises(ValueError, match="missing label"):
+        metrics.map_at_r(q, labels, g, gallery_labels)
+
+
+def test_map_at_r_counts_relevant_items_for_mixed_label_objects():
+    # object labels mixing ints and strings used to crash np.unique; the value must equal brute force
+    q, ql, g, gl = _three_queries()
+    mixed = lambda a: np.array([int(v) if v % 2 else f"s{v}" for v in a], dtype=object)  # noqa: E731
+    assert metrics.map_at_r(q, mixed(ql), g, mixed(gl)) == pytest.approx(1.0)
+
+
+def test_float64_values_beyond_float32_are_named_as_such():
+    q, ql, g, gl = _three_queries()
+    with pytest.raises(ValueError, match="beyond the float32 range"):
+        metrics.recall_at_k(q.astype(np.float64) * 1e39, ql, g, gl, ks=(1,))

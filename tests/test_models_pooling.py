@@ -88,3 +88,23 @@ def test_channels_first_layouts_and_errors():
     with pytest.raises(ValueError, match="feature_format must be one of"):
         models.Embedder(torch.nn.Identity(), models.AvgPool(), models.EmbeddingHead(4, None), {}, "x", "random",
                         feature_format="NWHC")
+
+
+class _ChannelsLast(torch.nn.Module):
+    """A backbone that returns NHWC maps without declaring it (no output_fmt)."""
+
+    num_features = 8
+
+    def forward(self, x):
+        return torch.ones(x.shape[0], 3, 5, self.num_features)
+
+
+def test_a_layout_that_does_not_fit_the_feature_size_is_an_error_not_wrong_vectors():
+    # read as NCHW, these NHWC maps pooled to 3 values; with no projection (embedding_dim=None) nothing
+    # caught it and the "features" were averages over the wrong axes
+    head = models.EmbeddingHead(8, None)
+    wrong = models.Embedder(_ChannelsLast(), models.AvgPool(), head, {}, "fake", "random")
+    with pytest.raises(ValueError, match=r"gives 3 channels once read as NCHW .* but 8 are expected"):
+        wrong.pooled_features(torch.zeros(2, 3, 4, 4))
+    right = models.Embedder(_ChannelsLast(), models.AvgPool(), head, {}, "fake", "random", feature_format="NHWC")
+    assert right.pooled_features(torch.zeros(2, 3, 4, 4)).tolist() == [[1.0] * 8] * 2

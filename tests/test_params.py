@@ -65,6 +65,11 @@ def test_parameter_drift_names_each_difference():
     ("select_by", "map@R", "did you mean 'map@r'?"),
     ("ks", [1, 0], "ks=[1, 0]: expected a non-empty list of integers >= 1"),
     ("holdout_fraction", 1.5, "holdout_fraction=1.5: expected a number > 0.0 and <= 1.0"),
+    # one image per label (or one label) per batch: pair losses are 0 with zero gradient, nothing is learnt
+    ("batch_k", 1, "batch_k=1: expected an integer >= 2"),
+    ("batch_p", 1, "batch_p=1: expected an integer >= 2"),
+    # a loss or backbone listed twice gave two rows of one configuration
+    ("losses", ["triplet", "proxy_anchor", "triplet"], "a list without repeats ('triplet' is listed twice)"),
 ])
 def test_a_bad_value_names_the_parameter_the_value_and_what_is_allowed(name, value, expected):
     with pytest.raises(params.ParameterError) as err:
@@ -134,3 +139,36 @@ def test_in_a_kernel_started_in_notebooks_the_paths_are_the_repository_ones(tmp_
         "RESOLVED", str(REPO / "data"), str(REPO / ".cache" / "features"), str(REPO / "runs" / "book"), "3"]
     refused = cells[-1].outputs[0]["text"]
     assert "epochs='ten': expected an integer >= 1" in refused and "did you mean 'multi_similarity'?" in refused
+
+
+def test_repository_root_found_from_a_kernel_in_notebooks_when_fashlib_is_installed_elsewhere(tmp_path):
+    # `pip install .` puts fashlib in site-packages (no pyproject.toml beside it): the root was the kernel's
+    # working directory, so a kernel started in notebooks/ read notebooks/data and wrote notebooks/runs
+    from fashlib.paths import project_root
+
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    assert project_root(site, cwd=REPO / "notebooks") == REPO
+    assert project_root(site, cwd=REPO) == REPO
+    assert project_root(site, cwd=tmp_path) == tmp_path.resolve()  # not in a checkout: the working directory
+    assert project_root(REPO, cwd=tmp_path) == REPO  # a checkout's own fashlib wins
+
+
+def test_random_controls_must_name_listed_backbones():
+    # the notebook runs a random-weights control only for a backbone it compares: other names were ignored
+    backbones = ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
+    with pytest.raises(params.ParameterError, match=r"random_controls=\['tf_efficientnet_lite2'\]: expected names "
+                                                    r"from backbones .*'tf_efficientnet_lite2' is not"):
+        params.validate({"backbones": backbones, "random_controls": ["tf_efficientnet_lite2"]})
+    for good in (True, False, ["tf_efficientnet_lite1"]):
+        params.validate({"backbones": backbones, "random_controls": good})
+
+
+def test_a_list_that_arrived_as_text_says_how_to_pass_it():
+    # papermill -p losses "[triplet, arcface]" passes a string; the error now says to use -y
+    with pytest.raises(params.ParameterError, match=r"losses='\[triplet, arcface\]': expected a non-empty list "
+                                                    r"of loss names \(it arrived as text: .*-y 'losses: \[triplet, arcface\]'\)"):
+        params.validate({"losses": "[triplet, arcface]"})
+    with pytest.raises(params.ParameterError) as err:
+        params.validate({"epochs": "ten"})
+    assert "arrived as text" not in str(err.value)  # plain words get no hint

@@ -72,6 +72,13 @@ def read_text(path: str | os.PathLike) -> str:
         raise encoding_error(path, data, err) from None
 
 
+def text_lines(text: str) -> list[str]:
+    """Lines ended by LF, CRLF or CR only. str.splitlines would also break at form feeds, U+0085, U+2028 and
+    other separators, which can sit inside a field: records would be cut in two and line numbers shift."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 def check_utf8(path: str | os.PathLike, chunk: int = 1 << 24) -> None:
     """Raise encoding_error at the first non-UTF-8 byte of a (possibly large) file, read in chunks."""
     offset, lines, carry = 0, 0, b""
@@ -147,7 +154,7 @@ def read_annotation(
     merge_at = columns.index(merge_extra_into) if merge_extra_into is not None else None
     n_cols = len(columns)
 
-    lines = read_text(path).splitlines()
+    lines = text_lines(read_text(path))
     if not lines:
         raise ValueError(f"{path}, line 1: empty annotation file, expected a record count")
     try:

@@ -26,6 +26,26 @@ def read_attribute_names(dataset_dir: str | os.PathLike) -> pd.DataFrame:
     return names
 
 
+def attribute_tuples(wanted: pd.Series, images: np.ndarray, matrix: np.ndarray, names: np.ndarray,
+                     path: str | os.PathLike) -> list[tuple[str, ...]]:
+    """Per wanted image, the names of its attributes marked 1 in `matrix` (rows named by `images`).
+
+    ValueError naming `path` when a wanted image has no row (it used to read as "no attribute at all") or
+    when an image has two rows with different values; identical repeated rows are fine."""
+    rows = pd.DataFrame(matrix).assign(image_name=images)
+    repeated = rows[rows["image_name"].duplicated(keep=False)]
+    if len(repeated) and len(repeated.drop_duplicates()) != repeated["image_name"].nunique():
+        name = repeated["image_name"].iloc[0]
+        raise ValueError(f"{path}: image {name!r} has two rows with different attribute values; keep the right one")
+    missing = sorted(set(wanted) - set(images.tolist()))
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} image(s) of the partition have no attribute row (e.g. "
+                         f"{missing[0]!r}); an absent row is not 'no attributes': fix the file or pass "
+                         "attributes=False")
+    index = {n: i for i, n in enumerate(images.tolist())}
+    return [tuple(names[np.flatnonzero(matrix[index[n]] == 1)]) for n in wanted]
+
+
 def read_attributes(
     dataset_dir: str | os.PathLike, attributes: bool = True, check_images: bool = True
 ) -> pd.DataFrame:
@@ -79,9 +99,7 @@ def read_attributes(
         if matrix.shape[1] != len(names):
             raise ValueError(f"{anno / 'list_attr_img.txt'}: {matrix.shape[1]} values per image but "
                              f"list_attr_cloth.txt names {len(names)} attributes")
-        active = [tuple(names[np.flatnonzero(row == 1)]) for row in matrix]
-        lookup = dict(zip(reversed(images.tolist()), reversed(active)))  # first occurrence wins
-        table["attributes"] = [lookup.get(n, ()) for n in table["image_name"]]
+        table["attributes"] = attribute_tuples(table["image_name"], images, matrix, names, anno / "list_attr_img.txt")
     table = table[["path", "item_id", "label", "category", "domain", "split", "x1", "y1", "x2", "y2",
                    "image_name", "category_label", "category_type"] + (["attributes"] if attributes else [])]
     return finish_table(table, "attributes", check_images)

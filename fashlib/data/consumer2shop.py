@@ -44,7 +44,8 @@ def check_pair_roles(pairs: pd.DataFrame, path: str | os.PathLike) -> None:
     """ValueError naming two lines of `path` when an image changes role, item or partition between pairs.
 
     A consumer photo listed as a shop photo would be its own gallery match (query also in gallery); an
-    image in pairs of two partitions would be both trained on and evaluated. `pairs` needs a "line" column.
+    image, or an item, in pairs of two partitions would be both trained on and evaluated. `pairs` needs a
+    "line" column.
     """
     both = sorted(set(pairs["consumer"]) & set(pairs["shop"]))
     if both:
@@ -55,6 +56,9 @@ def check_pair_roles(pairs: pd.DataFrame, path: str | os.PathLike) -> None:
     for role in ("consumer", "shop"):
         per_image = pairs[[role, "item_id", "evaluation_status", "line"]].drop_duplicates([role, "item_id", "evaluation_status"])
         require_unique(per_image, role, path, f"a {role} image belongs to one item and one partition (train/val/test)")
+    per_item = pairs[["item_id", "evaluation_status", "line"]].drop_duplicates(["item_id", "evaluation_status"])
+    require_unique(per_item, "item_id", path, "an item belongs to one partition (train, val or test): trained on, "
+                   "it would be found by its own query photos (an inflated Recall@K)")
 
 
 def read_consumer2shop(dataset_dir: str | os.PathLike, eval_split: str = "test", check_images: bool = True) -> pd.DataFrame:

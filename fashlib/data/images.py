@@ -7,7 +7,8 @@ goes through `open_rgb` / `oriented_size`, so a photo is seen the same way every
   PIL.ImageOps.exif_transpose, so width/height and box coordinates refer to the image as displayed;
 - every PIL mode becomes 8-bit RGB: palette (P) and grey (L, 1) by PIL's conversion; 16/32-bit
   integer grey (I;16, I;16B, I;16L, I) by scaling 0..65535 to 0..255 (PIL's own conversion clips
-  at 255, which turns a 16-bit photo white); CMYK and YCbCr by PIL's conversion;
+  at 255, which turns a 16-bit photo white); 32-bit float grey (F) by its range (0..1 times 255, which
+  PIL's conversion would truncate to black); CMYK and YCbCr by PIL's conversion;
 - transparency (modes RGBA, LA, PA, La, RGBa, or a palette/grey/RGB image with a `transparency`
   entry) is composited on WHITE, the usual background of shop photos (PIL's convert("RGB") would
   keep the hidden colour, often black).
@@ -37,6 +38,15 @@ class UndecodableImageError(OSError):
     """An image file could not be decoded (message names the file, the reason and the fix)."""
 
 
+def _float_grey_to_8bit(grey: np.ndarray) -> np.ndarray:
+    """32-bit float grey (mode F) -> uint8 by its range: 0..1 (the usual float convention) times 255, up to
+    255 as is, wider ranges as 16-bit (/257). PIL's own conversion truncates, turning a 0..1 image black."""
+    finite = grey[np.isfinite(grey)]
+    top = float(finite.max()) if finite.size else 0.0
+    scale = 255.0 if top <= 1.0 else 1.0 if top <= 255.0 else 1 / 257.0
+    return np.clip(np.rint(np.nan_to_num(grey * scale, nan=0.0, posinf=255.0, neginf=0.0)), 0, 255).astype(np.uint8)
+
+
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
     """Any PIL mode -> 8-bit RGB; transparency composited on `background`; wide grey scaled to 8 bits."""
     if img.mode == "RGB" and "transparency" not in img.info:
@@ -44,6 +54,8 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.
     if img.mode in _WIDE_GREY_MODES:
         grey = np.asarray(img, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
         img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        img = Image.fromarray(_float_grey_to_8bit(np.asarray(img, dtype=np.float64)), mode="L")
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*background, 255))

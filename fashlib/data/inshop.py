@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ._annotations import read_annotation, require_unique
+from ._annotations import conflicting_rows, read_annotation, require_unique
 from ._common import finish_table, image_base
 
 SPLITS = ("train", "query", "gallery")
@@ -28,6 +28,25 @@ def parse_inshop_name(image_name: str) -> dict[str, object]:
     return {"category": f"{gender}/{sub}", "gender": gender, "subcategory": sub, "view": view, "pose": pose}
 
 
+def check_items_stay_in_their_split(part: pd.DataFrame, path: str | os.PathLike) -> None:
+    """ValueError naming two lines of `path` when an item has training images AND query/gallery images.
+
+    In-shop items never cross between training and evaluation (the released split: 3,997 training items,
+    3,985 test items): a model trained on an item's photos would find its query photos by heart, an
+    inflated Recall@K. Query and gallery images of one item are the protocol. `part` needs a "line" column.
+    """
+    role = np.where(part["evaluation_status"].to_numpy() == "train", "train", "query/gallery")
+    per_item = part.assign(role=role).drop_duplicates(["item_id", "role"])
+    clash = conflicting_rows(per_item, "item_id", "line")
+    if clash is None:
+        return
+    first, second = (per_item.loc[per_item["line"] == n].iloc[0] for n in clash)
+    raise ValueError(
+        f"{path}: item {first['item_id']!r} is {first['role']} on line {clash[0]} and {second['role']} on line "
+        f"{clash[1]}; an item is either trained on or evaluated, never both (the model would have seen the "
+        "query's garment). Fix the file.")
+
+
 def read_inshop(dataset_dir: str | os.PathLike, check_images: bool = True) -> pd.DataFrame:
     """Read In-shop: Eval/list_eval_partition.txt + Anno/list_bbox_inshop.txt into the contract table.
 
@@ -35,7 +54,8 @@ def read_inshop(dataset_dir: str | os.PathLike, check_images: bool = True) -> pd
     extra columns image_name, gender, subcategory, view, pose (from the file name), clothes_type,
     pose_type (from the bbox file, ints as documented in FORMATS.md).
     Exact duplicate lines are dropped with a warning; an image listed twice with different values (e.g.
-    both as query and as gallery, which would make it its own top-1 match) is a ValueError naming both lines.
+    both as query and as gallery, which would make it its own top-1 match) is a ValueError naming both lines,
+    and so is an item with both training and query/gallery images (check_items_stay_in_their_split).
     """
     folder = Path(dataset_dir)
     part_file = folder / "Eval" / "list_eval_partition.txt"
@@ -47,6 +67,7 @@ def read_inshop(dataset_dir: str | os.PathLike, check_images: bool = True) -> pd
         line_column="line",
     )
     require_unique(part, "image_name", part_file, "an image must have one item and one role (train, query or gallery)")
+    check_items_stay_in_their_split(part, part_file)
     box_file = folder / "Anno" / "list_bbox_inshop.txt"
     box = read_annotation(
         box_file,
