@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,11 +19,11 @@ import pandas as pd
 import torch
 
 from . import data, metrics
-from .paths import data_root
+from .paths import PROJECT_ROOT, data_root
 
 KS: tuple[int, ...] = (1, 5, 10, 20, 50)
 EVAL_ROLES = ("query", "gallery")
-DECODE_CACHE = ".cache/decodable"  # per-file "does it decode" results (data.drop_undecodable)
+DECODE_CACHE = PROJECT_ROOT / ".cache" / "decodable"  # per-file "does it decode" results (data.drop_undecodable)
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -113,6 +114,10 @@ def evaluate(table: pd.DataFrame, embeddings: np.ndarray, ks: Sequence[int] = KS
     """Recall@K (DeepFashion top-k accuracy) and mAP@R of the table's queries against its gallery."""
     query, gallery = eval_rows(table)
     labels = table["label"].to_numpy()
+    dropped = [k for k in ks if k > len(gallery)]
+    if dropped:
+        warnings.warn(f"Recall@K for K = {dropped} left out: the gallery has only {len(gallery)} images",
+                      stacklevel=2)
     ks = [k for k in ks if k <= len(gallery)]
     recall = metrics.recall_at_k(embeddings[query], labels[query], embeddings[gallery], labels[gallery], ks=ks)
     result = {f"recall@{k}": value for k, value in recall.items()}
