@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .models import EmbeddingHead
+from .train import check_batch_shape
 
 __all__ = [
     "FeatureCacheWarning",
@@ -637,7 +638,7 @@ def train_head(
     (MPerClassBatches, pytorch-metric-learning's m-per-class with m = k); the optimiser is AdamW. Everything is
     seeded (the global RNG state is restored afterwards), so equal arguments give equal weights.
     Returns (head in eval mode, per-epoch mean losses). Raises ValueError for mismatched rows, unknown
-    head or sampler.
+    head or sampler, and for batches a pair loss cannot learn from (k < 2 or p < 2; train.check_batch_shape).
     """
     x_all = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
     codes, classes = pd.factorize(pd.Series(np.asarray(labels)), sort=True)
@@ -655,6 +656,7 @@ def train_head(
             head = build_head(head_type, x_all.shape[1], embedding_dim, bnneck=bnneck, hidden_dim=hidden_dim)
         head.to(device)
         loss_fn = create_loss(loss, loss_options, len(classes), head.embedding_dim).to(device)
+        check_batch_shape(loss_fn, p, k)
         params = [q for module in (head, loss_fn) for q in module.parameters() if q.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         batches = _make_sampler(sampler, codes, p, k, seed, batches_per_epoch)

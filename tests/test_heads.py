@@ -154,3 +154,14 @@ def test_postprocessing_test_uses_validation_choice():
     expected = study.postprocessed_scores(test, emb, "qe", k=2)["recall@1"].mean()
     assert result.loc["qe", "recall@1"] == pytest.approx(expected)
     assert result.loc["none", "Δ recall@1"] == 0 and result.loc["none", "Δ recall@1 p"] == 1.0
+
+
+def test_train_head_refuses_batches_a_pair_loss_cannot_learn_from():
+    """k=1 gives multi-similarity no positive pair: loss 0, zero gradient, nothing learnt; refused up front."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    y = np.repeat(np.arange(10), 4)
+    with pytest.raises(ValueError, match="k >= 2"):
+        train_head(x, y, loss="multi_similarity", p=4, k=1, epochs=1, progress=False)
+    head, history = train_head(x, y, loss="arcface", p=4, k=1, epochs=1, progress=False)  # proxies learn
+    assert len(history) == 1
