@@ -60,12 +60,17 @@ def build_transform(prep: dict):
 
 
 def open_rgb(image: Any) -> Image.Image:
-    """A PIL RGB image from a path or PIL image; raises OSError/ValueError for an undecodable file."""
+    """A PIL RGB image from a path or a PIL image, read as the course reads every image
+    (fashlib.data.images: EXIF orientation applied, every mode to 8-bit RGB, transparency on white).
+
+    Raises fashlib.data.images.UndecodableImageError (an OSError) naming an undecodable file."""
+    from PIL import ImageOps
+
+    from .data.images import open_rgb as open_path, to_rgb
+
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    with Image.open(image) as img:
-        img.load()
-        return img.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image))
+    return open_path(image)
 
 
 class SavedEmbedder(nn.Module):

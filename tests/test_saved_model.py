@@ -96,3 +96,21 @@ def test_corrupt_or_foreign_folders_are_refused(table, tmp_path):
         models.load_embedder(folder)
     with pytest.raises(SavedModelError, match="not a saved model folder"):
         models.load_embedder(tmp_path)
+
+
+def test_catalogue_images_are_read_like_the_course_reads_them(tmp_path):
+    """Index, search page and saved model open photos with data.images' rules: EXIF orientation, alpha on white."""
+    from PIL import Image
+
+    from fashlib.saved_model import open_rgb
+
+    photo = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    path = tmp_path / "phone.jpg"
+    photo.save(path, exif=exif)
+    assert open_rgb(path).size == (20, 40)
+    with Image.open(path) as img:
+        assert open_rgb(img).size == (20, 40)
+    clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert open_rgb(clear).getpixel((0, 0)) == (255, 255, 255)
