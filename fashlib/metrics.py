@@ -1,4 +1,4 @@
-"""Retrieval search and metrics: faiss inner-product search, top-k recall, MAP@R, ranked lists.
+"""Retrieval search and metrics: exact inner-product search (numpy; faiss for IVF/HNSW), Recall@K, mAP@R, ranked lists.
 
 Scores are inner products, so pass L2-normalised embeddings to rank by cosine similarity
 (fashlib Embedders already return normalised vectors). Inputs may be numpy arrays or torch

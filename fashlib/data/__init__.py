@@ -1,4 +1,4 @@
-"""Dataset readers behind one call, load(name, root), each returning the contract table (see contract.md).
+"""Dataset readers behind one call, load(name, root), each returning the contract table (see ARCHITECTURE.md, "The table contract").
 
 Readers are registered in DATASETS (name -> function(dataset_dir, **options) -> DataFrame). The torch
 side (ImageTableDataset, build_transforms, PKSampler) is re-exported lazily so that reading a table
