@@ -20,6 +20,9 @@ from typing import Any, Sequence
 from PIL import Image
 
 THUMB_SIZE = 256
+# largest upload decoded, in pixels (read from the header before decoding): 64 MP covers phone photos, while a
+# small PNG of 150 MP (under PIL's own bomb limit of 2 x 89 MP) would cost ~0.5 GB and seconds of CPU per request
+MAX_UPLOAD_PIXELS = 64_000_000
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222;background:#fafafa}
 h1{font-size:1.4rem} .drop{border:2px dashed #888;border-radius:8px;padding:1.5rem;text-align:center;background:#fff}
@@ -80,10 +83,17 @@ def _form(k: int) -> str:
             f'<button type="submit" id="go">Search the top {k}</button></div></form>')
 
 
-def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0):
-    """Flask app over an opened CatalogueIndex (fashlib.index.open_index); see the module docstring."""
+def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0, max_pixels: int = MAX_UPLOAD_PIXELS):
+    """Flask app over an opened CatalogueIndex (fashlib.index.open_index); see the module docstring.
+
+    Uploads above `max_upload_mb` megabytes or `max_pixels` pixels (width x height, read from the header before
+    any decoding: decompression bombs) are refused with 413 and a message.
+    """
     from flask import Flask, Response, abort, jsonify, request
     from werkzeug.exceptions import RequestEntityTooLarge
+
+    from .index import CatalogueIndexError
+    from .saved_model import open_rgb
 
     app = Flask("fashlib.serve")
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
@@ -112,10 +122,20 @@ def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0):
             return message(400, "No photo received: choose an image file (JPEG, PNG or WebP).")
         try:
             image = Image.open(io.BytesIO(upload.read()))
+        except Exception:  # noqa: BLE001 - anything PIL cannot identify is "not an image"
+            return message(400, f"{upload.filename!r} is not an image this server can read (JPEG, PNG or WebP).")
+        if image.width * image.height > max_pixels:
+            return message(413, f"{upload.filename!r} is {image.width} x {image.height} pixels, more than the limit "
+                                f"of {max_pixels / 1e6:g} megapixels; choose a smaller photo.")
+        try:
             image.load()
-            results = index.query([image], k=k)[0]
+            image = open_rgb(image)  # EXIF orientation, transparency on white: as the catalogue photos
         except Exception:  # noqa: BLE001 - anything PIL cannot decode is "not an image"
             return message(400, f"{upload.filename!r} is not an image this server can read (JPEG, PNG or WebP).")
+        try:
+            results = index.query([image], k=k)[0]
+        except CatalogueIndexError as err:  # e.g. an empty index: say so, not "not an image"
+            return message(500, str(err))
         if request.args.get("format") == "json":
             return jsonify(results=results)
         cells = [figure(data_uri(thumbnail_jpeg(image)), f"your photo: {upload.filename}", "query")]
