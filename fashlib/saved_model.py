@@ -71,7 +71,8 @@ def open_rgb(image: Any) -> Image.Image:
     """
     from PIL import ImageOps
 
-    from .data.images import open_rgb as open_oriented_rgb, to_rgb
+    from .data.images import open_rgb as open_oriented_rgb
+    from .data.images import to_rgb
 
     if isinstance(image, Image.Image):
         return to_rgb(ImageOps.exif_transpose(image))
