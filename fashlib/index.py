@@ -254,10 +254,20 @@ class CatalogueIndex:
         k = min(int(k), len(self))
         return self.faiss.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
 
-    def query(self, photos: Sequence[Any], k: int = 10) -> list[list[dict]]:
-        """Top-k results per photo (path or PIL image): [{rank, id, path, score}], best first.
+    def is_stale(self, item: int) -> bool:
+        """True when catalogue photo `item` is gone or its size or modification time differ from the manifest's:
+        its embedding is from the old content (run update)."""
+        entry = self.manifest["files"][int(item)]
+        try:
+            return _stat(self.root / entry["path"]) != {"size": entry["size"], "mtime_ns": entry["mtime_ns"]}
+        except OSError:
+            return True
 
-        Raises ValueError naming the photo when it cannot be decoded.
+    def query(self, photos: Sequence[Any], k: int = 10) -> list[list[dict]]:
+        """Top-k results per photo (path or PIL image): [{rank, id, path, score, stale}], best first.
+
+        `stale` is True for a catalogue photo changed or deleted since it was indexed (its score is the old
+        content's; run update). Raises ValueError naming the photo when it cannot be decoded.
         """
         from .saved_model import open_rgb
 
@@ -268,7 +278,7 @@ class CatalogueIndex:
             except Exception as err:  # noqa: BLE001
                 raise ValueError(f"query photo {photo} cannot be read as an image ({_reason(err)})") from err
         scores, ids = self.search(embed_images(self.require_model(), images), k)
-        return [[{"rank": r + 1, "id": int(i), "path": self.paths[i], "score": float(s)}
+        return [[{"rank": r + 1, "id": int(i), "path": self.paths[i], "score": float(s), "stale": self.is_stale(i)}
                  for r, (s, i) in enumerate(zip(srow, irow)) if i >= 0] for srow, irow in zip(scores, ids)]
 
     def require_model(self) -> Any:

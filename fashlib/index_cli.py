@@ -23,6 +23,9 @@ MODEL_HELP = ("a saved model folder (fashlib.models.save_embedder; chapter 05 wr
               "tf_efficientnet_lite0 (frozen ImageNet features)")
 
 
+STALE_MARK = "(changed since indexed: run update)"
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a number of results, a batch size)."""
     try:
@@ -90,7 +93,8 @@ def summary(idx: catalogue.CatalogueIndex) -> str:
 def table(photos: Sequence[str], results: Sequence[Sequence[dict]]) -> str:
     lines = [f"{'photo':<30} {'rank':>4} {'score':>7}  path"]
     for photo, hits in zip(photos, results):
-        lines += [f"{Path(photo).name[-30:]:<30} {h['rank']:>4} {h['score']:>7.4f}  {h['path']}" for h in hits]
+        lines += [f"{Path(photo).name[-30:]:<30} {h['rank']:>4} {h['score']:>7.4f}  {h['path']}"
+                  + (f"  {STALE_MARK}" if h.get("stale") else "") for h in hits]
     return "\n".join(lines)
 
 
@@ -110,6 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = idx.query(args.photos, k=args.k)
             print(json.dumps([{"photo": p, "results": r} for p, r in zip(args.photos, results)], indent=1)
                   if args.json else table(args.photos, results))
+            stale = sorted({h["path"] for hits in results for h in hits if h["stale"]})
+            if stale:
+                print(f"warning: {len(stale)} results changed or were deleted since the index was built, so their "
+                      f"scores are the old photos': {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}; run "
+                      f"python3 -m fashlib.index update {args.index}", file=sys.stderr)
             if args.html:
                 from .serve import contact_sheet
 

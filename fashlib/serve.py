@@ -56,8 +56,9 @@ def data_uri(jpeg: bytes) -> str:
 
 
 def figure(src: str, caption: str, cls: str = "") -> str:
-    return (f'<figure class="{cls}"><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    """An HTML figure: the image at `src` (none when empty) above its caption, both escaped."""
+    img = f'<img src="{html.escape(src)}" alt="{html.escape(caption)}">' if src else ""
+    return f'<figure class="{cls}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
 def page(title: str, body: str, script: str = "") -> str:
@@ -65,13 +66,24 @@ def page(title: str, body: str, script: str = "") -> str:
             f"<style>{STYLE}</style></head><body>{body}{f'<script>{script}</script>' if script else ''}</body></html>")
 
 
+STALE_NOTE = " (changed since indexed: the score is the old photo's; run update)"
+
+
+def _result_figure(index: Any, hit: dict) -> str:
+    """A contact-sheet cell: the result's thumbnail inlined, or its caption alone when the file is unreadable."""
+    caption = f"#{hit['rank']} {hit['score']:.3f} {hit['path']}" + (STALE_NOTE if hit.get("stale") else "")
+    try:
+        return figure(data_uri(thumbnail_jpeg(index.file_path(hit["id"]))), caption)
+    except OSError:  # deleted since indexed, or a path outside the catalogue (PermissionError)
+        return figure("", caption + " (file unreadable)")
+
+
 def contact_sheet(index: Any, photos: Sequence[str], results: Sequence[Sequence[dict]]) -> str:
     """Self-contained HTML (thumbnails inlined as base64) of each query photo followed by its results."""
     rows = []
     for photo, hits in zip(photos, results):
         cells = [figure(data_uri(thumbnail_jpeg(photo)), f"query: {photo}", "query")]
-        cells += [figure(data_uri(thumbnail_jpeg(index.file_path(h["id"]))), f"#{h['rank']} {h['score']:.3f} {h['path']}")
-                  for h in hits]
+        cells += [_result_figure(index, h) for h in hits]
         rows.append(f'<div class="grid">{"".join(cells)}</div>')
     return page("fashlib: query results", f"<h1>Query results ({html.escape(str(index.folder))})</h1>" + "".join(rows))
 
@@ -139,7 +151,9 @@ def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0, max_pixels:
         if request.args.get("format") == "json":
             return jsonify(results=results)
         cells = [figure(data_uri(thumbnail_jpeg(image)), f"your photo: {upload.filename}", "query")]
-        cells += [figure(f"/thumb/{r['id']}", f"#{r['rank']} {r['score']:.3f} {r['path']}") for r in results]
+        cells += [figure(f"/thumb/{r['id']}", f"#{r['rank']} {r['score']:.3f} {r['path']}"
+                         + (STALE_NOTE if r["stale"] else ""))
+                  for r in results]
         grid = f'<div class="grid" id="results">{"".join(cells)}</div>'
         return Response(page("fashlib search results", header + _form(k) + grid, SCRIPT), mimetype="text/html")
 

@@ -224,3 +224,25 @@ def test_empty_folder_is_said(model_dir, tmp_path, capsys):
     assert "warning: no photo of" in capsys.readouterr().out
     with pytest.raises(ci.CatalogueIndexError, match="is empty"):
         ci.open_index(tmp_path / "idx").query([photo(1)], k=1)
+
+
+def test_results_changed_since_indexing_are_flagged(catalogue, model_dir, tmp_path, capsys):
+    """Before update, a result whose file changed shows the new photo with the old photo's score: say so."""
+    out, sheet = tmp_path / "idx", tmp_path / "sheet.html"
+    ci.build(catalogue, model_dir, out, progress=False)
+    query = tmp_path / "query.jpg"
+    shutil.copy(catalogue / "p04.jpg", query)
+    photo(77).save(catalogue / "p04.jpg", quality=95)  # replaced, index not updated
+    (catalogue / "p00.jpg").unlink()  # deleted, index not updated
+    hits = ci.open_index(out).query([query], k=12)[0]
+    stale = {h["path"] for h in hits if h["stale"]}
+    assert hits[0]["path"] == "p04.jpg" and stale == {"p04.jpg", "p00.jpg"}
+    assert index_cli.main(["query", str(out), str(query), "--k", "12", "--html", str(sheet)]) == 0
+    captured = capsys.readouterr()
+    assert "p04.jpg  (changed since indexed: run update)" in captured.out
+    assert "2 results changed or were deleted since the index was built" in captured.err
+    html = sheet.read_text()
+    assert "p00.jpg (changed since indexed" in html and "(file unreadable)" in html  # no crash on the deleted one
+    _, report = ci.update(out, progress=False)
+    assert report["changed"] == 1 and report["removed"] == 1
+    assert not any(h["stale"] for h in ci.open_index(out).query([query], k=11)[0])
