@@ -121,6 +121,11 @@ def model_from_manifest(manifest: dict) -> Any:
     """Reload the model an index was built with, from the reference its manifest holds."""
     ref = manifest["model"]["ref"]
     if "folder" in ref:
+        if not (Path(ref["folder"]) / "config.json").is_file():
+            raise CatalogueIndexError(
+                f"the saved model {ref['folder']} this index was built with is gone; if it moved, give its new place "
+                f"with --model NEW_PLACE (model=... in Python); it must be the same model "
+                f"({manifest['model']['description']}, digest {manifest['model']['digest'][:12]})")
         return resolve_model(ref["folder"])[0]
     if "backbone" in ref:
         return resolve_model(ref["backbone"])[0]

@@ -246,3 +246,12 @@ def test_results_changed_since_indexing_are_flagged(catalogue, model_dir, tmp_pa
     _, report = ci.update(out, progress=False)
     assert report["changed"] == 1 and report["removed"] == 1
     assert not any(h["stale"] for h in ci.open_index(out).query([query], k=11)[0])
+
+
+def test_moved_model_folder_is_named(catalogue, model_dir, tmp_path):
+    model = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    ci.build(catalogue, model, tmp_path / "idx", progress=False)
+    moved = model.rename(tmp_path / "moved-model")
+    with pytest.raises(ci.CatalogueIndexError, match=f"saved model {model} this index was built with is gone.*--model"):
+        ci.open_index(tmp_path / "idx").query([catalogue / "p00.jpg"], k=1)
+    assert ci.open_index(tmp_path / "idx", moved).query([catalogue / "p00.jpg"], k=1)[0][0]["path"] == "p00.jpg"
