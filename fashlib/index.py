@@ -410,6 +410,12 @@ def _source(source: Any) -> tuple[dict, Path, list[str], list[str]]:
     return {"type": "table", "root": str(root), "table": str(table_file) if table_file else None}, root, images, others
 
 
+def _without_index(root: Path, rels: Sequence[str], out: str | os.PathLike) -> list[str]:
+    """`rels` less the files of the index folder `out` itself (an index kept inside its catalogue folder)."""
+    inside = Path(out).resolve()
+    return [r for r in rels if not (root / r).absolute().is_relative_to(inside)]
+
+
 def _unsupported(root: Path, others: Sequence[str]) -> list[dict]:
     """Skipped-file entries of files that are not indexed: other types, links to outside the catalogue folder."""
     def reason(rel: str) -> str:
@@ -431,6 +437,7 @@ def build(source: Any, model: Any, out: str | os.PathLike, *, exact_max: int = E
 
     embedder, ref = resolve_model(model)
     src, root, images, others = _source(source)
+    images, others = _without_index(root, images, out), _without_index(root, others, out)
     start = time.perf_counter()
     embeddings, entries, skipped = embed_files(embedder, root, images, batch_size, progress)
     skipped += _unsupported(root, others)
@@ -483,6 +490,7 @@ def update(folder: str | os.PathLike, model: Any = None, source: Any = None, *, 
     embedder = old.require_model()
     manifest = old.manifest
     src, root, images, others = _source(source if source is not None else _recorded_source(manifest, old.folder))
+    images, others = _without_index(root, images, folder), _without_index(root, others, folder)
     before = {f["path"]: (i, f) for i, f in enumerate(manifest["files"])}
     same = [p for p in images if p in before and _unchanged(root, p, before[p][1])]
     same_set = set(same)

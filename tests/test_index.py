@@ -255,3 +255,12 @@ def test_moved_model_folder_is_named(catalogue, model_dir, tmp_path):
     with pytest.raises(ci.CatalogueIndexError, match=f"saved model {model} this index was built with is gone.*--model"):
         ci.open_index(tmp_path / "idx").query([catalogue / "p00.jpg"], k=1)
     assert ci.open_index(tmp_path / "idx", moved).query([catalogue / "p00.jpg"], k=1)[0][0]["path"] == "p00.jpg"
+
+
+def test_an_index_kept_inside_its_catalogue_is_not_catalogued(catalogue, model_dir):
+    out = catalogue / "index"
+    idx = ci.build(catalogue, model_dir, out, progress=False)
+    (out / "sheet.jpg").write_bytes((catalogue / "p00.jpg").read_bytes())  # e.g. a saved result next to it
+    idx, report = ci.update(out, progress=False)
+    assert report == {"added": 0, "changed": 0, "removed": 0, "unchanged": 12, "skipped": 2}
+    assert not any(p.startswith("index/") for p in idx.paths + [s["path"] for s in idx.manifest["skipped"]])
