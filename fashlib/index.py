@@ -1,16 +1,17 @@
 """Search your own catalogue: an on-disk index of a folder of photos (or a table), built with a saved model.
 
-Index folder layout (format "fashlib-index", version 1):
-    manifest.json           the files indexed (paths relative to the catalogue root, sizes, modification times),
-                            the files skipped and why, the model (reference, digest, embedding size), the faiss
-                            index type with its measured recall@10 against exact search, and the sha256 of
-                            the two files below (written last: it is the commit point of every build/update)
+Index folder layout (format "fashlib-index", version 2):
+    manifest.json           the files indexed (paths relative to the catalogue root, sizes, modification times,
+                            sha256 of their bytes), the files skipped and why, the model (reference, digest,
+                            embedding size), the faiss index type with its measured recall@10 against exact
+                            search, the sha256 of the two files below, and `manifest_sha256` over its own
+                            content (a hand edit is detected); written last: the commit point of every build/update
     embeddings-<sha>.npy    float32 (N, D) L2-normalised embeddings, row i = manifest file i
     index-<sha>.faiss       serialised faiss index over those rows (inner product = cosine similarity)
 
 Exact search (faiss IndexFlatIP) up to `exact_max` photos; above it an HNSW (or IVF) index whose recall@10
 against exact search is measured on a sample of the catalogue and reported. `update` embeds only new or
-changed files (size or modification time differ) and drops deleted ones. Command line: see `python3 -m
+changed files (size, modification time or content hash differ) and drops deleted ones. Command line: see `python3 -m
 fashlib.index --help` (build, update, query, serve).
 """
 
@@ -31,7 +32,7 @@ import pandas as pd
 
 from . import metrics
 
-FORMAT, FORMAT_VERSION = "fashlib-index", 1
+FORMAT, FORMAT_VERSION = "fashlib-index", 2  # 2: per-file sha256 and manifest_sha256
 MANIFEST = "manifest.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 EXACT_MAX = 50_000
@@ -334,9 +335,12 @@ def open_index(folder: str | os.PathLike, model: Any = None) -> CatalogueIndex:
                                   "python3 -m fashlib.index build FOLDER --model MODEL --out INDEX")
     try:
         manifest = json.loads(path.read_text())
-        assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
+        assert manifest["format"] == FORMAT
     except Exception as err:  # noqa: BLE001
         raise _corrupt(folder, {}, f"{path} is unreadable or not a fashlib index ({type(err).__name__})") from err
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CatalogueIndexError(f"index {folder} has format version {manifest.get('format_version')}, this fashlib "
+                                  f"reads version {FORMAT_VERSION}; rebuild it: {rebuild_command(manifest, folder)}")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise _corrupt(folder, manifest, f"{path} was edited or damaged (its content differs from its "
                                          "manifest_sha256), so its rows may no longer name the right photos")

@@ -173,8 +173,12 @@ def test_hand_edited_manifest_is_detected(catalogue, model_dir, tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     with pytest.raises(ci.CorruptIndexError, match="manifest.json was edited.*Rebuild it: python3 -m fashlib"):
         ci.open_index(out)
-    (out / "manifest.json").write_text(json.dumps({"format": "fashlib-index", "format_version": 1}))
+    (out / "manifest.json").write_text(json.dumps({"format": "fashlib-index", "format_version": ci.FORMAT_VERSION}))
     with pytest.raises(ci.CorruptIndexError, match="was edited or damaged"):
+        ci.open_index(out)
+    manifest["format_version"] = 1  # written before per-file hashes: rebuilt, not half-trusted
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ci.CatalogueIndexError, match="format version 1, this fashlib reads version 2; rebuild it"):
         ci.open_index(out)
 
 
