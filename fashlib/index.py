@@ -74,7 +74,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[str]]:
     """(image paths, other files) under `root`, recursive, relative POSIX paths, sorted; hidden entries ignored.
 
-    Images are files ending in .jpg, .jpeg, .png or .webp (any case); NotADirectoryError if root is no folder.
+    Images are files ending in .jpg, .jpeg, .png or .webp (any case); linked folders are not followed (no loops)
+    and are listed among the other files with a trailing "/". NotADirectoryError if root is no folder.
     """
     root = Path(root)
     if not root.is_dir():
@@ -82,6 +83,7 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[str]]:
     images, others = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        others += [Path(dirpath, d).relative_to(root).as_posix() + "/" for d in dirnames if Path(dirpath, d).is_symlink()]
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -423,6 +425,8 @@ def _without_index(root: Path, rels: Sequence[str], out: str | os.PathLike) -> l
 def _unsupported(root: Path, others: Sequence[str]) -> list[dict]:
     """Skipped-file entries of files that are not indexed: other types, links to outside the catalogue folder."""
     def reason(rel: str) -> str:
+        if rel.endswith("/"):
+            return "a linked folder, not followed (links can loop); index its target separately or copy it in"
         if rel.lower().endswith(IMAGE_SUFFIXES):
             return (f"a link to {(root / rel).resolve()}, outside the catalogue folder {root} (copy the photo "
                     "into the folder to index it)")

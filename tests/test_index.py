@@ -194,6 +194,7 @@ def test_links_out_of_the_catalogue_are_skipped_and_loops_ignored(catalogue, mod
     reasons = {s["path"]: s["reason"] for s in idx.manifest["skipped"]}
     assert "outside the catalogue folder" in reasons["link.jpg"] and "outside" in reasons["passwd.jpg"]
     assert not any(p.startswith("sub/loop") for p in idx.paths)
+    assert "linked folder, not followed" in reasons["sub/loop/"]  # said, not silently left out
     assert idx.query([outside], k=1)[0][0]["path"] == "p00.jpg"
 
 
