@@ -83,7 +83,8 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[str]]:
     images, others = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        others += [Path(dirpath, d).relative_to(root).as_posix() + "/" for d in dirnames if Path(dirpath, d).is_symlink()]
+        linked = [Path(dirpath, d) for d in dirnames if Path(dirpath, d).is_symlink()]
+        others += [link.relative_to(root).as_posix() + "/" for link in linked]
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
