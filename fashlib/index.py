@@ -1,16 +1,17 @@
 """Search your own catalogue: an on-disk index of a folder of photos (or a table), built with a saved model.
 
-Index folder layout (format "fashlib-index", version 1):
-    manifest.json           the files indexed (paths relative to the catalogue root, sizes, modification times),
-                            the files skipped and why, the model (reference, digest, embedding size), the faiss
-                            index type with its measured recall@10 against exact search, and the sha256 of
-                            the two files below (written last: it is the commit point of every build/update)
+Index folder layout (format "fashlib-index", version 2):
+    manifest.json           the files indexed (paths relative to the catalogue root, sizes, modification times,
+                            sha256 of their bytes), the files skipped and why, the model (reference, digest,
+                            embedding size), the faiss index type with its measured recall@10 against exact
+                            search, the sha256 of the two files below, and `manifest_sha256` over its own
+                            content (a hand edit is detected); written last: the commit point of every build/update
     embeddings-<sha>.npy    float32 (N, D) L2-normalised embeddings, row i = manifest file i
     index-<sha>.faiss       serialised faiss index over those rows (inner product = cosine similarity)
 
 Exact search (faiss IndexFlatIP) up to `exact_max` photos; above it an HNSW (or IVF) index whose recall@10
 against exact search is measured on a sample of the catalogue and reported. `update` embeds only new or
-changed files (size or modification time differ) and drops deleted ones. Command line: see `python3 -m
+changed files (size, modification time or content hash differ) and drops deleted ones. Command line: see `python3 -m
 fashlib.index --help` (build, update, query, serve).
 """
 
@@ -31,7 +32,7 @@ import pandas as pd
 
 from . import metrics
 
-FORMAT, FORMAT_VERSION = "fashlib-index", 1
+FORMAT, FORMAT_VERSION = "fashlib-index", 2  # 2: per-file sha256 and manifest_sha256
 MANIFEST = "manifest.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 EXACT_MAX = 50_000
@@ -73,7 +74,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[str]]:
     """(image paths, other files) under `root`, recursive, relative POSIX paths, sorted; hidden entries ignored.
 
-    Images are files ending in .jpg, .jpeg, .png or .webp (any case); NotADirectoryError if root is no folder.
+    Images are files ending in .jpg, .jpeg, .png or .webp (any case); linked folders are not followed (no loops)
+    and are listed among the other files with a trailing "/". NotADirectoryError if root is no folder.
     """
     root = Path(root)
     if not root.is_dir():
@@ -81,6 +83,8 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[str]]:
     images, others = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        linked = [Path(dirpath, d) for d in dirnames if Path(dirpath, d).is_symlink()]
+        others += [link.relative_to(root).as_posix() + "/" for link in linked]
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -121,34 +125,61 @@ def model_from_manifest(manifest: dict) -> Any:
     """Reload the model an index was built with, from the reference its manifest holds."""
     ref = manifest["model"]["ref"]
     if "folder" in ref:
+        if not (Path(ref["folder"]) / "config.json").is_file():
+            raise CatalogueIndexError(
+                f"the saved model {ref['folder']} this index was built with is gone; if it moved, give its new place "
+                f"with --model NEW_PLACE (model=... in Python); it must be the same model "
+                f"({manifest['model']['description']}, digest {manifest['model']['digest'][:12]})")
         return resolve_model(ref["folder"])[0]
     if "backbone" in ref:
         return resolve_model(ref["backbone"])[0]
     raise CatalogueIndexError(f"the index was built with an in-memory model ({ref.get('object')}); pass it again")
 
 
-def embed_files(model: Any, root: Path, paths: Sequence[str], batch_size: int = 16,
-                progress: bool = True) -> tuple[np.ndarray, list[str], list[dict]]:
-    """Embed root/path for every path; (embeddings of the decodable ones, their paths, skipped [{path, reason}])."""
-    from tqdm.auto import tqdm
+def read_photo(root: Path, rel: str) -> tuple[dict, Any]:
+    """({path, size, mtime_ns, sha256}, decoded RGB image) of root/rel, hashed and decoded from the same bytes.
 
+    The file is stat'ed before it is read, so a change during the read shows at the next update.
+    Raises OSError (data.images.UndecodableImageError) when it cannot be read or decoded.
+    """
     from .saved_model import open_rgb
 
-    out, kept, skipped, batch, names = [], [], [], [], []
+    entry = {"path": rel, **_stat(root / rel)}
+    raw = (root / rel).read_bytes()
+    entry["sha256"] = _sha256(raw)
+    return entry, open_rgb(io.BytesIO(raw))
+
+
+def _reason(err: BaseException) -> str:
+    cause = err.__cause__ or err
+    return f"{type(cause).__name__}: {cause}"[:300]
+
+
+def embed_files(model: Any, root: Path, paths: Sequence[str], batch_size: int = 16,
+                progress: bool = True) -> tuple[np.ndarray, list[dict], list[dict]]:
+    """Embed root/path for every path.
+
+    Returns (float32 (N, D) embeddings of the decodable photos, their manifest entries [{path, size, mtime_ns,
+    sha256}] in the same order, skipped [{path, reason}]).
+    """
+    from tqdm.auto import tqdm
+
+    out, kept, skipped, batch, entries = [], [], [], [], []
 
     def flush() -> None:
         if batch:
             out.append(embed_images(model, batch))
-            kept.extend(names)
+            kept.extend(entries)
             batch.clear()
-            names.clear()
+            entries.clear()
 
     for rel in tqdm(paths, disable=not progress, desc="index photos", unit="photo"):
         try:
-            batch.append(open_rgb(root / rel))
-            names.append(rel)
+            entry, image = read_photo(root, rel)
+            batch.append(image)
+            entries.append(entry)
         except Exception as err:  # noqa: BLE001 - any decoding failure skips the file, listed with its reason
-            skipped.append({"path": rel, "reason": f"{type(err).__name__}: {err}"[:300]})
+            skipped.append({"path": rel, "reason": _reason(err)})
         if len(batch) >= batch_size:
             flush()
     flush()
@@ -225,15 +256,27 @@ class CatalogueIndex:
 
     def search(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(scores (Q, k) float32, ids (Q, k) int64) of the k most similar catalogue photos per query vector."""
+        if int(k) < 1:
+            raise ValueError(f"k must be a positive number of results, got {k}")
+        if len(self) == 0:
+            raise CatalogueIndexError(f"index {self.folder} is empty: no photo of {self.root} could be indexed")
         k = min(int(k), len(self))
-        if k < 1:
-            raise CatalogueIndexError(f"index {self.folder} is empty")
         return self.faiss.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
 
-    def query(self, photos: Sequence[Any], k: int = 10) -> list[list[dict]]:
-        """Top-k results per photo (path or PIL image): [{rank, id, path, score}], best first.
+    def is_stale(self, item: int) -> bool:
+        """True when catalogue photo `item` is gone or its size or modification time differ from the manifest's:
+        its embedding is from the old content (run update)."""
+        entry = self.manifest["files"][int(item)]
+        try:
+            return _stat(self.root / entry["path"]) != {"size": entry["size"], "mtime_ns": entry["mtime_ns"]}
+        except OSError:
+            return True
 
-        Raises ValueError naming the photo when it cannot be decoded.
+    def query(self, photos: Sequence[Any], k: int = 10) -> list[list[dict]]:
+        """Top-k results per photo (path or PIL image): [{rank, id, path, score, stale}], best first.
+
+        `stale` is True for a catalogue photo changed or deleted since it was indexed (its score is the old
+        content's; run update). Raises ValueError naming the photo when it cannot be decoded.
         """
         from .saved_model import open_rgb
 
@@ -242,10 +285,9 @@ class CatalogueIndex:
             try:
                 images.append(open_rgb(photo))
             except Exception as err:  # noqa: BLE001
-                raise ValueError(f"query photo {photo} cannot be read as an image ({type(err).__name__}: {err})") \
-                    from err
+                raise ValueError(f"query photo {photo} cannot be read as an image ({_reason(err)})") from err
         scores, ids = self.search(embed_images(self.require_model(), images), k)
-        return [[{"rank": r + 1, "id": int(i), "path": self.paths[i], "score": float(s)}
+        return [[{"rank": r + 1, "id": int(i), "path": self.paths[i], "score": float(s), "stale": self.is_stale(i)}
                  for r, (s, i) in enumerate(zip(srow, irow)) if i >= 0] for srow, irow in zip(scores, ids)]
 
     def require_model(self) -> Any:
@@ -272,6 +314,12 @@ def rebuild_command(manifest: dict, folder: Path, model: str | None = None) -> s
     return f"python3 -m fashlib.index build {root} --model {model} --out {folder}"
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own `manifest_sha256` (detects hand edits)."""
+    body = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    return _sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode())
+
+
 def _corrupt(folder: Path, manifest: dict, what: str) -> CorruptIndexError:
     return CorruptIndexError(f"index {folder} is corrupt: {what}. Rebuild it: {rebuild_command(manifest, folder)}")
 
@@ -290,12 +338,18 @@ def open_index(folder: str | os.PathLike, model: Any = None) -> CatalogueIndex:
                                   "python3 -m fashlib.index build FOLDER --model MODEL --out INDEX")
     try:
         manifest = json.loads(path.read_text())
-        assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
+        assert manifest["format"] == FORMAT
     except Exception as err:  # noqa: BLE001
         raise _corrupt(folder, {}, f"{path} is unreadable or not a fashlib index ({type(err).__name__})") from err
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CatalogueIndexError(f"index {folder} has format version {manifest.get('format_version')}, this fashlib "
+                                  f"reads version {FORMAT_VERSION}; rebuild it: {rebuild_command(manifest, folder)}")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise _corrupt(folder, manifest, f"{path} was edited or damaged (its content differs from its "
+                                         "manifest_sha256), so its rows may no longer name the right photos")
     data = {}
     for key in ("embeddings", "index"):
-        file = folder / manifest[f"{key}_file"]
+        file = folder / Path(str(manifest[f"{key}_file"])).name
         raw = file.read_bytes() if file.is_file() else None
         if raw is None or _sha256(raw) != manifest[f"{key}_sha256"]:
             raise _corrupt(folder, manifest, f"{file.name} is missing or its sha256 differs from the manifest's")
@@ -325,6 +379,7 @@ def _write(folder: Path, manifest: dict, embeddings: np.ndarray, index: Any) -> 
         digest = _sha256(raw)
         manifest[f"{key}_file"], manifest[f"{key}_sha256"] = f"{key}-{digest[:16]}.{suffix}", digest
         _atomic_write(folder / manifest[f"{key}_file"], raw)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     keep = {MANIFEST, manifest["embeddings_file"], manifest["index_file"]}
     for old in list(folder.glob("embeddings-*.npy")) + list(folder.glob("index-*.faiss")):
@@ -338,7 +393,9 @@ def _source(source: Any) -> tuple[dict, Path, list[str], list[str]]:
     if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         root = Path(source).resolve()
         images, others = scan_folder(root)
-        return {"type": "folder", "root": str(root), "table": None}, root, images, others
+        inside = [p for p in images if (root / p).resolve().is_relative_to(root)]
+        outside = sorted(set(images) - set(inside))
+        return {"type": "folder", "root": str(root), "table": None}, root, inside, others + outside
     table_file = None
     if isinstance(source, (str, os.PathLike)):
         table_file = Path(source).resolve()
@@ -360,6 +417,24 @@ def _source(source: Any) -> tuple[dict, Path, list[str], list[str]]:
     return {"type": "table", "root": str(root), "table": str(table_file) if table_file else None}, root, images, others
 
 
+def _without_index(root: Path, rels: Sequence[str], out: str | os.PathLike) -> list[str]:
+    """`rels` less the files of the index folder `out` itself (an index kept inside its catalogue folder)."""
+    inside = Path(out).resolve()
+    return [r for r in rels if not (root / r).absolute().is_relative_to(inside)]
+
+
+def _unsupported(root: Path, others: Sequence[str]) -> list[dict]:
+    """Skipped-file entries of files that are not indexed: other types, links to outside the catalogue folder."""
+    def reason(rel: str) -> str:
+        if rel.endswith("/"):
+            return "a linked folder, not followed (links can loop); index its target separately or copy it in"
+        if rel.lower().endswith(IMAGE_SUFFIXES):
+            return (f"a link to {(root / rel).resolve()}, outside the catalogue folder {root} (copy the photo "
+                    "into the folder to index it)")
+        return "unsupported file type (not .jpg, .jpeg, .png or .webp)"
+    return [{"path": p, "reason": reason(p)} for p in others]
+
+
 def build(source: Any, model: Any, out: str | os.PathLike, *, exact_max: int = EXACT_MAX, approx: str = "hnsw",
           batch_size: int = 16, progress: bool = True) -> CatalogueIndex:
     """Index every photo of `source` (a folder, recursive; a CSV or DataFrame with a `path` column) into `out`.
@@ -371,10 +446,10 @@ def build(source: Any, model: Any, out: str | os.PathLike, *, exact_max: int = E
 
     embedder, ref = resolve_model(model)
     src, root, images, others = _source(source)
+    images, others = _without_index(root, images, out), _without_index(root, others, out)
     start = time.perf_counter()
-    embeddings, kept, skipped = embed_files(embedder, root, images, batch_size, progress)
-    entries = [{"path": p, **_stat(root / p)} for p in kept]
-    skipped += [{"path": p, "reason": "unsupported file type (not .jpg, .jpeg, .png or .webp)"} for p in others]
+    embeddings, entries, skipped = embed_files(embedder, root, images, batch_size, progress)
+    skipped += _unsupported(root, others)
     index, info = make_faiss_index(embeddings, exact_max, approx)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "fashlib": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": src,
@@ -382,40 +457,64 @@ def build(source: Any, model: Any, out: str | os.PathLike, *, exact_max: int = E
                           "embedding_dim": embedder.embedding_dim},
                 "index": {**info, "exact_max": exact_max}, "files": entries,
                 "skipped": sorted(skipped, key=lambda s: s["path"]),
-                "last_run": {"embedded": len(kept), "seconds": round(time.perf_counter() - start, 2)}}
+                "last_run": {"embedded": len(entries), "seconds": round(time.perf_counter() - start, 2)}}
     _write(Path(out), manifest, embeddings, index)
     return CatalogueIndex(Path(out), manifest, embeddings, index, embedder)
+
+
+def _unchanged(root: Path, rel: str, entry: dict) -> bool:
+    """True when root/rel still has the size, modification time and content (sha256) recorded in `entry`."""
+    try:
+        if {k: entry.get(k) for k in ("size", "mtime_ns")} != _stat(root / rel):
+            return False
+        return entry.get("sha256") == _sha256((root / rel).read_bytes())  # same size and time, other photo?
+    except OSError:
+        return False
+
+
+def _recorded_source(manifest: dict, folder: Path) -> str:
+    """The folder or CSV an index was built from; CatalogueIndexError when it has moved or gone."""
+    src = manifest["source"]
+    recorded = src["table"] or src["root"]
+    if src["type"] == "table" and src["table"] is None:
+        raise CatalogueIndexError("this index was built from an in-memory table: pass the table again as `source`")
+    if not Path(recorded).exists():
+        raise CatalogueIndexError(f"the catalogue {recorded} that index {folder} was built from no longer exists; "
+                                  f"if it moved, give its new place: python3 -m fashlib.index update {folder} "
+                                  "--source NEW_PLACE (unchanged photos are not embedded again)")
+    return recorded
 
 
 def update(folder: str | os.PathLike, model: Any = None, source: Any = None, *, batch_size: int = 16,
            progress: bool = True) -> tuple[CatalogueIndex, dict]:
     """Bring an index up to date with its catalogue: embed new or changed files only, drop deleted ones.
 
-    `model` defaults to the one the index was built with (ModelMismatchError if another is given); `source`
-    to the folder or CSV it was built from. Returns (index, {added, changed, removed, unchanged, skipped}).
+    A file is unchanged when its size, modification time and sha256 all equal the manifest's (a photo replaced
+    by another of the same size and time is embedded again). `model` defaults to the one the index was built
+    with (ModelMismatchError if another is given); `source` to the folder or CSV it was built from (pass the new
+    place of a moved catalogue; paths are relative to it). Returns (index, {added, changed, removed, unchanged,
+    skipped}).
     """
     old = open_index(folder, model)
     embedder = old.require_model()
     manifest = old.manifest
-    src, root, images, others = _source(source if source is not None else
-                                        (manifest["source"]["table"] or manifest["source"]["root"]))
-    if source is None and src["type"] == "table" and manifest["source"]["table"] is None:
-        raise CatalogueIndexError("this index was built from an in-memory table: pass the table again as `source`")
+    src, root, images, others = _source(source if source is not None else _recorded_source(manifest, old.folder))
+    images, others = _without_index(root, images, folder), _without_index(root, others, folder)
     before = {f["path"]: (i, f) for i, f in enumerate(manifest["files"])}
-    stats = {p: _stat(root / p) for p in images}
-    same = [p for p in images if p in before and {k: before[p][1][k] for k in ("size", "mtime_ns")} == stats[p]]
+    same = [p for p in images if p in before and _unchanged(root, p, before[p][1])]
     same_set = set(same)
-    todo = [p for p in images if p not in same_set]
-    new, kept, skipped = embed_files(embedder, root, todo, batch_size, progress)
-    vectors = {p: old.embeddings[before[p][0]] for p in same} | dict(zip(kept, new))
+    new, kept, skipped = embed_files(embedder, root, [p for p in images if p not in same_set], batch_size, progress)
+    vectors = {p: old.embeddings[before[p][0]] for p in same} | {e["path"]: v for e, v in zip(kept, new)}
+    entries = {p: before[p][1] for p in same} | {e["path"]: e for e in kept}
     order = sorted(vectors)
     embeddings = np.stack([vectors[p] for p in order]) if order else np.empty((0, embedder.embedding_dim), np.float32)
-    skipped += [{"path": p, "reason": "unsupported file type (not .jpg, .jpeg, .png or .webp)"} for p in others]
+    skipped += _unsupported(root, others)
     index, info = make_faiss_index(embeddings, manifest["index"].get("exact_max", EXACT_MAX),
                                    manifest["index"]["type"] if manifest["index"]["type"] != "flat" else "hnsw")
-    report = {"added": sum(p not in before for p in kept), "changed": sum(p in before for p in kept),
-              "removed": sum(p not in stats for p in before), "unchanged": len(same), "skipped": len(skipped)}
-    manifest = {**manifest, "source": src, "files": [{"path": p, **stats[p]} for p in order],
+    present = set(images)
+    report = {"added": sum(e["path"] not in before for e in kept), "changed": sum(e["path"] in before for e in kept),
+              "removed": sum(p not in present for p in before), "unchanged": len(same), "skipped": len(skipped)}
+    manifest = {**manifest, "source": src, "files": [entries[p] for p in order],
                 "skipped": sorted(skipped, key=lambda s: s["path"]), "index": {**info, "exact_max":
                 manifest["index"].get("exact_max", EXACT_MAX)}, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "last_run": {**report, "embedded": len(kept)}}

@@ -23,6 +23,20 @@ MODEL_HELP = ("a saved model folder (fashlib.models.save_embedder; chapter 05 wr
               "tf_efficientnet_lite0 (frozen ImageNet features)")
 
 
+STALE_MARK = "(changed since indexed: run update)"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a number of results, a batch size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python3 -m fashlib.index", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -35,15 +49,18 @@ def parser() -> argparse.ArgumentParser:
                    help="exact search up to this many photos, an approximate index above (default %(default)s)")
     b.add_argument("--approx", choices=sorted(catalogue.APPROX_OPTIONS), default="hnsw",
                    help="approximate index above --exact-max (default %(default)s)")
-    b.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default %(default)s)")
+    b.add_argument("--batch-size", type=positive_int, default=16, help="photos per forward pass (default %(default)s)")
     u = sub.add_parser("update", help="embed new or changed photos only, drop deleted ones")
     u.add_argument("index", metavar="INDEX", help="index folder written by build")
     u.add_argument("--model", default=None, help="check against this model (default: the one in the manifest)")
-    u.add_argument("--batch-size", type=int, default=16, help="photos per forward pass (default %(default)s)")
+    u.add_argument("--source", metavar="FOLDER", default=None,
+                   help="the catalogue folder or CSV (default: the one it was built from; give the new place of a "
+                        "moved catalogue)")
+    u.add_argument("--batch-size", type=positive_int, default=16, help="photos per forward pass (default %(default)s)")
     q = sub.add_parser("query", help="the k most similar catalogue photos of each query photo")
     q.add_argument("index", metavar="INDEX", help="index folder written by build")
     q.add_argument("photos", metavar="PHOTO", nargs="+", help="query photo files")
-    q.add_argument("--k", type=int, default=10, help="results per photo (default %(default)s)")
+    q.add_argument("--k", type=positive_int, default=10, help="results per photo (default %(default)s)")
     q.add_argument("--model", default=None, help="check against this model (default: the one in the manifest)")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
     q.add_argument("--html", metavar="FILE", default=None,
@@ -52,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("index", metavar="INDEX", help="index folder written by build")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default %(default)s)")
-    s.add_argument("--k", type=int, default=10, help="results per photo (default %(default)s)")
+    s.add_argument("--k", type=positive_int, default=10, help="results per photo (default %(default)s)")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted (default %(default)s)")
     s.add_argument("--model", default=None, help="check against this model (default: the one in the manifest)")
     return p
@@ -68,13 +85,16 @@ def summary(idx: catalogue.CatalogueIndex) -> str:
     if skipped:
         lines.append(f"skipped {len(skipped)} files: " + "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:10])
                      + (" ..." if len(skipped) > 10 else "") + f" (all listed in {idx.folder / catalogue.MANIFEST})")
+    if len(idx) == 0:
+        lines.append(f"warning: no photo of {m['source']['root']} could be indexed (.jpg .jpeg .png .webp, recursive)")
     return "\n".join(lines)
 
 
 def table(photos: Sequence[str], results: Sequence[Sequence[dict]]) -> str:
     lines = [f"{'photo':<30} {'rank':>4} {'score':>7}  path"]
     for photo, hits in zip(photos, results):
-        lines += [f"{Path(photo).name[-30:]:<30} {h['rank']:>4} {h['score']:>7.4f}  {h['path']}" for h in hits]
+        lines += [f"{Path(photo).name[-30:]:<30} {h['rank']:>4} {h['score']:>7.4f}  {h['path']}"
+                  + (f"  {STALE_MARK}" if h.get("stale") else "") for h in hits]
     return "\n".join(lines)
 
 
@@ -87,13 +107,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   batch_size=args.batch_size)
             print(summary(idx) + f"\nbuilt in {time.perf_counter() - start:.1f} s")
         elif args.command == "update":
-            idx, report = catalogue.update(args.index, args.model, batch_size=args.batch_size)
+            idx, report = catalogue.update(args.index, args.model, args.source, batch_size=args.batch_size)
             print(summary(idx) + "\n" + ", ".join(f"{k} {v}" for k, v in report.items()))
         elif args.command == "query":
             idx = catalogue.open_index(args.index, args.model)
             results = idx.query(args.photos, k=args.k)
             print(json.dumps([{"photo": p, "results": r} for p, r in zip(args.photos, results)], indent=1)
                   if args.json else table(args.photos, results))
+            stale = sorted({h["path"] for hits in results for h in hits if h["stale"]})
+            if stale:
+                print(f"warning: {len(stale)} results changed or were deleted since the index was built, so their "
+                      f"scores are the old photos': {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}; run "
+                      f"python3 -m fashlib.index update {args.index}", file=sys.stderr)
             if args.html:
                 from .serve import contact_sheet
 

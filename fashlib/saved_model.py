@@ -37,6 +37,8 @@ KINDS = ("features+head", "network")
 # round(size / crop_pct) with this interpolation, centre-crop size x size, scale to [0, 1], normalise.
 EVAL_INTERPOLATION, EVAL_CROP_PCT = "bicubic", 1 / 1.14
 CROP_POLICY = "resize shorter side to round(size / crop_pct), centre crop size x size"
+# what load_embedder needs from config.json (an edited file lacking one is refused with a message)
+REQUIRED_KEYS = ("kind", "backbones", "head", "flip_average", "weights_sha256", "digest")
 
 
 class SavedModelError(RuntimeError):
@@ -60,17 +62,21 @@ def build_transform(prep: dict):
 
 
 def open_rgb(image: Any) -> Image.Image:
-    """A PIL RGB image from a path or a PIL image, read as the course reads every image
-    (fashlib.data.images: EXIF orientation applied, every mode to 8-bit RGB, transparency on white).
+    """A PIL RGB image from a path, a binary file object or a PIL image, seen as the course sees its photos.
 
-    Raises fashlib.data.images.UndecodableImageError (an OSError) naming an undecodable file."""
+    The rules of fashlib.data.images (the one opener of the training and evaluation pipelines): EXIF
+    orientation applied, transparency composited on white, 16-bit grey scaled to 8 bits, any mode to RGB.
+    So a saved model embeds a catalogue or query photo exactly as the features its head was trained on.
+    Raises data.images.UndecodableImageError (an OSError) for an undecodable file.
+    """
     from PIL import ImageOps
 
-    from .data.images import open_rgb as open_path, to_rgb
+    from .data.images import open_rgb as open_oriented_rgb
+    from .data.images import to_rgb
 
     if isinstance(image, Image.Image):
         return to_rgb(ImageOps.exif_transpose(image))
-    return open_path(image)
+    return open_oriented_rgb(image)
 
 
 class SavedEmbedder(nn.Module):
@@ -308,9 +314,19 @@ def read_config(folder: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise SavedModelError(f"{path} is not valid JSON ({err}); save the model again") from err
+    if not isinstance(config, dict):
+        raise SavedModelError(f"{path} holds a JSON {type(config).__name__}, not a fashlib model config; "
+                              "save the model again")
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
         raise SavedModelError(f"{path}: format {config.get('format')!r} v{config.get('format_version')}, "
                               f"expected {FORMAT!r} v{FORMAT_VERSION}")
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise SavedModelError(f"{path} lacks {', '.join(missing)}: it was edited or cut short; save the model again")
+    weights = config.get("weights_file", WEIGHTS_FILE)
+    if not isinstance(weights, str) or Path(weights).name != weights or weights in ("", ".", ".."):
+        raise SavedModelError(f"{path}: weights_file {weights!r} is not a file name inside {folder}; "
+                              "save the model again")
     return config
 
 
@@ -330,21 +346,27 @@ def load_embedder(folder: str | os.PathLike, verify: bool = True) -> SavedEmbedd
     if verify and (not weights.is_file() or _sha256_file(weights) != config["weights_sha256"]):
         raise SavedModelError(f"{weights} is missing or its sha256 differs from {folder / CONFIG_FILE}: the file is "
                               "corrupt or was replaced; save the model again (rerun chapter 05 or fashlib.finetune)")
-    branches = [create_embedder(b["backbone"], embedding_dim=b["embedding_dim"], pooling=b["pooling"],
-                                pretrained=False, bnneck=b["bnneck"], freeze=config["kind"] == "features+head")
-                for b in config["backbones"]]
-    head = None
-    if config["head"] is not None:
-        h = config["head"]
-        head = EmbeddingHead(h["in_dim"], h["embedding_dim"], bnneck=h["bnneck"])
-    model = SavedEmbedder(branches, head, [b["preprocessing"] for b in config["backbones"]], kind=config["kind"],
-                          flip_average=config["flip_average"], info={"weights_origin": config.get("weights_origin")})
+    try:
+        branches = [create_embedder(b["backbone"], embedding_dim=b["embedding_dim"], pooling=b["pooling"],
+                                    pretrained=False, bnneck=b["bnneck"], freeze=config["kind"] == "features+head")
+                    for b in config["backbones"]]
+        head = None
+        if config["head"] is not None:
+            h = config["head"]
+            head = EmbeddingHead(h["in_dim"], h["embedding_dim"], bnneck=h["bnneck"])
+        model = SavedEmbedder(branches, head, [b["preprocessing"] for b in config["backbones"]], kind=config["kind"],
+                              flip_average=config["flip_average"],
+                              info={"weights_origin": config.get("weights_origin")})
+    except (KeyError, TypeError, ValueError) as err:
+        raise SavedModelError(f"{folder / CONFIG_FILE} does not describe a model this library can rebuild "
+                              f"({type(err).__name__}: {err}): it was edited; save the model again") from err
     try:
         model.load_state_dict(load_file(str(weights)), strict=True)
     except (RuntimeError, OSError) as err:
         raise SavedModelError(f"{weights} does not fit the architecture in {folder / CONFIG_FILE}: {err}") from err
     model.eval()
     if verify and model.digest() != config["digest"]:
-        raise SavedModelError(f"{folder}: the rebuilt model's digest differs from config.json (library versions "
-                              f"then {config.get('versions')}); save the model again with this version")
+        raise SavedModelError(f"{folder}: the rebuilt model's digest differs from the one in config.json: the "
+                              f"file was edited, or the model was saved with other library versions "
+                              f"({config.get('versions')}); save the model again")
     return model

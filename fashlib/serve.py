@@ -20,6 +20,9 @@ from typing import Any, Sequence
 from PIL import Image
 
 THUMB_SIZE = 256
+# largest upload decoded, in pixels (read from the header before decoding): 64 MP covers phone photos, while a
+# small PNG of 150 MP (under PIL's own bomb limit of 2 x 89 MP) would cost ~0.5 GB and seconds of CPU per request
+MAX_UPLOAD_PIXELS = 64_000_000
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222;background:#fafafa}
 h1{font-size:1.4rem} .drop{border:2px dashed #888;border-radius:8px;padding:1.5rem;text-align:center;background:#fff}
@@ -53,8 +56,9 @@ def data_uri(jpeg: bytes) -> str:
 
 
 def figure(src: str, caption: str, cls: str = "") -> str:
-    return (f'<figure class="{cls}"><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    """An HTML figure: the image at `src` (none when empty) above its caption, both escaped."""
+    img = f'<img src="{html.escape(src)}" alt="{html.escape(caption)}">' if src else ""
+    return f'<figure class="{cls}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
 def page(title: str, body: str, script: str = "") -> str:
@@ -62,13 +66,24 @@ def page(title: str, body: str, script: str = "") -> str:
             f"<style>{STYLE}</style></head><body>{body}{f'<script>{script}</script>' if script else ''}</body></html>")
 
 
+STALE_NOTE = " (changed since indexed: the score is the old photo's; run update)"
+
+
+def _result_figure(index: Any, hit: dict) -> str:
+    """A contact-sheet cell: the result's thumbnail inlined, or its caption alone when the file is unreadable."""
+    caption = f"#{hit['rank']} {hit['score']:.3f} {hit['path']}" + (STALE_NOTE if hit.get("stale") else "")
+    try:
+        return figure(data_uri(thumbnail_jpeg(index.file_path(hit["id"]))), caption)
+    except OSError:  # deleted since indexed, or a path outside the catalogue (PermissionError)
+        return figure("", caption + " (file unreadable)")
+
+
 def contact_sheet(index: Any, photos: Sequence[str], results: Sequence[Sequence[dict]]) -> str:
     """Self-contained HTML (thumbnails inlined as base64) of each query photo followed by its results."""
     rows = []
     for photo, hits in zip(photos, results):
         cells = [figure(data_uri(thumbnail_jpeg(photo)), f"query: {photo}", "query")]
-        cells += [figure(data_uri(thumbnail_jpeg(index.file_path(h["id"]))), f"#{h['rank']} {h['score']:.3f} {h['path']}")
-                  for h in hits]
+        cells += [_result_figure(index, h) for h in hits]
         rows.append(f'<div class="grid">{"".join(cells)}</div>')
     return page("fashlib: query results", f"<h1>Query results ({html.escape(str(index.folder))})</h1>" + "".join(rows))
 
@@ -80,10 +95,17 @@ def _form(k: int) -> str:
             f'<button type="submit" id="go">Search the top {k}</button></div></form>')
 
 
-def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0):
-    """Flask app over an opened CatalogueIndex (fashlib.index.open_index); see the module docstring."""
+def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0, max_pixels: int = MAX_UPLOAD_PIXELS):
+    """Flask app over an opened CatalogueIndex (fashlib.index.open_index); see the module docstring.
+
+    Uploads above `max_upload_mb` megabytes or `max_pixels` pixels (width x height, read from the header before
+    any decoding: decompression bombs) are refused with 413 and a message.
+    """
     from flask import Flask, Response, abort, jsonify, request
     from werkzeug.exceptions import RequestEntityTooLarge
+
+    from .index import CatalogueIndexError
+    from .saved_model import open_rgb
 
     app = Flask("fashlib.serve")
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
@@ -112,14 +134,26 @@ def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0):
             return message(400, "No photo received: choose an image file (JPEG, PNG or WebP).")
         try:
             image = Image.open(io.BytesIO(upload.read()))
+        except Exception:  # noqa: BLE001 - anything PIL cannot identify is "not an image"
+            return message(400, f"{upload.filename!r} is not an image this server can read (JPEG, PNG or WebP).")
+        if image.width * image.height > max_pixels:
+            return message(413, f"{upload.filename!r} is {image.width} x {image.height} pixels, more than the limit "
+                                f"of {max_pixels / 1e6:g} megapixels; choose a smaller photo.")
+        try:
             image.load()
-            results = index.query([image], k=k)[0]
+            image = open_rgb(image)  # EXIF orientation, transparency on white: as the catalogue photos
         except Exception:  # noqa: BLE001 - anything PIL cannot decode is "not an image"
             return message(400, f"{upload.filename!r} is not an image this server can read (JPEG, PNG or WebP).")
+        try:
+            results = index.query([image], k=k)[0]
+        except CatalogueIndexError as err:  # e.g. an empty index: say so, not "not an image"
+            return message(500, str(err))
         if request.args.get("format") == "json":
             return jsonify(results=results)
         cells = [figure(data_uri(thumbnail_jpeg(image)), f"your photo: {upload.filename}", "query")]
-        cells += [figure(f"/thumb/{r['id']}", f"#{r['rank']} {r['score']:.3f} {r['path']}") for r in results]
+        cells += [figure(f"/thumb/{r['id']}", f"#{r['rank']} {r['score']:.3f} {r['path']}"
+                         + (STALE_NOTE if r["stale"] else ""))
+                  for r in results]
         grid = f'<div class="grid" id="results">{"".join(cells)}</div>'
         return Response(page("fashlib search results", header + _form(k) + grid, SCRIPT), mimetype="text/html")
 

@@ -144,3 +144,128 @@ def test_help_documents_every_option():
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{name} {action.option_strings} has no help text"
                 assert action.option_strings[0] in text
+
+
+def test_update_sees_a_photo_replaced_with_the_same_size_and_time(catalogue, model_dir, tmp_path):
+    """Size and mtime are not enough: a restored backup or `cp -p` keeps both; the content hash decides."""
+    out = tmp_path / "idx"
+    ci.build(catalogue, model_dir, out, progress=False)
+    other, target = sorted([catalogue / "p00.jpg", catalogue / "p04.jpg"], key=lambda p: p.stat().st_size)
+    st, raw = target.stat(), other.read_bytes()
+    assert len(raw) < st.st_size  # pad the smaller JPEG to the larger one's size (bytes after EOI are ignored)
+    target.write_bytes(raw + b"\0" * (st.st_size - len(raw)))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    idx, report = ci.update(out, progress=False)
+    assert report["changed"] == 1 and report["unchanged"] == 11
+    hits = idx.query([other], k=2)[0]
+    assert {h["path"] for h in hits} == {other.name, target.name}
+    assert hits[1]["score"] == pytest.approx(1.0, abs=1e-4)  # the replaced photo's new content, not its old one
+    assert all(len(f["sha256"]) == 64 for f in idx.manifest["files"])
+
+
+def test_hand_edited_manifest_is_detected(catalogue, model_dir, tmp_path):
+    out = tmp_path / "idx"
+    ci.build(catalogue, model_dir, out, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = manifest["files"]
+    files[0]["path"], files[1]["path"] = files[1]["path"], files[0]["path"]  # rows would name the wrong photos
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    with pytest.raises(ci.CorruptIndexError, match="manifest.json was edited.*Rebuild it: python3 -m fashlib"):
+        ci.open_index(out)
+    (out / "manifest.json").write_text(json.dumps({"format": "fashlib-index", "format_version": ci.FORMAT_VERSION}))
+    with pytest.raises(ci.CorruptIndexError, match="was edited or damaged"):
+        ci.open_index(out)
+    manifest["format_version"] = 1  # written before per-file hashes: rebuilt, not half-trusted
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ci.CatalogueIndexError, match="format version 1, this fashlib reads version 2; rebuild it"):
+        ci.open_index(out)
+
+
+def test_links_out_of_the_catalogue_are_skipped_and_loops_ignored(catalogue, model_dir, tmp_path):
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes((catalogue / "p00.jpg").read_bytes())
+    (catalogue / "link.jpg").symlink_to(outside)
+    (catalogue / "passwd.jpg").symlink_to("/etc/passwd")
+    (catalogue / "inside.jpg").symlink_to(catalogue / "p04.jpg")
+    (catalogue / "sub" / "loop").symlink_to(catalogue)
+    idx = ci.build(catalogue, model_dir, tmp_path / "idx", progress=False)
+    assert "inside.jpg" in idx.paths and "link.jpg" not in idx.paths and "passwd.jpg" not in idx.paths
+    reasons = {s["path"]: s["reason"] for s in idx.manifest["skipped"]}
+    assert "outside the catalogue folder" in reasons["link.jpg"] and "outside" in reasons["passwd.jpg"]
+    assert not any(p.startswith("sub/loop") for p in idx.paths)
+    assert "linked folder, not followed" in reasons["sub/loop/"]  # said, not silently left out
+    assert idx.query([outside], k=1)[0][0]["path"] == "p00.jpg"
+
+
+def test_k_must_be_positive(catalogue, model_dir, tmp_path, capsys):
+    out = tmp_path / "idx"
+    idx = ci.build(catalogue, model_dir, out, progress=False)
+    for k in (0, -3):
+        with pytest.raises(ValueError, match=f"k must be a positive number of results, got {k}"):
+            idx.query([catalogue / "p00.jpg"], k=k)
+    with pytest.raises(SystemExit):
+        index_cli.main(["query", str(out), str(catalogue / "p00.jpg"), "--k", "0"])
+    assert "--k: must be at least 1, got 0" in capsys.readouterr().err
+    assert len(idx.query([catalogue / "p00.jpg"], k=500)[0]) == 12  # more than the catalogue: all of it
+
+
+def test_update_after_the_catalogue_moved(catalogue, model_dir, tmp_path, capsys):
+    out = tmp_path / "idx"
+    ci.build(catalogue, model_dir, out, progress=False)
+    moved = catalogue.rename(tmp_path / "moved")
+    with pytest.raises(ci.CatalogueIndexError, match=f"no longer exists.*update {out} --source NEW_PLACE"):
+        ci.update(out, progress=False)
+    assert index_cli.main(["update", str(out), "--source", str(moved)]) == 0
+    assert "added 0, changed 0, removed 0, unchanged 12" in capsys.readouterr().out
+    idx = ci.open_index(out)
+    assert idx.root == moved.resolve() and idx.file_path(0).is_file()
+
+
+def test_empty_folder_is_said(model_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert index_cli.main(["build", str(tmp_path / "empty"), "--model", str(model_dir), "--out",
+                           str(tmp_path / "idx")]) == 0
+    assert "warning: no photo of" in capsys.readouterr().out
+    with pytest.raises(ci.CatalogueIndexError, match="is empty"):
+        ci.open_index(tmp_path / "idx").query([photo(1)], k=1)
+
+
+def test_results_changed_since_indexing_are_flagged(catalogue, model_dir, tmp_path, capsys):
+    """Before update, a result whose file changed shows the new photo with the old photo's score: say so."""
+    out, sheet = tmp_path / "idx", tmp_path / "sheet.html"
+    ci.build(catalogue, model_dir, out, progress=False)
+    query = tmp_path / "query.jpg"
+    shutil.copy(catalogue / "p04.jpg", query)
+    photo(77).save(catalogue / "p04.jpg", quality=95)  # replaced, index not updated
+    (catalogue / "p00.jpg").unlink()  # deleted, index not updated
+    hits = ci.open_index(out).query([query], k=12)[0]
+    stale = {h["path"] for h in hits if h["stale"]}
+    assert hits[0]["path"] == "p04.jpg" and stale == {"p04.jpg", "p00.jpg"}
+    assert index_cli.main(["query", str(out), str(query), "--k", "12", "--html", str(sheet)]) == 0
+    captured = capsys.readouterr()
+    assert "p04.jpg  (changed since indexed: run update)" in captured.out
+    assert "2 results changed or were deleted since the index was built" in captured.err
+    html = sheet.read_text()
+    assert "p00.jpg (changed since indexed" in html and "(file unreadable)" in html  # no crash on the deleted one
+    _, report = ci.update(out, progress=False)
+    assert report["changed"] == 1 and report["removed"] == 1
+    assert not any(h["stale"] for h in ci.open_index(out).query([query], k=11)[0])
+
+
+def test_moved_model_folder_is_named(catalogue, model_dir, tmp_path):
+    model = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    ci.build(catalogue, model, tmp_path / "idx", progress=False)
+    moved = model.rename(tmp_path / "moved-model")
+    with pytest.raises(ci.CatalogueIndexError, match=f"saved model {model} this index was built with is gone.*--model"):
+        ci.open_index(tmp_path / "idx").query([catalogue / "p00.jpg"], k=1)
+    assert ci.open_index(tmp_path / "idx", moved).query([catalogue / "p00.jpg"], k=1)[0][0]["path"] == "p00.jpg"
+
+
+def test_an_index_kept_inside_its_catalogue_is_not_catalogued(catalogue, model_dir):
+    out = catalogue / "index"
+    idx = ci.build(catalogue, model_dir, out, progress=False)
+    (out / "sheet.jpg").write_bytes((catalogue / "p00.jpg").read_bytes())  # e.g. a saved result next to it
+    idx, report = ci.update(out, progress=False)
+    assert report == {"added": 0, "changed": 0, "removed": 0, "unchanged": 12, "skipped": 2}
+    assert not any(p.startswith("index/") for p in idx.paths + [s["path"] for s in idx.manifest["skipped"]])

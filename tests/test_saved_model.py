@@ -98,6 +98,52 @@ def test_corrupt_or_foreign_folders_are_refused(table, tmp_path):
         models.load_embedder(tmp_path)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.pop("weights_sha256"), "lacks weights_sha256"),
+    (lambda c: c.pop("kind"), "lacks kind"),
+    (lambda c: c["backbones"][0].pop("pooling"), "does not describe a model"),
+    (lambda c: c.update(weights_file="../elsewhere/model.safetensors"), "not a file name inside"),
+    (lambda c: c["backbones"][0]["preprocessing"].update(size=SIZE + 8), "was edited"),
+])
+def test_edited_config_is_refused_with_a_message(tmp_path, edit, message):
+    folder = models.save_embedder(models.features_embedder("resnet10t", pretrained=False, image_size=SIZE),
+                                  tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SavedModelError, match=message):
+        models.load_embedder(folder)
+    (folder / "config.json").write_text("[]")
+    with pytest.raises(SavedModelError, match="not a fashlib model config"):
+        models.load_embedder(folder)
+
+
+def test_photos_are_opened_as_the_course_opens_them(tmp_path):
+    """EXIF orientation applied and transparency on white (fashlib.data.images), for paths and PIL images."""
+    from PIL import Image
+
+    from fashlib.data.images import open_rgb as course_open
+    from fashlib.saved_model import open_rgb
+
+    upright = photo(3, size=(90, 60))
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": the pixels are stored turned the other way
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif)
+    rgba = upright.convert("RGBA")
+    rgba.putalpha(Image.new("L", rgba.size, 0).point(lambda _: 0))  # fully transparent: white as displayed
+    rgba.save(tmp_path / "clear.png")
+    for name in ("phone.png", "clear.png"):
+        course = np.asarray(course_open(tmp_path / name))
+        np.testing.assert_array_equal(np.asarray(open_rgb(tmp_path / name)), course)
+        with Image.open(tmp_path / name) as img:  # an upload: an opened PIL image, EXIF still attached
+            img.load()
+            np.testing.assert_array_equal(np.asarray(open_rgb(img)), course)
+    np.testing.assert_array_equal(np.asarray(open_rgb(tmp_path / "phone.png")), np.asarray(upright))
+    assert (np.asarray(open_rgb(tmp_path / "clear.png")) == 255).all()
+    model = models.features_embedder("resnet10t", pretrained=False, image_size=SIZE)
+    emb = model.embed([tmp_path / "upright.png", tmp_path / "phone.png"])
+    np.testing.assert_allclose(emb[0], emb[1], atol=1e-6)  # the phone photo embeds as the upright one
 def test_catalogue_images_are_read_like_the_course_reads_them(tmp_path):
     """Index, search page and saved model open photos with data.images' rules: EXIF orientation, alpha on white."""
     from PIL import Image

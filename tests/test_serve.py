@@ -136,3 +136,51 @@ def test_search_in_headless_chromium(built, tmp_path):
     finally:
         browser.quit()
         server.shutdown()
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header announces width x height pixels (no pixel data: a decompression bomb's first bytes)."""
+    import struct
+    import zlib
+
+    out = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (1, 1)).save(out, format="PNG")
+    raw = bytearray(out.getvalue())
+    ihdr = struct.pack(">II", width, height) + bytes(raw[24:29])
+    raw[16:29] = ihdr
+    raw[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(raw)
+
+
+def test_decompression_bomb_is_refused_before_decoding(built):
+    root, _ = built
+    app = create_app(ci.open_index(root / "idx"), k=3, max_upload_mb=1)
+    bomb = png_header_claiming(10_000, 9_000)  # 90 MP: under PIL's own error limit (2 x 89 MP), 150 bytes
+    response = app.test_client().post("/search", data={"photo": (io.BytesIO(bomb), "bomb.png")},
+                                      content_type="multipart/form-data")
+    assert response.status_code == 413
+    assert "10000 x 9000 pixels, more than the limit of 64 megapixels" in response.get_data(as_text=True)
+
+
+def test_uploaded_phone_photo_is_shown_and_searched_upright(client, built):
+    """A photo stored sideways with an EXIF orientation tag is seen as displayed (as the catalogue photos are)."""
+    import base64
+    import re
+
+    from PIL import Image
+
+    _, catalogue = built
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display: rotate 90 degrees clockwise
+    out = io.BytesIO()
+    Image.open(catalogue / "sub" / "p03.jpeg").transpose(Image.Transpose.ROTATE_90).save(
+        out, format="PNG", exif=exif)  # lossless: the upright pixels are exactly the catalogue photo's
+    page = client.post("/search", data={"photo": (io.BytesIO(out.getvalue()), "phone.png")},
+                       content_type="multipart/form-data").get_data(as_text=True)
+    shown = re.search(r'src="data:image/jpeg;base64,([^"]+)"', page).group(1)
+    assert Image.open(io.BytesIO(base64.b64decode(shown))).size == (96, 80)  # landscape, as p03 is displayed
+    hits = client.post("/search?format=json", data={"photo": (io.BytesIO(out.getvalue()), "phone.png")},
+                       content_type="multipart/form-data").get_json()["results"]
+    assert hits[0]["path"] == "sub/p03.jpeg" and hits[0]["score"] > 0.99
