@@ -90,21 +90,33 @@ def _post_rows(table: pd.DataFrame, embeddings: np.ndarray, base: dict, qe_ks: S
 
 
 def refit(features: Mapping[str, np.ndarray], val_table: pd.DataFrame, test_table: pd.DataFrame,
-          chosen: tuple[str, str, str, str], **head_options: Any) -> tuple[np.ndarray, Any]:
-    """The chosen (candidate, loss, head, post) refitted on train + validation rows (study.refit_on_train_val).
+          chosen: tuple[str, str, str, str], val_features: Mapping[str, np.ndarray] | None = None,
+          **head_options: Any) -> tuple[np.ndarray, Any]:
+    """The chosen (candidate, loss, head, post) refitted on train + validation rows.
 
-    features: name -> (N, D) features of the TEST table's rows. Returns (embeddings of every test-table row
-    before post-processing, the head or None for loss "none"). Post-processing is a search-time step applied
-    by post_scores, not part of the embeddings.
+    features: name -> (N, D) features of the TEST table's rows. When both tables list the same images
+    (experiments.load_protocols without a cap) this is study.refit_on_train_val. Otherwise (capped smoke
+    tables) the validation query/gallery rows whose image is not in the test table are appended as training
+    rows, with their features from `val_features` (required then; ValueError without it). Returns (embeddings
+    of every test-table row before post-processing, the head or None for loss "none"). Post-processing is a
+    search-time step applied by post_scores, not part of the embeddings.
     """
     candidate, variant, head, _ = chosen
     if variant == NONE:
         return features[candidate], None
     loss, loss_options = loss_spec(variant)
-    embeddings, _, trained = study.refit_on_train_val(features[candidate], val_table, test_table, loss=loss,
-                                                      loss_options=loss_options, head_type=head, progress=False,
-                                                      **head_options)
-    return embeddings, trained
+    options = dict(loss=loss, loss_options=loss_options, head_type=head, progress=False, **head_options)
+    same = len(val_table) == len(test_table) and (val_table["path"].to_numpy() == test_table["path"].to_numpy()).all()
+    if same:
+        embeddings, _, trained = study.refit_on_train_val(features[candidate], val_table, test_table, **options)
+        return embeddings, trained
+    if val_features is None:
+        raise ValueError("the validation and test tables list different images: pass val_features to refit")
+    extra = (val_table["split"].isin(("query", "gallery")) & ~val_table["path"].isin(test_table["path"])).to_numpy()
+    table = pd.concat([test_table, val_table[extra].assign(split="train")], ignore_index=True)
+    feats = np.concatenate([features[candidate], val_features[candidate][extra]])
+    embeddings, _, trained = train_head_on_features(feats, table, **options)
+    return embeddings[:len(test_table)], trained
 
 
 def test_report(scores: Mapping[str, pd.DataFrame], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -125,3 +137,33 @@ def paired_report(chosen: pd.DataFrame, baseline: pd.DataFrame, n_boot: int = 20
                                 seed=seed).rename(index={"ap@r": "map@r"})
     diff[["diff", "low", "high"]] *= 100
     return diff.rename(columns={"diff": "points", "low": "low (points)", "high": "high (points)"})
+
+
+def finetune_chosen(validation: pd.DataFrame, val_table: pd.DataFrame, test_table: pd.DataFrame,
+                    candidate_backbones: Sequence[str], folder: Any, *, embedding_dim: int = 256,
+                    image_size: int | None = None, epochs: int = 15, p: int = 16, k: int = 4, device: str = "cuda",
+                    seed: int = 0) -> tuple[np.ndarray, Any, str, str]:
+    """Fine-tune end to end the best single-backbone candidate with a head (by validation Recall@1, then mAP@R).
+
+    Trains on the training rows (experiments.finetune, meant for a GPU), monitored on the validation protocol;
+    embeds every row of test_table. Returns (test embeddings, the trained network, backbone, loss label).
+    When no such candidate trained, Lite0 with multi-similarity is used and a note is printed.
+    """
+    from .experiments import embed_images, finetune, pick_best, same_training_rows, train_rows
+
+    ok = validation[(validation["error"] == "") & (validation.index.get_level_values("loss") != NONE)]
+    ok = ok[ok.index.get_level_values("candidate").isin(candidate_backbones)]
+    if len(ok):
+        backbone, variant = pick_best(ok)[:2]
+    else:
+        backbone, variant = candidate_backbones[0], "multi_similarity"
+        print(f"no single-backbone head candidate trained: fine-tuning {backbone} / {variant}")
+    loss, loss_options = loss_spec(variant)
+    train_view = val_table if same_training_rows(val_table, test_table) else test_table
+    counts = train_view["label"].iloc[train_rows(train_view)].value_counts()
+    p = max(2, min(p, int((counts >= 2).sum())))  # P x K batches need P labels with >= 2 images
+    _, model = finetune(backbone, train_view, folder, loss=loss, loss_options=loss_options,
+                        embedding_dim=embedding_dim, image_size=image_size, epochs=epochs, p=p, k=k, device=device,
+                        seed=seed, progress=True)
+    return embed_images(model, test_table, image_size=image_size, device=device), model, backbone, \
+        f"{variant} (fine-tuned end to end)"
