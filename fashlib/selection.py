@@ -96,8 +96,10 @@ def refit(features: Mapping[str, np.ndarray], val_table: pd.DataFrame, test_tabl
 
     features: name -> (N, D) features of the TEST table's rows. When both tables list the same images
     (experiments.load_protocols without a cap) this is study.refit_on_train_val. Otherwise (capped smoke
-    tables) the validation query/gallery rows whose image is not in the test table are appended as training
-    rows, with their features from `val_features` (required then; ValueError without it). Returns (embeddings
+    tables) the test table's rows that are validation query/gallery rows become training rows, and the
+    validation query/gallery rows missing from the test table are appended as training rows with their
+    features from `val_features` (required then; ValueError without it, or when a validation row is a test
+    query/gallery row). Returns (embeddings
     of every test-table row before post-processing, the head or None for loss "none"). Post-processing is a
     search-time step applied by post_scores, not part of the embeddings.
     """
@@ -112,8 +114,15 @@ def refit(features: Mapping[str, np.ndarray], val_table: pd.DataFrame, test_tabl
         return embeddings, trained
     if val_features is None:
         raise ValueError("the validation and test tables list different images: pass val_features to refit")
-    extra = (val_table["split"].isin(("query", "gallery")) & ~val_table["path"].isin(test_table["path"])).to_numpy()
-    table = pd.concat([test_table, val_table[extra].assign(split="train")], ignore_index=True)
+    evaluated = ("query", "gallery")
+    val_eval = val_table["split"].isin(evaluated).to_numpy()
+    test_split = test_table["split"].to_numpy().astype(object).copy()
+    in_val = test_table["path"].isin(val_table.loc[val_eval, "path"]).to_numpy()
+    if (in_val & np.isin(test_split, evaluated)).any():
+        raise ValueError("validation query/gallery rows are test query/gallery rows; refusing to train on them")
+    test_split[in_val] = "train"
+    extra = val_eval & ~val_table["path"].isin(test_table["path"]).to_numpy()
+    table = pd.concat([test_table.assign(split=test_split), val_table[extra].assign(split="train")], ignore_index=True)
     feats = np.concatenate([features[candidate], val_features[candidate][extra]])
     embeddings, _, trained = train_head_on_features(feats, table, **options)
     return embeddings[:len(test_table)], trained
