@@ -150,6 +150,7 @@ def glue_values(values: Mapping[str, float | int], percent: Iterable[str] = (), 
     percent = set(percent)
     glued = {}
     for name, value in values.items():
+        value = value.item() if isinstance(value, np.generic) else value  # 70.8, not np.float64(70.8)
         glued[name] = percent_value(value) if name in percent else value
         glue(name, glued[name], display=display)
     return glued
