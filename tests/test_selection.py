@@ -157,3 +157,23 @@ def test_warning_prose_and_relative_path(tmp_path):
     assert report.warning_prose([]) == ""
     assert report.relative_path(tmp_path / "runs" / "x", root=tmp_path) == "runs/x"
     assert report.relative_path("/elsewhere/model", root=tmp_path) == "model"
+
+
+def test_loss_sweep_rows_runs_and_failures(tmp_path):
+    from fashlib import sweeps
+
+    x, val, _ = _tables()
+    head = dict(epochs=2, seed=0, p=4, k=2)
+    results, runs = sweeps.loss_sweep(x, val, ["multi_similarity", "no_such_loss"], 8, head=head, out_dir=tmp_path,
+                                      prefix="03", config={"seed": 0}, max_k=5)
+    assert results["loss"].tolist() == ["frozen (no head)", "multi_similarity", "no_such_loss"]
+    assert list(runs) == ["frozen (no head)", "multi_similarity"]
+    assert results.loc[2, "error"] and np.isnan(results.loc[2, "seconds"])
+    frozen = experiments.evaluate(val, x)
+    assert results.loc[0, "map@r"] == pytest.approx(frozen["map@r"])
+    run = runs["multi_similarity"]
+    assert len(run["history"]) == 2 and max(run["curve"]) == 5
+    rechecked = experiments.check_run(run["folder"])
+    assert all(rechecked[m] == pytest.approx(run["result"][m]) for m in rechecked)
+    with pytest.raises(RuntimeError, match="no loss"):
+        sweeps.loss_sweep(x, val, ["no_such_loss"], 8, head=head, out_dir=tmp_path, prefix="03b", config={})
