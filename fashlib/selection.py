@@ -15,7 +15,8 @@ Chapter 05's protocol as library functions (the notebook calls each once):
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,7 @@ def post_settings(qe_ks: Sequence[int]) -> list[str]:
 
 
 def parse_post(name: str) -> tuple[str, dict[str, int]]:
-    """"qe k=2" -> ("qe", {"k": 2}); "none" -> ("none", {}). Raises ValueError for another name."""
+    """ "qe k=2" -> ("qe", {"k": 2}); "none" -> ("none", {}). Raises ValueError for another name."""
     if name == NONE:
         return NONE, {}
     method, _, setting = name.partition(" k=")
@@ -54,9 +55,15 @@ def post_scores(table: pd.DataFrame, embeddings: np.ndarray, post: str, ks: Sequ
     return study.postprocessed_scores(table, embeddings, method, ks=ks, **params)
 
 
-def candidate_scores(features: Mapping[str, np.ndarray], table: pd.DataFrame, losses: Sequence[str],
-                     head_types: Sequence[str] = ("linear",), qe_ks: Sequence[int] = (), ks: Sequence[int] = KS,
-                     **head_options: Any) -> pd.DataFrame:
+def candidate_scores(
+    features: Mapping[str, np.ndarray],
+    table: pd.DataFrame,
+    losses: Sequence[str],
+    head_types: Sequence[str] = ("linear",),
+    qe_ks: Sequence[int] = (),
+    ks: Sequence[int] = KS,
+    **head_options: Any,
+) -> pd.DataFrame:
     """Score every candidate configuration on `table`'s queries (the validation protocol).
 
     features: name -> (N, D) cached features in table order; losses: fashlib loss variant names
@@ -73,8 +80,16 @@ def candidate_scores(features: Mapping[str, np.ndarray], table: pd.DataFrame, lo
             for head in head_types:
                 base = dict(candidate=candidate, loss=variant, head=head)
                 start = time.perf_counter()
-                trained, error = try_call(train_head_on_features, feats, table, loss=loss, loss_options=loss_options,
-                                          head_type=head, progress=False, **head_options)
+                trained, error = try_call(
+                    train_head_on_features,
+                    feats,
+                    table,
+                    loss=loss,
+                    loss_options=loss_options,
+                    head_type=head,
+                    progress=False,
+                    **head_options,
+                )
                 base["seconds"] = time.perf_counter() - start
                 if error:
                     rows.append({**base, "post": NONE, "error": error})
@@ -83,15 +98,23 @@ def candidate_scores(features: Mapping[str, np.ndarray], table: pd.DataFrame, lo
     return pd.DataFrame(rows).set_index(INDEX)
 
 
-def _post_rows(table: pd.DataFrame, embeddings: np.ndarray, base: dict, qe_ks: Sequence[int],
-               ks: Sequence[int]) -> list[dict]:
-    return [{**base, "post": post, **_mean_scores(post_scores(table, embeddings, post, ks)), "error": ""}
-            for post in post_settings(qe_ks)]
+def _post_rows(
+    table: pd.DataFrame, embeddings: np.ndarray, base: dict, qe_ks: Sequence[int], ks: Sequence[int]
+) -> list[dict]:
+    return [
+        {**base, "post": post, **_mean_scores(post_scores(table, embeddings, post, ks)), "error": ""}
+        for post in post_settings(qe_ks)
+    ]
 
 
-def refit(features: Mapping[str, np.ndarray], val_table: pd.DataFrame, test_table: pd.DataFrame,
-          chosen: tuple[str, str, str, str], val_features: Mapping[str, np.ndarray] | None = None,
-          **head_options: Any) -> tuple[np.ndarray, Any]:
+def refit(
+    features: Mapping[str, np.ndarray],
+    val_table: pd.DataFrame,
+    test_table: pd.DataFrame,
+    chosen: tuple[str, str, str, str],
+    val_features: Mapping[str, np.ndarray] | None = None,
+    **head_options: Any,
+) -> tuple[np.ndarray, Any]:
     """The chosen (candidate, loss, head, post) refitted on train + validation rows.
 
     features: name -> (N, D) features of the TEST table's rows. When both tables list the same images
@@ -125,7 +148,7 @@ def refit(features: Mapping[str, np.ndarray], val_table: pd.DataFrame, test_tabl
     table = pd.concat([test_table.assign(split=test_split), val_table[extra].assign(split="train")], ignore_index=True)
     feats = np.concatenate([features[candidate], val_features[candidate][extra]])
     embeddings, _, trained = train_head_on_features(feats, table, **options)
-    return embeddings[:len(test_table)], trained
+    return embeddings[: len(test_table)], trained
 
 
 def test_report(scores: Mapping[str, pd.DataFrame], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
@@ -134,24 +157,41 @@ def test_report(scores: Mapping[str, pd.DataFrame], n_boot: int = 2000, seed: in
     rows = {}
     for name, frame in scores.items():
         ci = study.intervals_row(frame, n_boot=n_boot, seed=seed)
-        rows[name] = {**_mean_scores(frame), "recall@1 low": ci["recall@1_low"], "recall@1 high": ci["recall@1_high"],
-                      "map@r low": ci["map@r_low"], "map@r high": ci["map@r_high"]}
+        rows[name] = {
+            **_mean_scores(frame),
+            "recall@1 low": ci["recall@1_low"],
+            "recall@1 high": ci["recall@1_high"],
+            "map@r low": ci["map@r_low"],
+            "map@r high": ci["map@r_high"],
+        }
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def paired_report(chosen: pd.DataFrame, baseline: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """chosen - baseline on the same queries for Recall@1 and mAP@R: difference, paired 95% bootstrap interval
     (percentage points) and the sign-flip p-value (stats.compare_scores)."""
-    diff = stats.compare_scores(chosen[["recall@1", "ap@r"]], baseline[["recall@1", "ap@r"]], n_boot=n_boot,
-                                seed=seed).rename(index={"ap@r": "map@r"})
+    diff = stats.compare_scores(
+        chosen[["recall@1", "ap@r"]], baseline[["recall@1", "ap@r"]], n_boot=n_boot, seed=seed
+    ).rename(index={"ap@r": "map@r"})
     diff[["diff", "low", "high"]] *= 100
     return diff.rename(columns={"diff": "points", "low": "low (points)", "high": "high (points)"})
 
 
-def finetune_chosen(validation: pd.DataFrame, val_table: pd.DataFrame, test_table: pd.DataFrame,
-                    candidate_backbones: Sequence[str], folder: Any, *, embedding_dim: int = 256,
-                    image_size: int | None = None, epochs: int = 15, p: int = 16, k: int = 4, device: str = "cuda",
-                    seed: int = 0) -> tuple[np.ndarray, Any, str, str]:
+def finetune_chosen(
+    validation: pd.DataFrame,
+    val_table: pd.DataFrame,
+    test_table: pd.DataFrame,
+    candidate_backbones: Sequence[str],
+    folder: Any,
+    *,
+    embedding_dim: int = 256,
+    image_size: int | None = None,
+    epochs: int = 15,
+    p: int = 16,
+    k: int = 4,
+    device: str = "cuda",
+    seed: int = 0,
+) -> tuple[np.ndarray, Any, str, str]:
     """Fine-tune end to end the best single-backbone candidate with a head (by validation Recall@1, then mAP@R).
 
     Trains on the training rows (experiments.finetune, meant for a GPU), monitored on the validation protocol;
@@ -171,8 +211,24 @@ def finetune_chosen(validation: pd.DataFrame, val_table: pd.DataFrame, test_tabl
     train_view = val_table if same_training_rows(val_table, test_table) else test_table
     counts = train_view["label"].iloc[train_rows(train_view)].value_counts()
     p = max(2, min(p, int((counts >= 2).sum())))  # P x K batches need P labels with >= 2 images
-    _, model = finetune(backbone, train_view, folder, loss=loss, loss_options=loss_options,
-                        embedding_dim=embedding_dim, image_size=image_size, epochs=epochs, p=p, k=k, device=device,
-                        seed=seed, progress=True)
-    return embed_images(model, test_table, image_size=image_size, device=device), model, backbone, \
-        f"{variant} (fine-tuned end to end)"
+    _, model = finetune(
+        backbone,
+        train_view,
+        folder,
+        loss=loss,
+        loss_options=loss_options,
+        embedding_dim=embedding_dim,
+        image_size=image_size,
+        epochs=epochs,
+        p=p,
+        k=k,
+        device=device,
+        seed=seed,
+        progress=True,
+    )
+    return (
+        embed_images(model, test_table, image_size=image_size, device=device),
+        model,
+        backbone,
+        f"{variant} (fine-tuned end to end)",
+    )

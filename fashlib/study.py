@@ -8,13 +8,14 @@ initialisation and batch order only (the cached backbone features are fixed).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from . import postprocess, stats
-from .experiments import KS, eval_rows, train_head_on_features, train_rows
+from .experiments import KS, eval_rows, train_head_on_features
 
 __all__ = [
     "train_val_table",

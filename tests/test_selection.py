@@ -22,10 +22,12 @@ def _tables(n_labels=4, per_label=10, dim=16, seed=3):
     labels = np.repeat(np.arange(n_labels), per_label)
     x = (rng.normal(size=(n_labels, dim))[labels] + 0.8 * rng.normal(size=(len(labels), dim))).astype(np.float32)
     role = np.array((["train"] * 4 + ["val_q", "val_g", "test_q", "test_g", "test_g", "val_g"]) * n_labels)
-    val_split = np.where(role == "val_q", "query", np.where(role == "val_g", "gallery",
-                         np.where(role == "train", "train", "test")))
-    test_split = np.where(role == "test_q", "query", np.where(role == "test_g", "gallery",
-                          np.where(role == "train", "train", "val")))
+    val_split = np.where(
+        role == "val_q", "query", np.where(role == "val_g", "gallery", np.where(role == "train", "train", "test"))
+    )
+    test_split = np.where(
+        role == "test_q", "query", np.where(role == "test_g", "gallery", np.where(role == "train", "train", "val"))
+    )
     base = pd.DataFrame({"path": [f"img{i}.jpg" for i in range(len(labels))], "label": labels.astype(str)})
     return x, base.assign(split=val_split), base.assign(split=test_split)
 
@@ -55,8 +57,10 @@ def test_seed_comparison_means_stds_and_intervals():
 
 def _fake(per_query_a, per_query_b, std_a=0.0, std_b=0.0):
     per_query = {"a": pd.DataFrame({"recall@1": per_query_a}), "b": pd.DataFrame({"recall@1": per_query_b})}
-    summary = pd.DataFrame({"recall@1": [np.mean(per_query_a), np.mean(per_query_b)],
-                            "recall@1 std": [std_a, std_b]}, index=pd.Index(["a", "b"], name="config"))
+    summary = pd.DataFrame(
+        {"recall@1": [np.mean(per_query_a), np.mean(per_query_b)], "recall@1 std": [std_a, std_b]},
+        index=pd.Index(["a", "b"], name="config"),
+    )
     return summary, per_query
 
 
@@ -90,18 +94,41 @@ def test_post_names_round_trip():
 
 def test_candidate_scores_cover_every_setting_and_match_evaluate():
     x, val, _ = _tables()
-    table = selection.candidate_scores({"toy": x}, val, ["multi_similarity"], ["linear", "mlp"], [1, 2], ks=(1, 5),
-                                       hidden_dim=16, embedding_dim=8, epochs=2, p=4, k=2)
+    table = selection.candidate_scores(
+        {"toy": x},
+        val,
+        ["multi_similarity"],
+        ["linear", "mlp"],
+        [1, 2],
+        ks=(1, 5),
+        hidden_dim=16,
+        embedding_dim=8,
+        epochs=2,
+        p=4,
+        k=2,
+    )
     assert len(table) == 3 * 3  # (frozen, linear, mlp) x (none, qe k=1, qe k=2)
     assert set(table.index.get_level_values("head")) == {"none", "linear", "mlp"}
     frozen = table.loc[("toy", "none", "none", "none")]
     expected = experiments.evaluate(val, experiments.l2_normalize(x), ks=(1, 5))  # cosine, as postprocess ranks
-    assert frozen["recall@1"] == pytest.approx(expected["recall@1"]) and frozen["map@r"] == pytest.approx(expected["map@r"])
+    assert frozen["recall@1"] == pytest.approx(expected["recall@1"])
+    assert frozen["map@r"] == pytest.approx(expected["map@r"])
     qe = table.loc[("toy", "none", "none", "qe k=2")]
     assert qe["recall@1"] == pytest.approx(study.postprocessed_scores(val, x, "qe", ks=(1, 5), k=2)["recall@1"].mean())
     assert (table["error"] == "").all()
-    failed = selection.candidate_scores({"toy": x}, val, ["multi_similarity"], ["linear"], [], ks=(1,),
-                                        embedding_dim=8, epochs=1, p=4, k=2, sampler="nope")
+    failed = selection.candidate_scores(
+        {"toy": x},
+        val,
+        ["multi_similarity"],
+        ["linear"],
+        [],
+        ks=(1,),
+        embedding_dim=8,
+        epochs=1,
+        p=4,
+        k=2,
+        sampler="nope",
+    )
     assert "nope" in failed.loc[("toy", "multi_similarity", "linear", "none"), "error"]
 
 
@@ -109,8 +136,9 @@ def test_refit_uses_train_and_validation_rows():
     x, val, test = _tables()
     options = dict(embedding_dim=8, epochs=2, p=4, k=2, hidden_dim=16)
     emb, head = selection.refit({"toy": x}, val, test, ("toy", "multi_similarity", "mlp", "qe k=1"), **options)
-    direct, _, _ = study.refit_on_train_val(x, val, test, loss="multi_similarity", head_type="mlp", progress=False,
-                                            **options)
+    direct, _, _ = study.refit_on_train_val(
+        x, val, test, loss="multi_similarity", head_type="mlp", progress=False, **options
+    )
     np.testing.assert_allclose(emb, direct, atol=1e-6)
     assert selection.refit({"toy": x}, val, test, ("toy", "none", "none", "none"))[0] is x
     # capped tables (different rows): the test table lacks the validation queries and the test queries'
@@ -123,9 +151,13 @@ def test_refit_uses_train_and_validation_rows():
     emb, head = selection.refit({"toy": x[keep]}, val, small_test, chosen, {"toy": x}, **options)
     train_first = small_test["split"].isin(["train", "val"]).to_numpy()
     queries = (val["split"] == "query").to_numpy()
-    direct, _ = train_head(np.concatenate([x[keep][train_first], x[queries]]),
-                           np.concatenate([small_test["label"][train_first], val["label"][queries]]),
-                           loss="multi_similarity", progress=False, **options)
+    direct, _ = train_head(
+        np.concatenate([x[keep][train_first], x[queries]]),
+        np.concatenate([small_test["label"][train_first], val["label"][queries]]),
+        loss="multi_similarity",
+        progress=False,
+        **options,
+    )
     assert emb.shape == (len(small_test), 8)
     np.testing.assert_allclose(emb, direct(torch.as_tensor(x[keep])).detach().numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="refusing"):
@@ -148,12 +180,16 @@ def test_warning_prose_and_relative_path(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
-            warnings.warn("clothing: 5 of 5403 listed images are missing on disk; their rows were dropped "
-                          "(e.g. /data/clothing/images/a.jpg, /data/clothing/images/b.jpg ...)")
-        warnings.warn(f"cannot read {tmp_path}/x/photo.png")
+            warnings.warn(
+                "clothing: 5 of 5403 listed images are missing on disk; their rows were dropped "
+                "(e.g. /data/clothing/images/a.jpg, /data/clothing/images/b.jpg ...)",
+                stacklevel=1,
+            )
+        warnings.warn(f"cannot read {tmp_path}/x/photo.png", stacklevel=1)
     text = report.warning_prose(caught)
-    assert text == ("Clothing: 5 of 5403 listed images are missing on disk; their rows were dropped. "
-                    "Cannot read photo.png.")
+    assert text == (
+        "Clothing: 5 of 5403 listed images are missing on disk; their rows were dropped. Cannot read photo.png."
+    )
     assert report.warning_prose([]) == ""
     assert report.relative_path(tmp_path / "runs" / "x", root=tmp_path) == "runs/x"
     assert report.relative_path("/elsewhere/model", root=tmp_path) == "model"
@@ -164,8 +200,17 @@ def test_loss_sweep_rows_runs_and_failures(tmp_path):
 
     x, val, _ = _tables()
     head = dict(epochs=2, seed=0, p=4, k=2)
-    results, runs = sweeps.loss_sweep(x, val, ["multi_similarity", "no_such_loss"], 8, head=head, out_dir=tmp_path,
-                                      prefix="03", config={"seed": 0}, max_k=5)
+    results, runs = sweeps.loss_sweep(
+        x,
+        val,
+        ["multi_similarity", "no_such_loss"],
+        8,
+        head=head,
+        out_dir=tmp_path,
+        prefix="03",
+        config={"seed": 0},
+        max_k=5,
+    )
     assert results["loss"].tolist() == ["frozen (no head)", "multi_similarity", "no_such_loss"]
     assert list(runs) == ["frozen (no head)", "multi_similarity"]
     assert results.loc[2, "error"] and np.isnan(results.loc[2, "seconds"])
