@@ -67,6 +67,28 @@ def _cost(backbone: str, weights: str, info: dict | None, speed: dict | None, im
     )
 
 
+def _backbone_results(backbone, controls, table, development, head, extract, throughput, out_dir, prefix, config):
+    """Yield (pretrained, weights, cost, result, error) for a backbone and, with controls, its random weights."""
+    from .models import backbone_info
+
+    image_size = extract.get("image_size")
+    info, info_error = experiments.try_call(backbone_info, backbone, image_size)
+    speed = None
+    if not info_error:
+        speed, _ = experiments.try_call(experiments.engine_throughputs, backbone, image_size, **throughput)
+    for pretrained in [True, False] if controls else [True]:
+        weights = "imagenet" if pretrained else "random"
+        cost = _cost(backbone, weights, info, speed, image_size)
+        if info_error:
+            yield pretrained, weights, cost, None, info_error
+            continue
+        rows = table if pretrained else development
+        result, error = experiments.try_call(
+            _backbone_runs, backbone, pretrained, rows, head, extract, out_dir, prefix, config
+        )
+        yield pretrained, weights, cost, result, error
+
+
 def backbone_sweep(
     table: pd.DataFrame,
     backbones: Sequence[str],
@@ -89,53 +111,22 @@ def backbone_sweep(
     with metrics, cost (params_M, gflops, images_per_s*), seconds and error; {(backbone, weights): {stage:
     run folder}}). Raises RuntimeError when no backbone could be evaluated.
     """
-    from .models import backbone_info
-
     development = table[table["split"].isin(["train", "query", "gallery"])].reset_index(drop=True)
-    image_size = extract.get("image_size")
     rows, saved = [], {}
     for backbone in backbones:
-        info, info_error = experiments.try_call(backbone_info, backbone, image_size)
-        speed, speed_error = (
-            (None, info_error)
-            if info_error
-            else experiments.try_call(experiments.engine_throughputs, backbone, image_size, **throughput)
-        )
         controls = random_controls is True or (
             isinstance(random_controls, (list, tuple)) and backbone in random_controls
         )
-        for pretrained in [True, False] if controls else [True]:
-            weights = "imagenet" if pretrained else "random"
-            cost = _cost(backbone, weights, info, speed, image_size)
-            result, error = (
-                (None, info_error)
-                if info_error
-                else experiments.try_call(
-                    _backbone_runs,
-                    backbone,
-                    pretrained,
-                    table if pretrained else development,
-                    head,
-                    extract,
-                    out_dir,
-                    prefix,
-                    config,
-                )
-            )
+        for _pretrained, weights, cost, result, error in _backbone_results(
+            backbone, controls, table, development, head, extract, throughput, out_dir, prefix, config
+        ):
             if error:
                 rows.append({**cost, "stage": "-", "error": error})
                 continue
             saved[(backbone, weights)] = result["runs"]
             for stage in ("frozen", "head"):
-                rows.append(
-                    {
-                        **cost,
-                        "stage": stage,
-                        **result[stage],
-                        "error": "",
-                        "seconds": result["features_s"] if stage == "frozen" else result["head_s"],
-                    }
-                )
+                seconds = result["features_s"] if stage == "frozen" else result["head_s"]
+                rows.append({**cost, "stage": stage, **result[stage], "error": "", "seconds": seconds})
     results = pd.DataFrame(rows)
     if "map@r" not in results:
         raise RuntimeError("no backbone could be evaluated:\n" + "\n".join(results["error"]))
