@@ -202,6 +202,9 @@ SCHEMA: dict[str, Check] = {
     "head_type": choice(lambda: ["linear", "mlp"]),
     "sampler": choice(lambda: ["pk", "m_per_class"]),
     "qe_ks": int_list(),
+    "seeds": Check(lambda v: None if isinstance(v, list) and v and all(_is_int(x) and x >= 0 for x in v)
+                   and len(set(v)) == len(v) else "a non-empty list of distinct integers >= 0"),
+    "head_types": choice(lambda: ["linear", "mlp"], many=True, label="head types"),
     "rerank_k1s": int_list(),
     "qe_alpha": number(0.0),
     "metric": choice(_metrics),

@@ -18,6 +18,7 @@ in the sentence is the one the run measured. ``{glue:text}`r1_test:.1f``` applie
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -149,6 +150,49 @@ def glue_values(values: Mapping[str, float | int], percent: Iterable[str] = (), 
     percent = set(percent)
     glued = {}
     for name, value in values.items():
+        value = value.item() if isinstance(value, np.generic) else value  # 70.8, not np.float64(70.8)
         glued[name] = percent_value(value) if name in percent else value
         glue(name, glued[name], display=display)
     return glued
+
+
+def glue_markdown(name: str, text: str, display: bool = False) -> str:
+    """Glue a sentence (Markdown) measured in the run, for ``{glue:md}`name``` in the prose. Returns text."""
+    from IPython.display import Markdown
+    from myst_nb import glue
+
+    glue(name, Markdown(text), display=display)
+    return text
+
+
+_EXAMPLES = re.compile(r"\s*\(e\.g\.[^)]*\)")
+_ABSOLUTE = re.compile(r"(?<![\w.])(?:/[^\s,;:()'\"]+){2,}")
+
+
+def warning_prose(caught: Iterable) -> str:
+    """Caught warnings (warnings.catch_warnings(record=True)) as one plain sentence each, without machine paths.
+
+    Example lists "(e.g. ...)" are dropped and any remaining absolute path becomes its file name, so
+    ``"clothing: 5 of 5408 listed images are missing on disk; their rows were dropped (e.g. /data/a.jpg)"``
+    reads ``"clothing: 5 of 5408 listed images are missing on disk; their rows were dropped."``.
+    Repeated messages are given once. Returns "" when nothing was caught."""
+    sentences: list[str] = []
+    for w in caught:
+        text = _EXAMPLES.sub("", str(getattr(w, "message", w)).strip())
+        text = _ABSOLUTE.sub(lambda m: m.group(0).rsplit("/", 1)[-1], text).rstrip(" .;")
+        sentence = text[:1].upper() + text[1:] + "."
+        if text and sentence not in sentences:
+            sentences.append(sentence)
+    return " ".join(sentences)
+
+
+def relative_path(path, root=None) -> str:
+    """path relative to the repository root (or `root`) for printing; the bare name when it lies outside."""
+    from pathlib import Path
+
+    base = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return path.name

@@ -8,13 +8,14 @@ initialisation and batch order only (the cached backbone features are fixed).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from . import postprocess, stats
-from .experiments import KS, eval_rows, train_head_on_features, train_rows
+from .experiments import KS, eval_rows, train_head_on_features
 
 __all__ = [
     "train_val_table",
@@ -26,6 +27,9 @@ __all__ = [
     "postprocessed_scores",
     "postprocessing_sweep",
     "postprocessing_test",
+    "seed_comparison",
+    "noise_verdicts",
+    "noise_prose",
 ]
 
 
@@ -194,3 +198,98 @@ def postprocessing_test(val_sweep: pd.DataFrame, table: pd.DataFrame, embeddings
                      "Δ recall@1": diff.loc["recall@1", "diff"], "Δ recall@1 p": diff.loc["recall@1", "p_value"],
                      "Δ map@r": diff.loc["ap@r", "diff"], "Δ map@r p": diff.loc["ap@r", "p_value"]})
     return pd.DataFrame(rows).set_index("method")
+
+
+# ------------------------------------------------------------------------------------------ seeds vs noise
+def _metric_column(metric: str) -> str:
+    return "ap@r" if metric == "map@r" else metric
+
+
+def seed_comparison(features: Mapping[str, np.ndarray], table: pd.DataFrame,
+                    configs: Mapping[str, Mapping[str, Any]], seeds: Sequence[int] = (0, 1, 2),
+                    metrics: Sequence[str] = ("recall@1", "map@r"), n_boot: int = 2000,
+                    progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Every configuration trained with every seed; mean ± std over seeds and a bootstrap interval over queries.
+
+    features: name -> (N, D) float array in table order; configs: name -> {"features": a features name, plus
+    experiments.train_head_on_features options (loss is required); {"features": name, "loss": None} scores
+    the features themselves (no head, the same for every seed)}. Returns (runs: one row per configuration
+    and seed, metrics as fractions; summary: one row per configuration with `<metric>` (mean over seeds),
+    `<metric> std` (over seeds, ddof=1) and `<metric> low` / `<metric> high`, the 95% percentile bootstrap
+    over queries of the seed-averaged per-query scores; per_query: name -> (Q, metrics) seed-averaged scores,
+    the input of noise_verdicts). Raises KeyError for a configuration naming unknown features.
+    """
+    rows, summary, per_query = [], [], {}
+    for name, config in configs.items():
+        if config["features"] not in features:
+            raise KeyError(f"configuration {name!r} names features {config['features']!r}; known: {sorted(features)}")
+        options = {k: v for k, v in config.items() if k != "features"}
+        scores = []
+        for seed in seeds:
+            if options.get("loss") is None:
+                emb = features[config["features"]]
+            else:
+                emb = train_head_on_features(features[config["features"]], table, seed=seed, progress=progress,
+                                             **options)[0]
+            scores.append(query_scores(table, emb))
+            rows.append({"config": name, "seed": seed,
+                         **{m: float(np.nanmean(scores[-1][_metric_column(m)])) for m in metrics}})
+        per_query[name] = sum(scores[1:], scores[0].copy()) / len(scores)
+        runs = pd.DataFrame(rows[-len(seeds):])
+        entry: dict[str, Any] = {"config": name}
+        for m in metrics:
+            ci = stats.bootstrap_ci(per_query[name][_metric_column(m)].to_numpy(), n_boot=n_boot)
+            entry.update({m: runs[m].mean(), f"{m} std": runs[m].std(ddof=1) if len(runs) > 1 else 0.0,
+                          f"{m} low": ci.low, f"{m} high": ci.high})
+        summary.append(entry)
+    return pd.DataFrame(rows), pd.DataFrame(summary).set_index("config"), per_query
+
+
+def noise_verdicts(summary: pd.DataFrame, per_query: Mapping[str, pd.DataFrame], metric: str = "recall@1",
+                   n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Each configuration against the best one (highest `metric` mean in seed_comparison's summary).
+
+    A difference is called larger than the noise when BOTH hold: the 95% paired bootstrap interval over
+    queries of the seed-averaged per-query differences excludes 0 (stats.paired_comparison), and the
+    difference of the seed means exceeds the seed spread sqrt(std_best² + std_other²). Otherwise it is
+    within the noise (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020). Returns one row per
+    other configuration, sorted by `metric`: `points` (other - best, in percentage points), `low` / `high`
+    (its paired interval, points), `p_value` (sign-flip test), `seed spread` (points) and `separated` (bool).
+    Raises KeyError when `metric` is not in the summary.
+    """
+    if metric not in summary:
+        raise KeyError(f"metric {metric!r} is not in the seed summary (columns: {', '.join(summary.columns)})")
+    best = summary[metric].idxmax()
+    column = _metric_column(metric)
+    rows = []
+    for name in summary.sort_values(metric, ascending=False).index.drop(best):
+        pair = stats.paired_comparison(per_query[name][column].to_numpy(), per_query[best][column].to_numpy(),
+                                       n_boot=n_boot, seed=seed)
+        diff = summary.at[name, metric] - summary.at[best, metric]
+        spread = float(np.hypot(summary.at[name, f"{metric} std"], summary.at[best, f"{metric} std"]))
+        separated = bool((pair.high < 0 or pair.low > 0) and abs(diff) > spread)
+        rows.append({"config": name, "versus": best, "points": 100 * diff, "low": 100 * pair.low,
+                     "high": 100 * pair.high, "p_value": pair.p_value, "seed spread": 100 * spread,
+                     "separated": separated})
+    columns = ["config", "versus", "points", "low", "high", "p_value", "seed spread", "separated"]
+    return pd.DataFrame(rows, columns=columns).set_index("config")
+
+
+def noise_prose(verdicts: pd.DataFrame, metric: str = "recall@1") -> str:
+    """noise_verdicts as Markdown sentences: which gaps to the best configuration are larger than the noise and
+    which are not, each with its size in points and its paired 95% interval. "" for an empty table."""
+    if verdicts.empty:
+        return ""
+    best = verdicts["versus"].iloc[0]
+
+    def listed(frame: pd.DataFrame) -> str:
+        return "; ".join(f"{name} {row.points:+.1f} points (paired 95% interval {row.low:+.1f} to {row.high:+.1f}, "
+                         f"seed spread {row['seed spread']:.1f})" for name, row in frame.iterrows())
+
+    out = []
+    above, within = verdicts[verdicts["separated"]], verdicts[~verdicts["separated"]]
+    if len(above):
+        out.append(f"Larger than the noise, {metric} below **{best}**: {listed(above)}.")
+    if len(within):
+        out.append(f"Within the noise of **{best}** (not separated by these seeds and queries): {listed(within)}.")
+    return " ".join(out)
