@@ -122,8 +122,11 @@ def factory_nlist(n: int) -> int:
 
 
 def build_factory(gallery: np.ndarray, spec: str, train_size: int, seed: int) -> faiss.Index:
-    """faiss.index_factory(dim, spec, inner product), trained on a random sample of `train_size` rows, filled."""
-    index = faiss.index_factory(gallery.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    """faiss.index_factory(dim, spec, L2), trained on a random sample of `train_size` rows, filled.
+
+    L2 ranks unit vectors as the inner product does (|q - x|^2 = 2 - 2 q.x) and, unlike it, is unchanged by the
+    mean that a PCA step subtracts (with the inner product, (q - m).(x - m) favours rows far from the mean m)."""
+    index = faiss.index_factory(gallery.shape[1], spec, faiss.METRIC_L2)
     sample = np.random.default_rng(seed).choice(len(gallery), size=min(train_size, len(gallery)), replace=False)
     index.train(gallery[np.sort(sample)])
     index.add(gallery)
@@ -276,7 +279,7 @@ def main() -> None:
     parser.add_argument("--pqr", nargs="*", default=["64+32"],
                         help="IVF-PQ with PQ re-ranking (IndexIVFPQR), code bytes m1+m2 per vector")
     parser.add_argument("--factory", nargs="*", default=["PCA64,IVF{nlist},SQ8"],
-                        help='faiss index_factory strings, inner product; "{nlist}" = ~4 sqrt(N), a power of 2')
+                        help='faiss index_factory strings, L2 metric; "{nlist}" = ~4 sqrt(N), a power of 2')
     parser.add_argument("--factory-nprobes", type=int, nargs="+", default=[64, 128, 256, 384, 512])
     parser.add_argument("--tune-queries", type=int, default=500, help="separate queries that choose nprobe")
     parser.add_argument("--tune-recall", type=float, default=0.96,
