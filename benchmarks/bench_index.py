@@ -16,7 +16,10 @@ Measured with the command below (faiss 1.15.1, 2 cores shared with ~4 other proc
 PCA64,IVF4096,SQ8, nprobe 256 chosen on the tuning queries: 73 bytes per vector, recall@10 0.962, p50 0.79 ms
 = 121x exact, built in 92 s: the three 1M targets (recall >= 0.95, >= 20x, <= 128 B) are met. IVF1024,PQ64
 (0.82 at nprobe 64) and IVF-PQ64+32 with PQ re-ranking (0.89) miss the recall; HNSW16,Flat reaches it (100k) at 1.2
-KB per vector. On 'uniform' data (no structure, 100k) the same index collapses (recall@10 0.01 at every nprobe:
+KB per vector. A conservative variant keeping more directions (second run, `--sizes 1000000 --pq-bytes --pqr
+--hnsw-max-n 0 --factory "PCA112,IVF{nlist},SQ8" "PCA128,IVF{nlist},SQ6"`, exact p50 58.6 ms): PCA112,IVF4096,SQ8
+122 B, recall@10 0.963 at tuned nprobe 256, 54x, met; PCA128,IVF4096,SQ6 107 B, 0.960 at nprobe 512, only 19.5x.
+On 'uniform' data (no structure, 100k) the same index collapses (recall@10 0.01 at every nprobe:
 64 of 256 isotropic directions keep a quarter of each inner product's variance); PCA only pays on embeddings whose
 variance lies in few directions, which is what the index's measured recall (fashlib.index "ivf-sq") checks.
 
