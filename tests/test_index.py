@@ -100,6 +100,37 @@ def test_approximate_index_reports_its_recall(catalogue, model_dir, tmp_path):
     assert ci.open_index(tmp_path / "idx").query([catalogue / "p04.jpg"], k=1)[0][0]["path"] == "p04.jpg"
 
 
+def test_compressed_index_finds_each_photo_with_its_cosine(catalogue, model_dir, tmp_path):
+    ci.build(catalogue, model_dir, tmp_path / "idx", exact_max=4, approx="ivf-sq", progress=False)
+    idx = ci.open_index(tmp_path / "idx")
+    assert idx.manifest["index"]["options"]["factory"] == "PCA12,IVF1,SQ8"  # 12 photos: 12 directions, 1 cell
+    hit = idx.query([catalogue / "p04.jpg"], k=1)[0][0]
+    assert hit["path"] == "p04.jpg" and hit["score"] == pytest.approx(1.0, abs=0.02)  # L2 distance -> cosine
+
+
+def test_compressed_index_is_small_and_its_reported_recall_holds_on_new_queries(one_thread):
+    """6,000 unit vectors (128-d, 16-d latent products + photo noise): PCA64,IVF153,SQ8 stores under 128 bytes
+    per vector (codes, ids, centroids, PCA matrix) and its recall@10 on new photos matches the one reported."""
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((128, 16)))[0].astype(np.float32)
+    centres = rng.standard_normal((1000, 16)).astype(np.float32)
+
+    def photos(n: int) -> np.ndarray:
+        x = (centres[rng.integers(0, 1000, n)] + 0.3 * rng.standard_normal((n, 16))) @ basis.T
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    gallery, queries = photos(6000), photos(300)
+    index, info = ci.make_faiss_index(gallery, exact_max=100, approx="ivf-sq")
+    assert info["type"] == "ivf-sq" and info["options"]["factory"] == "PCA64,IVF153,SQ8"
+    assert info["recall_at_10"] >= 0.95 and info["options"]["nprobe"] < 153
+    assert len(faiss.serialize_index(index)) / len(gallery) < 128
+    exact = np.argsort(-(queries @ gallery.T), axis=1)[:, :10]
+    found = index.search(queries, 10)[1]
+    recall = np.mean([len(np.intersect1d(a, e)) for a, e in zip(found, exact)]) / 10
+    assert recall == pytest.approx(info["recall_at_10"], abs=0.03)
+
+
 def test_build_from_a_table(catalogue, model_dir, tmp_path):
     paths = sorted(str(p) for p in catalogue.rglob("p0*.jpg"))
     idx = ci.build(pd.DataFrame({"path": paths}), model_dir, tmp_path / "idx", progress=False)
