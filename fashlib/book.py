@@ -382,32 +382,30 @@ def _tidy_executed(output_path: Path, root: Path) -> list[str]:
     """Make an executed notebook fit for the book; return its stderr outputs as "cell N stderr: text" lines.
 
     Moves stderr outputs (warnings, logs, which carry the machine's paths) out of the notebook: the caller
-    prints them to the builder's terminal. Removes progress-bar widgets (tqdm.auto ignores TQDM_DISABLE in a
-    kernel) and then the widget state, so the page loads no widget script from a CDN. Shows the injected
+    prints them to the builder's terminal. Removes widget outputs (tqdm.auto's bars, which ignore TQDM_DISABLE
+    in a kernel, and interactive widgets such as chapter 07's upload box, which only JupyterLab can run) and the
+    widget state, so the page loads no widget script from a CDN. Shows the injected
     parameters and papermill's metadata with portable paths (portable_path_text)."""
     import nbformat
 
-    from .site_check import PROGRESS
 
     nb = nbformat.read(str(output_path), as_version=4)
-    stderr, views = [], 0
+    stderr = []
     for i, cell in enumerate(nb.cells):
         if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
             cell["source"] = portable_path_text(cell["source"], root)
         kept = []
         for out in cell.get("outputs", []):
             data = out.get("data", {})
-            if _WIDGET_VIEW in data and PROGRESS.search(str(data.get("text/plain", ""))):
+            if _WIDGET_VIEW in data:  # a static page cannot run a widget (progress bar, upload box): left out
                 continue
-            views += _WIDGET_VIEW in data
             if out.get("output_type") == "stream" and out.get("name") == "stderr":
                 stderr.append(f"cell {i} stderr: {out.get('text', '').rstrip()}")
                 continue
             kept.append(out)
         if cell.get("cell_type") == "code":
             cell["outputs"] = kept
-    if not views:
-        nb.metadata.pop("widgets", None)
+    nb.metadata.pop("widgets", None)  # no widget is left, so no widget script (CDN) is needed
     if "papermill" in nb.metadata:
         record = json.loads(portable_path_text(json.dumps(nb.metadata["papermill"]), root))
         if os.path.isabs(str(record.get("output_path", ""))):  # a site built outside the project: its name only

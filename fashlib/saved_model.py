@@ -79,11 +79,34 @@ def open_rgb(image: Any) -> Image.Image:
     return open_oriented_rgb(image)
 
 
+HEAD_TYPES = {"EmbeddingHead": "linear", "MLPHead": "mlp"}  # config.json "type" -> features.build_head kind
+
+
+def _head_config(head: nn.Module) -> dict:
+    """JSON description of a head on pooled features (EmbeddingHead or features.MLPHead); TypeError otherwise."""
+    kind = type(head).__name__
+    if kind not in HEAD_TYPES:
+        raise TypeError(f"cannot save a head of type {kind}: save_embedder knows {sorted(HEAD_TYPES)}")
+    config = {"type": kind, "in_dim": int(head.in_dim), "embedding_dim": int(head.embedding_dim),
+              "bnneck": bool(head.bnneck)}
+    if kind == "MLPHead":
+        config["hidden_dim"] = int(head.hidden_dim)
+    return config
+
+
+def _build_head(config: dict) -> nn.Module:
+    """The head `_head_config` described (weights still to load); KeyError for an unknown type."""
+    from .features import build_head
+
+    return build_head(HEAD_TYPES[config["type"]], config["in_dim"], config["embedding_dim"], bnneck=config["bnneck"],
+                      hidden_dim=config.get("hidden_dim", 512))
+
+
 class SavedEmbedder(nn.Module):
     """Images -> L2-normalised embeddings (N, D) float32, from one or several models.Embedder branches.
 
     kind "features+head": each branch's pooled features (flip-averaged when asked) are L2-normalised,
-    concatenated, re-normalised and passed through `head` (an EmbeddingHead, or None = the features).
+    concatenated, re-normalised and passed through `head` (an EmbeddingHead or features.MLPHead, or None = the features).
     kind "network": the single branch's own forward (pool, BNNeck, projection, normalisation).
     `preps` holds one preprocessing dict (see `preprocessing`) per branch.
     """
@@ -163,9 +186,7 @@ class SavedEmbedder(nn.Module):
                      "embedding_dim": None if isinstance(b.head.fc, nn.Identity) else int(b.embedding_dim),
                      "bnneck": bool(b.head.bnneck), "preprocessing": p}
                     for b, p in zip(self.branches, self.preps)]
-        head = None if self.head is None else {"type": "EmbeddingHead", "in_dim": int(self.head.in_dim),
-                                               "embedding_dim": int(self.head.embedding_dim),
-                                               "bnneck": bool(self.head.bnneck)}
+        head = None if self.head is None else _head_config(self.head)
         return {"kind": self.kind, "backbones": branches, "flip_average": self.flip_average, "head": head,
                 "feature_normalisation": ("each backbone's pooled features L2-normalised, concatenated, "
                                           "re-normalised" if self.kind == "features+head" else "none"),
@@ -338,7 +359,7 @@ def load_embedder(folder: str | os.PathLike, verify: bool = True) -> SavedEmbedd
     """
     from safetensors.torch import load_file
 
-    from .models import EmbeddingHead, create_embedder
+    from .models import create_embedder
 
     folder = Path(folder)
     config = read_config(folder)
@@ -350,10 +371,7 @@ def load_embedder(folder: str | os.PathLike, verify: bool = True) -> SavedEmbedd
         branches = [create_embedder(b["backbone"], embedding_dim=b["embedding_dim"], pooling=b["pooling"],
                                     pretrained=False, bnneck=b["bnneck"], freeze=config["kind"] == "features+head")
                     for b in config["backbones"]]
-        head = None
-        if config["head"] is not None:
-            h = config["head"]
-            head = EmbeddingHead(h["in_dim"], h["embedding_dim"], bnneck=h["bnneck"])
+        head = None if config["head"] is None else _build_head(config["head"])
         model = SavedEmbedder(branches, head, [b["preprocessing"] for b in config["backbones"]], kind=config["kind"],
                               flip_average=config["flip_average"],
                               info={"weights_origin": config.get("weights_origin")})

@@ -160,3 +160,23 @@ def test_catalogue_images_are_read_like_the_course_reads_them(tmp_path):
         assert open_rgb(img).size == (20, 40)
     clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
     assert open_rgb(clear).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_an_mlp_head_on_features_saves_and_reloads(table, tmp_path):
+    """Chapter 05 may choose the two-layer MLP head: it must save and reproduce the course's embeddings."""
+    from fashlib.features import build_head
+
+    torch.manual_seed(0)
+    head = build_head("mlp", 512, 16, hidden_dim=32, bnneck=True).eval()  # resnet10t gives 512-d features
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so a wrong rebuild shows
+        head.mlp[1].running_mean.uniform_(-1, 1)
+        head.mlp[1].running_var.uniform_(0.5, 2)
+    feats = experiments.backbone_features("resnet10t", table, pretrained=False, image_size=SIZE, seed=0,
+                                          progress=False)
+    model = models.features_embedder("resnet10t", head, pretrained=False, image_size=SIZE, seed=0)
+    folder, loaded, emb = roundtrip(model, tmp_path, table)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["head"] == {"type": "MLPHead", "in_dim": 512, "embedding_dim": 16, "bnneck": True,
+                              "hidden_dim": 32}
+    np.testing.assert_array_equal(emb, model.embed(table["path"]))
+    np.testing.assert_allclose(emb, fx.embed_features(head, feats), atol=2e-5)
