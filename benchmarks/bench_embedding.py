@@ -74,8 +74,13 @@ def versions() -> str:
     import PIL
     import timm
 
-    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"timm {timm.__version__}",
-             f"pillow {PIL.__version__}", f"numpy {np.__version__}"]
+    parts = [
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        f"timm {timm.__version__}",
+        f"pillow {PIL.__version__}",
+        f"numpy {np.__version__}",
+    ]
     try:
         import onnxruntime
 
@@ -105,8 +110,14 @@ def main() -> None:
     cfg = model.data_config
     mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
     size, paths = args.image_size, table["path"].tolist()
-    transform = build_transforms(False, image_size=size, mean=cfg["mean"], std=cfg["std"],
-                                 interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"])
+    transform = build_transforms(
+        False,
+        image_size=size,
+        mean=cfg["mean"],
+        std=cfg["std"],
+        interpolation=cfg["interpolation"],
+        crop_pct=cfg["crop_pct"],
+    )
     decoded = torch.stack([load_plain(p, size, mean, std) for p in paths])
     cache = Path(tempfile.mkdtemp(prefix="bench_embedding_"))
     engines = available_engines()
@@ -117,23 +128,36 @@ def main() -> None:
         return extract(model, table, transform=transform, cache_dir=cache, engine=engine, progress=False)
 
     start = time.perf_counter()
-    with create_engine(model, "onnx", sample=decoded[:32], cache_dir=cache / "engines") if "onnx" in engines \
-            else create_engine(model, "torch") as warm:
+    with (
+        create_engine(model, "onnx", sample=decoded[:32], cache_dir=cache / "engines")
+        if "onnx" in engines
+        else create_engine(model, "torch") as warm
+    ):
         export_s = time.perf_counter() - start
         warm(decoded[:16])
     runs = []
     for name in engines:
         for bs in (16, 32):
-            runs.append((f"forward only, {name} engine, batch {bs}", bs, name,
-                         lambda name=name, bs=bs: _forward(model, name, decoded, bs, cache)))
-    runs += [("plain PyTorch loop, one image at a time", 1, "-", lambda: plain_loop(model, paths, size, 1, mean, std)),
-             ("plain PyTorch loop, batches of 32", 32, "-", lambda: plain_loop(model, paths, size, 32, mean, std))]
+            runs.append(
+                (
+                    f"forward only, {name} engine, batch {bs}",
+                    bs,
+                    name,
+                    lambda name=name, bs=bs: _forward(model, name, decoded, bs, cache),
+                )
+            )
+    runs += [
+        ("plain PyTorch loop, one image at a time", 1, "-", lambda: plain_loop(model, paths, size, 1, mean, std)),
+        ("plain PyTorch loop, batches of 32", 32, "-", lambda: plain_loop(model, paths, size, 32, mean, std)),
+    ]
     runs += [(f"fashlib extract, engine={name}", 32, name, lambda name=name: fashlib_extract(name)) for name in engines]
 
     print(f"tf_efficientnet_lite0 pooled features (1280-d), {args.n} CC0 images at {size} px")
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; {versions()}")
-    print(f"threads: {args.threads} intra-op per engine; fashlib decodes in min(4, CPUs) threads; "
-          f"load average before: {' '.join(f'{v:.2f}' for v in load_before)}")
+    print(
+        f"threads: {args.threads} intra-op per engine; fashlib decodes in min(4, CPUs) threads; "
+        f"load average before: {' '.join(f'{v:.2f}' for v in load_before)}"
+    )
     if "onnx" in engines:
         print(f"ONNX export + parity check (one-off, cached afterwards): {export_s:.1f} s")
     print(f"{'method':42s} {'batch':>5s} {'engine':>6s} {'seconds':>8s} {'images/s':>9s}")

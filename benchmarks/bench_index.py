@@ -39,7 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import faiss
 import numpy as np
@@ -59,10 +59,10 @@ def catalogue_vectors(items: np.ndarray, centres: np.ndarray, dim: int, seed: in
     rng = np.random.default_rng(seed)
     out = np.empty((len(items), dim), dtype=np.float32)
     for start in range(0, len(items), 100_000):
-        part = items[start:start + 100_000]
+        part = items[start : start + 100_000]
         z = centres[part] + 0.35 * rng.standard_normal((len(part), latent), dtype=np.float32)
         x = z @ basis.T + 0.02 * rng.standard_normal((len(part), dim), dtype=np.float32)
-        out[start:start + len(part)] = normalise(x)
+        out[start : start + len(part)] = normalise(x)
     return out
 
 
@@ -144,8 +144,7 @@ def build_factory(gallery: np.ndarray, spec: str, train_size: int, seed: int) ->
     return index
 
 
-def tune_nprobe(index: faiss.Index, knobs: list[int], tune_q: np.ndarray, tune_exact: np.ndarray,
-                target: float) -> int:
+def tune_nprobe(index: faiss.Index, knobs: list[int], tune_q: np.ndarray, tune_exact: np.ndarray, target: float) -> int:
     """Smallest nprobe of `knobs` whose recall@k on the tuning queries reaches `target` (else the largest)."""
     params = faiss.ParameterSpace()
     for value in sorted(knobs):
@@ -162,21 +161,49 @@ def build_hnsw(gallery: np.ndarray, m: int, ef_construction: int) -> faiss.Index
     return index
 
 
-def sweep(name: str, index: faiss.Index, build_s: float, set_knob: Callable[[int], None], knobs: list[int],
-          knob_name: str, query: np.ndarray, exact: np.ndarray, lat_q: np.ndarray, k: int, n: int,
-          exact_p50: float) -> list[dict]:
+def sweep(
+    name: str,
+    index: faiss.Index,
+    build_s: float,
+    set_knob: Callable[[int], None],
+    knobs: list[int],
+    knob_name: str,
+    query: np.ndarray,
+    exact: np.ndarray,
+    lat_q: np.ndarray,
+    k: int,
+    n: int,
+    exact_p50: float,
+) -> list[dict]:
     rows, mem = [], memory_per_vector(index, n)
     for value in knobs:
         set_knob(value)
         _, idx = index.search(query, k)
         p50, p99 = latencies_ms(index, lat_q, k)
-        rows.append(dict(n=n, method=f"{name} {knob_name}={value}", build_s=build_s, bytes_per_vector=mem,
-                         p50_ms=p50, p99_ms=p99, speedup=exact_p50 / p50, recall_at_10=overlap(idx, exact)))
+        rows.append(
+            dict(
+                n=n,
+                method=f"{name} {knob_name}={value}",
+                build_s=build_s,
+                bytes_per_vector=mem,
+                p50_ms=p50,
+                p99_ms=p99,
+                speedup=exact_p50 / p50,
+                recall_at_10=overlap(idx, exact),
+            )
+        )
     return rows
 
 
-def run_factories(gallery: np.ndarray, query: np.ndarray, exact: np.ndarray, lat_q: np.ndarray, exact_p50: float,
-                  tuning: tuple[np.ndarray, np.ndarray], args: argparse.Namespace) -> list[dict]:
+def run_factories(
+    gallery: np.ndarray,
+    query: np.ndarray,
+    exact: np.ndarray,
+    lat_q: np.ndarray,
+    exact_p50: float,
+    tuning: tuple[np.ndarray, np.ndarray],
+    args: argparse.Namespace,
+) -> list[dict]:
     """Each `--factory` index: an nprobe sweep, then the nprobe chosen on the tuning queries (row "tuned")."""
     rows, n = [], len(gallery)
     params = faiss.ParameterSpace()
@@ -186,13 +213,15 @@ def run_factories(gallery: np.ndarray, query: np.ndarray, exact: np.ndarray, lat
         t0 = time.perf_counter()
         index = build_factory(gallery, spec, max(args.train_size, 39 * nlist), args.seed)
         build = time.perf_counter() - t0
-        set_nprobe = lambda v: params.set_index_parameter(index, "nprobe", v)  # noqa: E731
-        rows += sweep(spec, index, build, set_nprobe, args.factory_nprobes, "nprobe", query, exact, lat_q, args.k, n,
-                      exact_p50)
+        set_nprobe = lambda v, index=index: params.set_index_parameter(index, "nprobe", v)
+        rows += sweep(
+            spec, index, build, set_nprobe, args.factory_nprobes, "nprobe", query, exact, lat_q, args.k, n, exact_p50
+        )
         best = tune_nprobe(index, args.factory_nprobes, *tuning, args.tune_recall)
-        rows += sweep(f"{spec} tuned", index, build, set_nprobe, [best], "nprobe", query, exact, lat_q, args.k, n,
-                      exact_p50)
-        print("\n".join(json.dumps(r) for r in rows[-len(args.factory_nprobes) - 1:]), flush=True)
+        rows += sweep(
+            f"{spec} tuned", index, build, set_nprobe, [best], "nprobe", query, exact, lat_q, args.k, n, exact_p50
+        )
+        print("\n".join(json.dumps(r) for r in rows[-len(args.factory_nprobes) - 1 :]), flush=True)
         del index
     return rows
 
@@ -202,16 +231,21 @@ def make_data(n: int, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray,
     unit rows; catalogue queries are new photos of random gallery products, tuning ones too (other seeds)."""
     dim = args.dim
     if args.data == "uniform":
-        return (uniform_vectors(n, dim, args.seed + 1), uniform_vectors(args.queries, dim, args.seed + 2),
-                uniform_vectors(args.tune_queries, dim, args.seed + 4))
+        return (
+            uniform_vectors(n, dim, args.seed + 1),
+            uniform_vectors(args.queries, dim, args.seed + 2),
+            uniform_vectors(args.tune_queries, dim, args.seed + 4),
+        )
     n_items = max(1, n // args.photos)
     centres = np.random.default_rng(7).standard_normal((n_items, args.latent), dtype=np.float32)
     items = np.random.default_rng(args.seed).integers(0, n_items, n)
     gallery = catalogue_vectors(items, centres, dim, args.seed + 1)
-    query = catalogue_vectors(items[np.random.default_rng(args.seed + 3).integers(0, n, args.queries)],
-                              centres, dim, args.seed + 2)
-    tune = catalogue_vectors(items[np.random.default_rng(args.seed + 5).integers(0, n, args.tune_queries)],
-                             centres, dim, args.seed + 4)
+    query = catalogue_vectors(
+        items[np.random.default_rng(args.seed + 3).integers(0, n, args.queries)], centres, dim, args.seed + 2
+    )
+    tune = catalogue_vectors(
+        items[np.random.default_rng(args.seed + 5).integers(0, n, args.tune_queries)], centres, dim, args.seed + 4
+    )
     return gallery, query, tune
 
 
@@ -227,8 +261,18 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
     _, exact = flat.search(query, k)
     tuning = (tune_q, flat.search(tune_q, k)[1])
     p50, p99 = latencies_ms(flat, lat_q, k)
-    rows = [dict(n=n, method="exact IndexFlatIP", build_s=build, bytes_per_vector=memory_per_vector(flat, n),
-                 p50_ms=p50, p99_ms=p99, speedup=1.0, recall_at_10=1.0)]
+    rows = [
+        dict(
+            n=n,
+            method="exact IndexFlatIP",
+            build_s=build,
+            bytes_per_vector=memory_per_vector(flat, n),
+            p50_ms=p50,
+            p99_ms=p99,
+            speedup=1.0,
+            recall_at_10=1.0,
+        )
+    ]
     print(json.dumps(rows[-1]), flush=True)
     del flat
     nlist = args.nlist or int(2 ** round(np.log2(np.sqrt(n))))
@@ -237,47 +281,89 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
         index = build_ivfpq(gallery, m, nlist, max(args.train_size, 39 * nlist), args.seed, args.opq)
         build = time.perf_counter() - t0
         ivf = faiss.extract_index_ivf(index)
-        rows += sweep(f"{'OPQ+' if args.opq else ''}IVF{nlist},PQ{m}", index, build, lambda v: setattr(ivf, "nprobe", v),
-                      args.nprobes, "nprobe", query, exact, lat_q, k, n, p50)
-        print("\n".join(json.dumps(r) for r in rows[-len(args.nprobes):]), flush=True)
+        rows += sweep(
+            f"{'OPQ+' if args.opq else ''}IVF{nlist},PQ{m}",
+            index,
+            build,
+            lambda v, ivf=ivf: setattr(ivf, "nprobe", v),
+            args.nprobes,
+            "nprobe",
+            query,
+            exact,
+            lat_q,
+            k,
+            n,
+            p50,
+        )
+        print("\n".join(json.dumps(r) for r in rows[-len(args.nprobes) :]), flush=True)
         del index
     for spec in args.pqr:
         t0 = time.perf_counter()
         index = build_ivfpqr(gallery, spec, nlist, max(args.train_size, 39 * nlist), args.seed)
         build = time.perf_counter() - t0
         ivf = faiss.extract_index_ivf(index)
-        rows += sweep(f"IVF{nlist},PQ{spec} (PQ re-ranking)", index, build, lambda v: setattr(ivf, "nprobe", v),
-                      args.nprobes, "nprobe", query, exact, lat_q, k, n, p50)
-        print("\n".join(json.dumps(r) for r in rows[-len(args.nprobes):]), flush=True)
+        rows += sweep(
+            f"IVF{nlist},PQ{spec} (PQ re-ranking)",
+            index,
+            build,
+            lambda v, ivf=ivf: setattr(ivf, "nprobe", v),
+            args.nprobes,
+            "nprobe",
+            query,
+            exact,
+            lat_q,
+            k,
+            n,
+            p50,
+        )
+        print("\n".join(json.dumps(r) for r in rows[-len(args.nprobes) :]), flush=True)
         del index
     rows += run_factories(gallery, query, exact, lat_q, p50, tuning, args)
     if n <= args.hnsw_max_n:
         t0 = time.perf_counter()
         index = build_hnsw(gallery, args.hnsw_m, args.ef_construction)
         build = time.perf_counter() - t0
-        rows += sweep(f"HNSW{args.hnsw_m},Flat", index, build, lambda v: setattr(index.hnsw, "efSearch", v),
-                      args.ef_search, "efSearch", query, exact, lat_q, k, n, p50)
-        print("\n".join(json.dumps(r) for r in rows[-len(args.ef_search):]), flush=True)
+        rows += sweep(
+            f"HNSW{args.hnsw_m},Flat",
+            index,
+            build,
+            lambda v: setattr(index.hnsw, "efSearch", v),
+            args.ef_search,
+            "efSearch",
+            query,
+            exact,
+            lat_q,
+            k,
+            n,
+            p50,
+        )
+        print("\n".join(json.dumps(r) for r in rows[-len(args.ef_search) :]), flush=True)
     return rows
 
 
 def meets_targets(row: dict) -> bool:
-    return (row["recall_at_10"] >= TARGET_RECALL and row["speedup"] >= TARGET_SPEEDUP
-            and row["bytes_per_vector"] <= TARGET_BYTES)
+    return (
+        row["recall_at_10"] >= TARGET_RECALL
+        and row["speedup"] >= TARGET_SPEEDUP
+        and row["bytes_per_vector"] <= TARGET_BYTES
+    )
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n| N | index | build s | bytes/vector | p50 ms | p99 ms | speed-up vs exact | recall@10 | targets |")
+    print("\n| N | index | build s | bytes/vector | p50 ms | p99 ms | speed-up vs exact | recall@10 | targets |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']:,} | {r['method']} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | {r['p50_ms']:.3f} "
-              f"| {r['p99_ms']:.3f} | {r['speedup']:.1f}x | {r['recall_at_10']:.3f} | "
-              f"{'met' if meets_targets(r) else ''} |")
+        print(
+            f"| {r['n']:,} | {r['method']} | {r['build_s']:.1f} | {r['bytes_per_vector']:.0f} | {r['p50_ms']:.3f} "
+            f"| {r['p99_ms']:.3f} | {r['speedup']:.1f}x | {r['recall_at_10']:.3f} | "
+            f"{'met' if meets_targets(r) else ''} |"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="catalogue sizes")
     parser.add_argument("--dim", type=int, default=256, help="embedding size (the book's model: 256)")
     parser.add_argument("--data", choices=["catalogue", "uniform"], default="catalogue", help="synthetic generator")
@@ -287,28 +373,44 @@ def main() -> None:
     parser.add_argument("--latency-queries", type=int, default=200, help="single queries timed for p50/p99")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--pq-bytes", type=int, nargs="*", default=[64], help="PQ code bytes per vector")
-    parser.add_argument("--pqr", nargs="*", default=["64+32"],
-                        help="IVF-PQ with PQ re-ranking (IndexIVFPQR), code bytes m1+m2 per vector")
-    parser.add_argument("--factory", nargs="*", default=["PCA64,IVF{nlist},SQ8"],
-                        help='faiss index_factory strings, L2 metric; "{nlist}" = ~4 sqrt(N), a power of 2')
+    parser.add_argument(
+        "--pqr",
+        nargs="*",
+        default=["64+32"],
+        help="IVF-PQ with PQ re-ranking (IndexIVFPQR), code bytes m1+m2 per vector",
+    )
+    parser.add_argument(
+        "--factory",
+        nargs="*",
+        default=["PCA64,IVF{nlist},SQ8"],
+        help='faiss index_factory strings, L2 metric; "{nlist}" = ~4 sqrt(N), a power of 2',
+    )
     parser.add_argument("--factory-nprobes", type=int, nargs="+", default=[64, 128, 256, 384, 512])
     parser.add_argument("--tune-queries", type=int, default=500, help="separate queries that choose nprobe")
-    parser.add_argument("--tune-recall", type=float, default=0.96,
-                        help="recall@10 the tuned nprobe must reach on the tuning queries")
+    parser.add_argument(
+        "--tune-recall", type=float, default=0.96, help="recall@10 the tuned nprobe must reach on the tuning queries"
+    )
     parser.add_argument("--opq", action="store_true", help="learn an OPQ rotation before IVF-PQ (slow to train)")
     parser.add_argument("--nlist", type=int, default=None, help="IVF cells (default ~sqrt(N), a power of 2)")
     parser.add_argument("--nprobes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     parser.add_argument("--train-size", type=int, default=50_000, help="OPQ/IVF/PQ training sample")
-    parser.add_argument("--hnsw-max-n", type=int, default=10**9,
-                        help="skip HNSW above this size (its 1M build takes tens of minutes on 2 shared cores)")
+    parser.add_argument(
+        "--hnsw-max-n",
+        type=int,
+        default=10**9,
+        help="skip HNSW above this size (its 1M build takes tens of minutes on 2 shared cores)",
+    )
     parser.add_argument("--hnsw-m", type=int, default=16)
     parser.add_argument("--ef-construction", type=int, default=40)
     parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
-    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads (latency: 1 thread), data={args.data}, "
-          f"dim={args.dim}, k={args.k}", flush=True)
+    print(
+        f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads (latency: 1 thread), data={args.data}, "
+        f"dim={args.dim}, k={args.k}",
+        flush=True,
+    )
     rows = [row for n in args.sizes for row in run_size(n, args)]
     print_table(rows)
     if args.json:

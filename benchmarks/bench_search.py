@@ -59,21 +59,30 @@ def run(sizes: list[int], dim: int, n_queries: int, k: int, seed: int = 0) -> li
         t_np, (_, idx_np) = timed(numpy_topk, query, gallery, k, repeat=2)
         build, index = timed(metrics.build_index, gallery, "flat", k=k)
         t_flat, (_, exact) = timed(index.search, query, k, repeat=2)
-        rows.append(dict(n=n, method="numpy matmul+argpartition", build=0.0, search=t_np,
-                         recall=overlap(idx_np, exact)))
+        rows.append(
+            dict(n=n, method="numpy matmul+argpartition", build=0.0, search=t_np, recall=overlap(idx_np, exact))
+        )
         rows.append(dict(n=n, method="faiss IndexFlatIP", build=build, search=t_flat, recall=1.0))
         nlist = int(4 * np.sqrt(n))
         for nprobe in (8, 32):
             build, index = timed(metrics.build_index, gallery, "ivf", k=k, nlist=nlist, nprobe=nprobe)
             t, (_, idx) = timed(index.search, query, k, repeat=2)
-            rows.append(dict(n=n, method=f"IVFFlat nlist={nlist} nprobe={nprobe}", build=build, search=t,
-                             recall=overlap(idx, exact)))
+            rows.append(
+                dict(
+                    n=n,
+                    method=f"IVFFlat nlist={nlist} nprobe={nprobe}",
+                    build=build,
+                    search=t,
+                    recall=overlap(idx, exact),
+                )
+            )
         build, index = timed(metrics.build_index, gallery, "hnsw", k=k, M=16, efConstruction=40)
         for ef in (64, 128):
             index.hnsw.efSearch = ef
             t, (_, idx) = timed(index.search, query, k, repeat=2)
-            rows.append(dict(n=n, method=f"HNSWFlat M=16 efSearch={ef}", build=build, search=t,
-                             recall=overlap(idx, exact)))
+            rows.append(
+                dict(n=n, method=f"HNSWFlat M=16 efSearch={ef}", build=build, search=t, recall=overlap(idx, exact))
+            )
     return rows
 
 
@@ -84,12 +93,16 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, default=50)
     args = parser.parse_args()
-    print(f"dim={args.dim} queries={args.queries} k={args.k} faiss={faiss.__version__} "
-          f"threads={faiss.omp_get_max_threads()}")
+    print(
+        f"dim={args.dim} queries={args.queries} k={args.k} faiss={faiss.__version__} "
+        f"threads={faiss.omp_get_max_threads()}"
+    )
     print(f"{'gallery':>8} {'method':<34} {'build s':>8} {'search s':>9} {'q/s':>9} {'recall@k':>9}")
     for r in run(args.sizes, args.dim, args.queries, args.k):
-        print(f"{r['n']:>8} {r['method']:<34} {r['build']:>8.2f} {r['search']:>9.3f} "
-              f"{args.queries / r['search']:>9.0f} {r['recall']:>9.3f}")
+        print(
+            f"{r['n']:>8} {r['method']:<34} {r['build']:>8.2f} {r['search']:>9.3f} "
+            f"{args.queries / r['search']:>9.0f} {r['recall']:>9.3f}"
+        )
 
 
 if __name__ == "__main__":

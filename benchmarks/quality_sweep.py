@@ -33,8 +33,7 @@ from fashlib import experiments, stats, study
 
 BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 BASELINE = {"loss": "triplet", "head_type": "linear", "sampler": "pk", "p": 16, "k": 4, "epochs": 30}
-PML = {"head_type": "mlp", "hidden_dim": 512, "sampler": "m_per_class", "p": 16, "k": 8, "epochs": 30,
-       "lr": 1e-3}
+PML = {"head_type": "mlp", "hidden_dim": 512, "sampler": "m_per_class", "p": 16, "k": 8, "epochs": 30, "lr": 1e-3}
 
 
 def load_features(args, table: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -42,8 +41,9 @@ def load_features(args, table: pd.DataFrame) -> dict[str, np.ndarray]:
     feats = {}
     for name in args.backbones:
         short = name.replace("tf_efficientnet_", "")
-        feats[short] = experiments.backbone_features(name, table, cache_dir=args.cache_dir, batch_size=16,
-                                                     flip_average=args.flip, progress=True)
+        feats[short] = experiments.backbone_features(
+            name, table, cache_dir=args.cache_dir, batch_size=16, flip_average=args.flip, progress=True
+        )
     if len(args.backbones) > 1:
         feats["ens"] = experiments.ensemble_features([feats[n.replace("tf_efficientnet_", "")] for n in args.backbones])
     return feats
@@ -56,8 +56,12 @@ def candidates(feature_names: list[str]) -> dict[str, dict]:
         out[f"{f}/baseline-linear-triplet-pk16x4"] = {"features": f, **BASELINE}
         for loss in ("multi_similarity", "triplet", "arcface"):
             out[f"{f}/mlp-{loss}-m8x16"] = {"features": f, **PML, "loss": loss}
-        out[f"{f}/mlp-bnneck-multi_similarity-m8x16"] = {"features": f, **PML, "loss": "multi_similarity",
-                                                         "bnneck": True}
+        out[f"{f}/mlp-bnneck-multi_similarity-m8x16"] = {
+            "features": f,
+            **PML,
+            "loss": "multi_similarity",
+            "bnneck": True,
+        }
         out[f"{f}/linear-arcface-m8x16"] = {"features": f, **PML, "head_type": "linear", "loss": "arcface"}
     return out
 
@@ -68,11 +72,13 @@ def train_embed(features: dict, table: pd.DataFrame, config: dict, seeds, refit_
     out = []
     for seed in seeds:
         if refit_from is None:
-            emb, _, _ = experiments.train_head_on_features(features[config["features"]], table, seed=seed,
-                                                           progress=False, **options)
+            emb, _, _ = experiments.train_head_on_features(
+                features[config["features"]], table, seed=seed, progress=False, **options
+            )
         else:
-            emb, _, _ = study.refit_on_train_val(features[config["features"]], refit_from, table, seed=seed,
-                                                 progress=False, **options)
+            emb, _, _ = study.refit_on_train_val(
+                features[config["features"]], refit_from, table, seed=seed, progress=False, **options
+            )
         out.append(emb)
     return out
 
@@ -88,14 +94,21 @@ def validation_stage(features, val, configs, seeds) -> tuple[pd.DataFrame, dict]
         ens = experiments.l2_normalize(np.concatenate(embs, axis=1))
         ens_scores = study.query_scores(val, ens)
         embeddings[name] = embs
-        row = {"config": name, "val recall@1 mean": np.mean(r1), "val recall@1 std": np.std(r1, ddof=1),
-               "val map@r mean": np.mean(mapr), "val map@r std": np.std(mapr, ddof=1),
-               **{f"seed-ens {k}": v for k, v in study.intervals_row(ens_scores).items()},
-               "seconds": round(time.time() - start, 1)}
+        row = {
+            "config": name,
+            "val recall@1 mean": np.mean(r1),
+            "val recall@1 std": np.std(r1, ddof=1),
+            "val map@r mean": np.mean(mapr),
+            "val map@r std": np.std(mapr, ddof=1),
+            **{f"seed-ens {k}": v for k, v in study.intervals_row(ens_scores).items()},
+            "seconds": round(time.time() - start, 1),
+        }
         rows.append(row)
-        print(f"{name:45s} R@1 {row['val recall@1 mean']:.3f}±{row['val recall@1 std']:.3f}  mAP@R "
-              f"{row['val map@r mean']:.3f}  seed-ens R@1 {row['seed-ens recall@1']:.3f}  ({row['seconds']} s)",
-              flush=True)
+        print(
+            f"{name:45s} R@1 {row['val recall@1 mean']:.3f}±{row['val recall@1 std']:.3f}  mAP@R "
+            f"{row['val map@r mean']:.3f}  seed-ens R@1 {row['seed-ens recall@1']:.3f}  ({row['seconds']} s)",
+            flush=True,
+        )
     return pd.DataFrame(rows).set_index("config"), embeddings
 
 
@@ -105,8 +118,13 @@ def main() -> None:
     parser.add_argument("--out", default="runs/quality_sweep")
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
-                        help="keep only configurations whose name contains one of these (the test baseline always stays)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="TEXT",
+        help="keep only configurations whose name contains one of these (the test baseline always stays)",
+    )
     parser.add_argument("--flip", action="store_true", help="flip-averaged features (twice the extraction)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a busy shared CPU)")
     args = parser.parse_args()
@@ -128,22 +146,30 @@ def main() -> None:
     # ---- choice on validation: single-seed mean vs seed ensemble, whichever is higher on val Recall@1
     best = table["val recall@1 mean"].idxmax()
     use_seed_ens = table.loc[best, "seed-ens recall@1"] > table.loc[best, "val recall@1 mean"]
-    best_emb = (experiments.l2_normalize(np.concatenate(embeddings[best], axis=1)) if use_seed_ens
-                else embeddings[best][0])
+    best_emb = (
+        experiments.l2_normalize(np.concatenate(embeddings[best], axis=1)) if use_seed_ens else embeddings[best][0]
+    )
     post = study.postprocessing_sweep(val, best_emb)
     post.to_csv(out / "postprocessing_val.csv", index=False)
     print(post.round(3).to_string(), flush=True)
     chosen_post = post.loc[post["recall@1"].idxmax()]
     params = study._parse_params(chosen_post["params"])
-    print(f"chosen on validation: {best} (seed ensemble: {use_seed_ens}), post-processing "
-          f"{chosen_post['method']} {params}", flush=True)
+    print(
+        f"chosen on validation: {best} (seed ensemble: {use_seed_ens}), post-processing "
+        f"{chosen_post['method']} {params}",
+        flush=True,
+    )
 
     # ---- test, once: the frozen baseline and the chosen configuration refit on train + validation
     test_rows = []
     base_emb = train_embed(features, test, configs[base_name], [args.seeds[0]])[0]
     base_scores = study.query_scores(test, base_emb)
-    test_rows.append({"system": f"baseline (book): {base_name}, train only, seed {args.seeds[0]}",
-                      **study.intervals_row(base_scores)})
+    test_rows.append(
+        {
+            "system": f"baseline (book): {base_name}, train only, seed {args.seeds[0]}",
+            **study.intervals_row(base_scores),
+        }
+    )
     seeds = args.seeds if use_seed_ens else [args.seeds[0]]
     refit = train_embed(features, test, configs[best], seeds, refit_from=val)
     chosen_emb = experiments.l2_normalize(np.concatenate(refit, axis=1))
@@ -155,8 +181,14 @@ def main() -> None:
     test_table.to_csv(out / "test.csv", index=False)
     paired = stats.compare_scores(final, base_scores)
     print(test_table.round(3).to_string(), "\npaired (final - baseline):\n", paired.round(4).to_string(), flush=True)
-    summary = {"chosen": best, "seed_ensemble": bool(use_seed_ens), "postprocessing": chosen_post["method"],
-               "postprocessing_params": params, "test": test_rows, "paired_vs_baseline": paired.to_dict("index")}
+    summary = {
+        "chosen": best,
+        "seed_ensemble": bool(use_seed_ens),
+        "postprocessing": chosen_post["method"],
+        "postprocessing_params": params,
+        "test": test_rows,
+        "paired_vs_baseline": paired.to_dict("index"),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
 
 

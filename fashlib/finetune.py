@@ -21,8 +21,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import experiments
 from .models import save_embedder
@@ -58,8 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None,
-                        help=f"output folder (default: {DEFAULT_BASE}/<backbone>-<loss>-<settings hash>)")
+    parser.add_argument(
+        "--out", default=None, help=f"output folder (default: {DEFAULT_BASE}/<backbone>-<loss>-<settings hash>)"
+    )
     args = parser.parse_args(argv)
     args.final = [s for s in ("val", "test") if s in args.final]  # one order, no repeats: the same run
     for problem in _bad_values(args):
@@ -72,10 +74,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _bad_values(args: argparse.Namespace) -> list[str]:
     """Messages for values that cannot make a run (each names the option, the value and what is allowed)."""
     minimum = {"epochs": 1, "p": 2, "k": 2, "embedding_dim": 1, "image_size": 1, "max_images": 1}
-    out = [f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}"
-           + (" (P x K batches need 2 labels with 2 images each, or the loss has nothing to compare)"
-              if name in ("p", "k") else "")
-           for name, low in minimum.items() if getattr(args, name) is not None and getattr(args, name) < low]
+    out = [
+        f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}"
+        + (
+            " (P x K batches need 2 labels with 2 images each, or the loss has nothing to compare)"
+            if name in ("p", "k")
+            else ""
+        )
+        for name, low in minimum.items()
+        if getattr(args, name) is not None and getattr(args, name) < low
+    ]
     if not args.lr > 0:  # also catches nan
         out.append(f"--lr {args.lr}: must be > 0")
     return out
@@ -96,8 +104,9 @@ def protocol_tables(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
     A dataset without a validation protocol (inshop, deepfashion2, attributes) gets one held out of its
     TRAINING rows: training is never monitored on, and "val" never reports, the test protocol."""
-    val, test, note = experiments.load_protocols(args.dataset, args.data_root, max_images=args.max_images,
-                                                 seed=args.seed)
+    val, test, note = experiments.load_protocols(
+        args.dataset, args.data_root, max_images=args.max_images, seed=args.seed
+    )
     return {"val": val, "test": test}, note
 
 
@@ -107,23 +116,44 @@ def _run(args: argparse.Namespace, settings: dict[str, Any]) -> dict:
     tables, note = protocol_tables(args)
     print(note, file=sys.stderr)
     history, model = experiments.finetune(
-        args.backbone, tables["val"], args.out, loss=args.loss, embedding_dim=args.embedding_dim,
-        image_size=args.image_size, epochs=args.epochs, p=args.p, k=args.k, lr=args.lr,
-        device=args.device, num_workers=args.num_workers, seed=args.seed,
-        run_config={k: settings[k] for k in ("dataset", "data_root", "max_images", "final")})
+        args.backbone,
+        tables["val"],
+        args.out,
+        loss=args.loss,
+        embedding_dim=args.embedding_dim,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        p=args.p,
+        k=args.k,
+        lr=args.lr,
+        device=args.device,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        run_config={k: settings[k] for k in ("dataset", "data_root", "max_images", "final")},
+    )
     config = {**vars(args), "protocol": note, "train_seconds": round(time.perf_counter() - start, 1)}
     results = {}
     for split in args.final:
         table = tables[split]
-        embeddings = experiments.embed_images(model, table, image_size=args.image_size, device=args.device,
-                                              num_workers=args.num_workers)
+        embeddings = experiments.embed_images(
+            model, table, image_size=args.image_size, device=args.device, num_workers=args.num_workers
+        )
         results[split] = experiments.evaluate(table, embeddings)
         experiments.save_run(args.out, f"final_{split}", table, embeddings, results[split], config)
-    saved = save_embedder(model, Path(args.out) / "model", image_size=args.image_size, metrics=results,
-                          protocol=f"{args.dataset}: " + ", ".join(f"{s} protocol" for s in args.final))
-    print(json.dumps({"results": results, "history": history, "config": config, "out": args.out,
-                      "model": str(saved)}, indent=2,
-                     default=str))
+    saved = save_embedder(
+        model,
+        Path(args.out) / "model",
+        image_size=args.image_size,
+        metrics=results,
+        protocol=f"{args.dataset}: " + ", ".join(f"{s} protocol" for s in args.final),
+    )
+    print(
+        json.dumps(
+            {"results": results, "history": history, "config": config, "out": args.out, "model": str(saved)},
+            indent=2,
+            default=str,
+        )
+    )
     return results
 
 

@@ -26,9 +26,10 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,8 +40,11 @@ FORMAT, FORMAT_VERSION = "fashlib-index", 2  # 2: per-file sha256 and manifest_s
 MANIFEST = "manifest.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 EXACT_MAX = 50_000
-APPROX_OPTIONS = {"hnsw": {"M": 32, "efConstruction": 40, "efSearch": 128}, "ivf": {"nprobe": 32},
-                  "ivf-sq": {"pca": 64, "target_recall": 0.95}}
+APPROX_OPTIONS = {
+    "hnsw": {"M": 32, "efConstruction": 40, "efSearch": 128},
+    "ivf": {"nprobe": 32},
+    "ivf-sq": {"pca": 64, "target_recall": 0.95},
+}
 IVF_SQ_NPROBES = (8, 16, 32, 64, 128, 256, 384, 512, 768, 1024)
 RECALL_K, RECALL_QUERIES = 10, 1000
 
@@ -121,9 +125,11 @@ def resolve_model(model: Any) -> tuple[Any, dict]:
 
     if text in timm.list_models():
         return features_embedder(text), {"backbone": text}
-    raise CatalogueIndexError(f"--model {text!r} is neither a saved model folder (no {Path(text) / CONFIG_FILE}) nor "
-                              "a timm backbone name; use e.g. runs/book/05_recall_at_k_results/model or "
-                              "tf_efficientnet_lite0")
+    raise CatalogueIndexError(
+        f"--model {text!r} is neither a saved model folder (no {Path(text) / CONFIG_FILE}) nor "
+        "a timm backbone name; use e.g. runs/book/05_recall_at_k_results/model or "
+        "tf_efficientnet_lite0"
+    )
 
 
 def model_from_manifest(manifest: dict) -> Any:
@@ -134,7 +140,8 @@ def model_from_manifest(manifest: dict) -> Any:
             raise CatalogueIndexError(
                 f"the saved model {ref['folder']} this index was built with is gone; if it moved, give its new place "
                 f"with --model NEW_PLACE (model=... in Python); it must be the same model "
-                f"({manifest['model']['description']}, digest {manifest['model']['digest'][:12]})")
+                f"({manifest['model']['description']}, digest {manifest['model']['digest'][:12]})"
+            )
         return resolve_model(ref["folder"])[0]
     if "backbone" in ref:
         return resolve_model(ref["backbone"])[0]
@@ -160,8 +167,9 @@ def _reason(err: BaseException) -> str:
     return f"{type(cause).__name__}: {cause}"[:300]
 
 
-def embed_files(model: Any, root: Path, paths: Sequence[str], batch_size: int = 16,
-                progress: bool = True) -> tuple[np.ndarray, list[dict], list[dict]]:
+def embed_files(
+    model: Any, root: Path, paths: Sequence[str], batch_size: int = 16, progress: bool = True
+) -> tuple[np.ndarray, list[dict], list[dict]]:
     """Embed root/path for every path.
 
     Returns (float32 (N, D) embeddings of the decodable photos, their manifest entries [{path, size, mtime_ns,
@@ -251,15 +259,26 @@ def ivf_sq_index(embeddings: np.ndarray, pca: int = 64, target_recall: float = 0
         if recall >= target_recall:
             break
     else:
-        warnings.warn(f"the {factory} index reaches recall@10 {recall:.3f} < {target_recall} against exact search "
-                      f"even visiting all {nlist} cells (PCA{pca} drops too much of these embeddings); build with "
-                      f"approx='hnsw' or a larger exact_max for exact search", UserWarning, stacklevel=3)
-    return index, {"factory": factory, "nlist": nlist, "pca": pca, "nprobe": int(ivf.nprobe),
-                   "target_recall": target_recall, "tuning_recall_at_10": recall}
+        warnings.warn(
+            f"the {factory} index reaches recall@10 {recall:.3f} < {target_recall} against exact search "
+            f"even visiting all {nlist} cells (PCA{pca} drops too much of these embeddings); build with "
+            f"approx='hnsw' or a larger exact_max for exact search",
+            UserWarning,
+            stacklevel=3,
+        )
+    return index, {
+        "factory": factory,
+        "nlist": nlist,
+        "pca": pca,
+        "nprobe": int(ivf.nprobe),
+        "target_recall": target_recall,
+        "tuning_recall_at_10": recall,
+    }
 
 
-def make_faiss_index(embeddings: np.ndarray, exact_max: int = EXACT_MAX, approx: str = "hnsw",
-                     seed: int = 0) -> tuple[Any, dict]:
+def make_faiss_index(
+    embeddings: np.ndarray, exact_max: int = EXACT_MAX, approx: str = "hnsw", seed: int = 0
+) -> tuple[Any, dict]:
     """(faiss index, its description) over the rows: exact up to `exact_max` rows, else `approx` ("hnsw", "ivf"
     or the compressed "ivf-sq", see ivf_sq_index).
 
@@ -353,8 +372,14 @@ class CatalogueIndex:
             except Exception as err:  # noqa: BLE001
                 raise ValueError(f"query photo {photo} cannot be read as an image ({_reason(err)})") from err
         scores, ids = self.search(embed_images(self.require_model(), images), k)
-        return [[{"rank": r + 1, "id": int(i), "path": self.paths[i], "score": float(s), "stale": self.is_stale(i)}
-                 for r, (s, i) in enumerate(zip(srow, irow)) if i >= 0] for srow, irow in zip(scores, ids)]
+        return [
+            [
+                {"rank": r + 1, "id": int(i), "path": self.paths[i], "score": float(s), "stale": self.is_stale(i)}
+                for r, (s, i) in enumerate(zip(srow, irow))
+                if i >= 0
+            ]
+            for srow, irow in zip(scores, ids)
+        ]
 
     def require_model(self) -> Any:
         if self.model is None:
@@ -370,7 +395,8 @@ def check_model(manifest: dict, model: Any, folder: Path) -> None:
         raise ModelMismatchError(
             f"index {folder} was built with another model: {built['description']} (digest {built['digest'][:12]}), "
             f"not {model.describe()} (digest {model.digest()[:12]}). Query it with the model it was built with, or "
-            f"rebuild it: {rebuild_command(manifest, folder, 'MODEL')}")
+            f"rebuild it: {rebuild_command(manifest, folder, 'MODEL')}"
+        )
 
 
 def rebuild_command(manifest: dict, folder: Path, model: str | None = None) -> str:
@@ -400,19 +426,27 @@ def open_index(folder: str | os.PathLike, model: Any = None) -> CatalogueIndex:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        raise CatalogueIndexError(f"{path} not found: {folder} is not an index; build one with "
-                                  "python3 -m fashlib.index build FOLDER --model MODEL --out INDEX")
+        raise CatalogueIndexError(
+            f"{path} not found: {folder} is not an index; build one with "
+            "python3 -m fashlib.index build FOLDER --model MODEL --out INDEX"
+        )
     try:
         manifest = json.loads(path.read_text())
         assert manifest["format"] == FORMAT
     except Exception as err:  # noqa: BLE001
         raise _corrupt(folder, {}, f"{path} is unreadable or not a fashlib index ({type(err).__name__})") from err
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CatalogueIndexError(f"index {folder} has format version {manifest.get('format_version')}, this fashlib "
-                                  f"reads version {FORMAT_VERSION}; rebuild it: {rebuild_command(manifest, folder)}")
+        raise CatalogueIndexError(
+            f"index {folder} has format version {manifest.get('format_version')}, this fashlib "
+            f"reads version {FORMAT_VERSION}; rebuild it: {rebuild_command(manifest, folder)}"
+        )
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
-        raise _corrupt(folder, manifest, f"{path} was edited or damaged (its content differs from its "
-                                         "manifest_sha256), so its rows may no longer name the right photos")
+        raise _corrupt(
+            folder,
+            manifest,
+            f"{path} was edited or damaged (its content differs from its "
+            "manifest_sha256), so its rows may no longer name the right photos",
+        )
     data = {}
     for key in ("embeddings", "index"):
         file = folder / Path(str(manifest[f"{key}_file"])).name
@@ -491,18 +525,30 @@ def _without_index(root: Path, rels: Sequence[str], out: str | os.PathLike) -> l
 
 def _unsupported(root: Path, others: Sequence[str]) -> list[dict]:
     """Skipped-file entries of files that are not indexed: other types, links to outside the catalogue folder."""
+
     def reason(rel: str) -> str:
         if rel.endswith("/"):
             return "a linked folder, not followed (links can loop); index its target separately or copy it in"
         if rel.lower().endswith(IMAGE_SUFFIXES):
-            return (f"a link to {(root / rel).resolve()}, outside the catalogue folder {root} (copy the photo "
-                    "into the folder to index it)")
+            return (
+                f"a link to {(root / rel).resolve()}, outside the catalogue folder {root} (copy the photo "
+                "into the folder to index it)"
+            )
         return "unsupported file type (not .jpg, .jpeg, .png or .webp)"
+
     return [{"path": p, "reason": reason(p)} for p in others]
 
 
-def build(source: Any, model: Any, out: str | os.PathLike, *, exact_max: int = EXACT_MAX, approx: str = "hnsw",
-          batch_size: int = 16, progress: bool = True) -> CatalogueIndex:
+def build(
+    source: Any,
+    model: Any,
+    out: str | os.PathLike,
+    *,
+    exact_max: int = EXACT_MAX,
+    approx: str = "hnsw",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> CatalogueIndex:
     """Index every photo of `source` (a folder, recursive; a CSV or DataFrame with a `path` column) into `out`.
 
     `model`: a saved model folder, a backbone name or a SavedEmbedder. Undecodable files and files that are not
@@ -517,13 +563,23 @@ def build(source: Any, model: Any, out: str | os.PathLike, *, exact_max: int = E
     embeddings, entries, skipped = embed_files(embedder, root, images, batch_size, progress)
     skipped += _unsupported(root, others)
     index, info = make_faiss_index(embeddings, exact_max, approx)
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "fashlib": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": src,
-                "model": {"ref": ref, "digest": embedder.digest(), "description": embedder.describe(),
-                          "embedding_dim": embedder.embedding_dim},
-                "index": {**info, "exact_max": exact_max}, "files": entries,
-                "skipped": sorted(skipped, key=lambda s: s["path"]),
-                "last_run": {"embedded": len(entries), "seconds": round(time.perf_counter() - start, 2)}}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "fashlib": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": src,
+        "model": {
+            "ref": ref,
+            "digest": embedder.digest(),
+            "description": embedder.describe(),
+            "embedding_dim": embedder.embedding_dim,
+        },
+        "index": {**info, "exact_max": exact_max},
+        "files": entries,
+        "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "last_run": {"embedded": len(entries), "seconds": round(time.perf_counter() - start, 2)},
+    }
     _write(Path(out), manifest, embeddings, index)
     return CatalogueIndex(Path(out), manifest, embeddings, index, embedder)
 
@@ -545,14 +601,17 @@ def _recorded_source(manifest: dict, folder: Path) -> str:
     if src["type"] == "table" and src["table"] is None:
         raise CatalogueIndexError("this index was built from an in-memory table: pass the table again as `source`")
     if not Path(recorded).exists():
-        raise CatalogueIndexError(f"the catalogue {recorded} that index {folder} was built from no longer exists; "
-                                  f"if it moved, give its new place: python3 -m fashlib.index update {folder} "
-                                  "--source NEW_PLACE (unchanged photos are not embedded again)")
+        raise CatalogueIndexError(
+            f"the catalogue {recorded} that index {folder} was built from no longer exists; "
+            f"if it moved, give its new place: python3 -m fashlib.index update {folder} "
+            "--source NEW_PLACE (unchanged photos are not embedded again)"
+        )
     return recorded
 
 
-def update(folder: str | os.PathLike, model: Any = None, source: Any = None, *, batch_size: int = 16,
-           progress: bool = True) -> tuple[CatalogueIndex, dict]:
+def update(
+    folder: str | os.PathLike, model: Any = None, source: Any = None, *, batch_size: int = 16, progress: bool = True
+) -> tuple[CatalogueIndex, dict]:
     """Bring an index up to date with its catalogue: embed new or changed files only, drop deleted ones.
 
     A file is unchanged when its size, modification time and sha256 all equal the manifest's (a photo replaced
@@ -575,15 +634,28 @@ def update(folder: str | os.PathLike, model: Any = None, source: Any = None, *, 
     order = sorted(vectors)
     embeddings = np.stack([vectors[p] for p in order]) if order else np.empty((0, embedder.embedding_dim), np.float32)
     skipped += _unsupported(root, others)
-    index, info = make_faiss_index(embeddings, manifest["index"].get("exact_max", EXACT_MAX),
-                                   manifest["index"]["type"] if manifest["index"]["type"] != "flat" else "hnsw")
+    index, info = make_faiss_index(
+        embeddings,
+        manifest["index"].get("exact_max", EXACT_MAX),
+        manifest["index"]["type"] if manifest["index"]["type"] != "flat" else "hnsw",
+    )
     present = set(images)
-    report = {"added": sum(e["path"] not in before for e in kept), "changed": sum(e["path"] in before for e in kept),
-              "removed": sum(p not in present for p in before), "unchanged": len(same), "skipped": len(skipped)}
-    manifest = {**manifest, "source": src, "files": [entries[p] for p in order],
-                "skipped": sorted(skipped, key=lambda s: s["path"]), "index": {**info, "exact_max":
-                manifest["index"].get("exact_max", EXACT_MAX)}, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "last_run": {**report, "embedded": len(kept)}}
+    report = {
+        "added": sum(e["path"] not in before for e in kept),
+        "changed": sum(e["path"] in before for e in kept),
+        "removed": sum(p not in present for p in before),
+        "unchanged": len(same),
+        "skipped": len(skipped),
+    }
+    manifest = {
+        **manifest,
+        "source": src,
+        "files": [entries[p] for p in order],
+        "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "index": {**info, "exact_max": manifest["index"].get("exact_max", EXACT_MAX)},
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "last_run": {**report, "embedded": len(kept)},
+    }
     _write(Path(folder), manifest, embeddings, index)
     return CatalogueIndex(Path(folder), manifest, embeddings, index, embedder), report
 

@@ -46,6 +46,7 @@ def create(name: str, **options: Any) -> nn.Module:
 
 # ---------------------------------------------------------------- helpers
 
+
 def _as_labels(labels: Any, embeddings: torch.Tensor) -> torch.Tensor:
     """Labels as a 1-D long tensor on the embeddings' device, length-checked."""
     labels = torch.as_tensor(labels, device=embeddings.device)
@@ -88,11 +89,11 @@ def _log1p_sum_exp(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tenso
 
 def _check_classes(labels: torch.Tensor, num_classes: int) -> None:
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]")
 
 
 # ---------------------------------------------------------------- pair / triplet losses
+
 
 @register("contrastive")
 class ContrastiveLoss(nn.Module):
@@ -196,8 +197,7 @@ class CentroidTripletLoss(nn.Module):
 
     requires_classes = False
 
-    def __init__(self, margin: float = 0.3, negatives: str = "hardest", reducer: str = "mean",
-                 normalize: bool = True):
+    def __init__(self, margin: float = 0.3, negatives: str = "hardest", reducer: str = "mean", normalize: bool = True):
         super().__init__()
         if negatives not in ("hardest", "all"):
             raise ValueError(f"negatives must be 'hardest' or 'all', got {negatives!r}")
@@ -232,6 +232,7 @@ def _safe_norm(v: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- proxy / classifier losses
+
 
 class _ClassWeightLoss(nn.Module):
     """Base of the classifier-style losses: one learnable weight vector per class, (C, D)."""
@@ -273,8 +274,9 @@ class ArcFaceLoss(_ClassWeightLoss):
         eps = 1e-7
         target = cos.gather(1, labels[:, None]).clamp(-1 + eps, 1 - eps)
         theta = torch.acos(target)
-        shifted = torch.where(theta <= math.pi - self.margin, torch.cos(theta + self.margin),
-                              target - self.margin * math.sin(self.margin))
+        shifted = torch.where(
+            theta <= math.pi - self.margin, torch.cos(theta + self.margin), target - self.margin * math.sin(self.margin)
+        )
         logits = cos.scatter(1, labels[:, None], shifted) * self.scale
         return F.cross_entropy(logits, labels)
 

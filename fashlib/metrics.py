@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -50,14 +51,18 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
     if x.dtype.kind == "f" and x.dtype.itemsize > 4 and x.size:
         big = np.isfinite(x) & (np.abs(x) > np.finfo(np.float32).max)
         if big.any():
-            raise ValueError(f"{name} has values beyond the float32 range (e.g. {x[big][0]!r}) in "
-                             f"{int(big.any(axis=1).sum())} rows; search runs in float32: L2-normalise the rows first.")
+            raise ValueError(
+                f"{name} has values beyond the float32 range (e.g. {x[big][0]!r}) in "
+                f"{int(big.any(axis=1).sum())} rows; search runs in float32: L2-normalise the rows first."
+            )
     x = np.ascontiguousarray(x, dtype=np.float32)
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if len(bad):
-        raise ValueError(f"{name} has {len(bad)} of {len(x)} rows with NaN or infinite values (rows "
-                         f"{bad[:5].tolist()}{' ...' if len(bad) > 5 else ''}); a diverged model or an empty "
-                         "crop gives such rows: fix or drop them before searching.")
+        raise ValueError(
+            f"{name} has {len(bad)} of {len(x)} rows with NaN or infinite values (rows "
+            f"{bad[:5].tolist()}{' ...' if len(bad) > 5 else ''}); a diverged model or an empty "
+            "crop gives such rows: fix or drop them before searching."
+        )
     return x
 
 
@@ -81,8 +86,16 @@ def _label_kinds(labels: np.ndarray) -> set[str]:
         return {"text"}
     if labels.dtype.kind == "S":
         return {"bytes"}
-    return {"text" if isinstance(v, str) else "bytes" if isinstance(v, bytes) else
-            "number" if isinstance(v, (int, float, np.number)) else type(v).__name__ for v in labels.tolist()}
+    return {
+        "text"
+        if isinstance(v, str)
+        else "bytes"
+        if isinstance(v, bytes)
+        else "number"
+        if isinstance(v, (int, float, np.number))
+        else type(v).__name__
+        for v in labels.tolist()
+    }
 
 
 def _missing_labels(labels: np.ndarray) -> np.ndarray:
@@ -101,9 +114,11 @@ def _label_pair(query_labels: Any, gallery_labels: Any, n_query: int, n_gallery:
     for name, lab in (("query_labels", q_lab), ("gallery_labels", g_lab)):
         missing = _missing_labels(lab)
         if len(missing):
-            raise ValueError(f"{name} has {len(missing)} missing label(s) (None or NaN) at rows "
-                             f"{missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}; a missing label matches "
-                             "nothing, so such a query would count as a miss: drop those rows or fill the labels.")
+            raise ValueError(
+                f"{name} has {len(missing)} missing label(s) (None or NaN) at rows "
+                f"{missing[:5].tolist()}{' ...' if len(missing) > 5 else ''}; a missing label matches "
+                "nothing, so such a query would count as a miss: drop those rows or fill the labels."
+            )
     q_kinds, g_kinds = _label_kinds(q_lab), _label_kinds(g_lab)
     if len(q_lab) and len(g_lab) and not q_kinds & g_kinds:
         raise ValueError(
@@ -122,14 +137,17 @@ def _check_pair(query: np.ndarray, gallery: np.ndarray, k: int, exclude_self: bo
     if query.shape[1] != gallery.shape[1]:
         raise ValueError(f"query dim {query.shape[1]} != gallery dim {gallery.shape[1]}")
     if exclude_self and len(query) != len(gallery):
-        raise ValueError(f"exclude_self needs the queries to be the gallery row for row, got "
-                         f"{len(query)} queries and {len(gallery)} gallery rows")
+        raise ValueError(
+            f"exclude_self needs the queries to be the gallery row for row, got "
+            f"{len(query)} queries and {len(gallery)} gallery rows"
+        )
     available = len(gallery) - int(exclude_self)
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if k > available:
-        raise ValueError(f"k={k} is larger than the gallery ({available} items"
-                         f"{' once self is excluded' if exclude_self else ''})")
+        raise ValueError(
+            f"k={k} is larger than the gallery ({available} items{' once self is excluded' if exclude_self else ''})"
+        )
 
 
 # ---------------------------------------------------------------- faiss indexes
@@ -234,8 +252,9 @@ def build_index(gallery: Any, index: str = "flat", k: int = 1, **index_options: 
     return INDEXES[index](_as_matrix(gallery, "gallery"), k, **index_options)
 
 
-def search(query: Any, gallery: Any, k: int, index: str = "flat",
-           **index_options: Any) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    query: Any, gallery: Any, k: int, index: str = "flat", **index_options: Any
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k gallery rows per query by inner product: (scores (Q, k) float32, indices (Q, k) int64).
 
     Exact search ("flat") follows the module's tie rule. Approximate indexes may reach fewer than k
@@ -248,9 +267,12 @@ def search(query: Any, gallery: Any, k: int, index: str = "flat",
     short = (indices < 0).any(axis=1)
     if short.any():
         widen = {"ivf": "raise nprobe", "hnsw": "raise efSearch"}.get(index, "use index='flat'")
-        warnings.warn(f"the {index!r} index returned fewer than k={k} gallery rows for {int(short.sum())} of "
-                      f"{len(query)} queries (ids -1, counted as misses); {widen} or use index='flat'",
-                      IncompleteSearchWarning, stacklevel=2)
+        warnings.warn(
+            f"the {index!r} index returned fewer than k={k} gallery rows for {int(short.sum())} of "
+            f"{len(query)} queries (ids -1, counted as misses); {widen} or use index='flat'",
+            IncompleteSearchWarning,
+            stacklevel=2,
+        )
     return scores, indices
 
 
@@ -265,9 +287,16 @@ class Neighbours(NamedTuple):
     matches: np.ndarray | None
 
 
-def neighbours(query_emb: Any, gallery_emb: Any, k: int = 10, query_labels: Any = None,
-               gallery_labels: Any = None, exclude_self: bool = False, index: str = "flat",
-               **index_options: Any) -> Neighbours:
+def neighbours(
+    query_emb: Any,
+    gallery_emb: Any,
+    k: int = 10,
+    query_labels: Any = None,
+    gallery_labels: Any = None,
+    exclude_self: bool = False,
+    index: str = "flat",
+    **index_options: Any,
+) -> Neighbours:
     """The k best gallery rows for every query (self excluded on request), with label matches."""
     query, gallery = _as_matrix(query_emb, "query"), _as_matrix(gallery_emb, "gallery")
     _check_pair(query, gallery, k, exclude_self)
@@ -300,21 +329,28 @@ def _check_ks(ks: Any) -> list[int]:
     ks = list(ks)
     bad = [k for k in ks if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1]
     if bad or not ks:
-        raise ValueError(f"ks must be a non-empty sequence of integers >= 1, got {ks!r}"
-                         + (f" ({bad[0]!r} is not)" if bad else ""))
+        raise ValueError(
+            f"ks must be a non-empty sequence of integers >= 1, got {ks!r}" + (f" ({bad[0]!r} is not)" if bad else "")
+        )
     return sorted({int(k) for k in ks})
 
 
-def recall_at_k(query_emb: Any, query_labels: Any, gallery_emb: Any, gallery_labels: Any,
-                ks: Sequence[int] = (1, 5, 10, 20, 50), exclude_self: bool = False,
-                index: str = "flat", **index_options: Any) -> dict[int, float]:
+def recall_at_k(
+    query_emb: Any,
+    query_labels: Any,
+    gallery_emb: Any,
+    gallery_labels: Any,
+    ks: Sequence[int] = (1, 5, 10, 20, 50),
+    exclude_self: bool = False,
+    index: str = "flat",
+    **index_options: Any,
+) -> dict[int, float]:
     """DeepFashion top-k retrieval accuracy: share of queries with a same-label item in their top k.
 
     Every query counts in the denominator (one without any relevant gallery item is a miss).
     """
     ks = _check_ks(ks)
-    nb = neighbours(query_emb, gallery_emb, max(ks), query_labels, gallery_labels,
-                    exclude_self, index, **index_options)
+    nb = neighbours(query_emb, gallery_emb, max(ks), query_labels, gallery_labels, exclude_self, index, **index_options)
     found = np.logical_or.accumulate(nb.matches, axis=1)
     return {k: float(found[:, k - 1].mean()) for k in ks}
 
@@ -330,8 +366,15 @@ def _relevant_counts(q_lab: np.ndarray, g_lab: np.ndarray, exclude_self: bool) -
     return r
 
 
-def map_at_r(query_emb: Any, query_labels: Any, gallery_emb: Any, gallery_labels: Any,
-             exclude_self: bool = False, index: str = "flat", **index_options: Any) -> float:
+def map_at_r(
+    query_emb: Any,
+    query_labels: Any,
+    gallery_emb: Any,
+    gallery_labels: Any,
+    exclude_self: bool = False,
+    index: str = "flat",
+    **index_options: Any,
+) -> float:
     """MAP@R (Musgrave, Belongie & Lim, "A Metric Learning Reality Check", ECCV 2020).
 
     Per query with R relevant gallery items: (1/R) sum_{i<=R} P@i * rel(i). Queries with R = 0 are left
@@ -358,8 +401,9 @@ def map_at_r(query_emb: Any, query_labels: Any, gallery_emb: Any, gallery_labels
     return float(((precision * rel).sum(1) / r).mean())
 
 
-def _neighbours_with_rows(query: np.ndarray, gallery: np.ndarray, k: int, rows: np.ndarray,
-                          index: str, index_options: dict) -> np.ndarray:
+def _neighbours_with_rows(
+    query: np.ndarray, gallery: np.ndarray, k: int, rows: np.ndarray, index: str, index_options: dict
+) -> np.ndarray:
     """Top-k gallery indices for queries that are gallery rows ``rows``, their own row dropped."""
     _, indices = search(query, gallery, k + 1, index, **index_options)
     order = np.argsort(indices == rows[:, None], axis=1, kind="stable")[:, :k]

@@ -7,7 +7,7 @@ Conventions follow pytorch-metric-learning (PML) so that the losses can be cross
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

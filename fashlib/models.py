@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import timm
 import torch
@@ -103,7 +103,9 @@ def channels_first(features: torch.Tensor, fmt: str, num_prefix_tokens: int = 0)
     """
     if features.ndim == 3:
         if num_prefix_tokens >= features.shape[1]:
-            raise ValueError(f"token output {tuple(features.shape)} has no patch tokens after {num_prefix_tokens} prefix tokens")
+            raise ValueError(
+                f"token output {tuple(features.shape)} has no patch tokens after {num_prefix_tokens} prefix tokens"
+            )
         return features[:, num_prefix_tokens:].transpose(1, 2).unsqueeze(-1)
     if features.ndim != 4:
         raise ValueError(f"backbone output of shape {tuple(features.shape)} is neither maps (4-D) nor tokens (3-D)")
@@ -184,7 +186,7 @@ class Embedder(nn.Module):
                 param.requires_grad_(False)
             self.backbone.eval()
 
-    def train(self, mode: bool = True) -> "Embedder":
+    def train(self, mode: bool = True) -> Embedder:
         """Set train/eval mode; a frozen backbone always stays in eval mode."""
         super().train(mode)
         if self.frozen:
@@ -211,7 +213,8 @@ class Embedder(nn.Module):
                 f"backbone {self.backbone_name!r} gives {maps.shape[1]} channels once read as "
                 f"{self.feature_format} (output {tuple(maps.shape)}), but {self.feature_dim} are expected: either the "
                 "layout is wrong (pass feature_format='NHWC' / 'NCHW' / 'NLC' and num_prefix_tokens to Embedder) or "
-                "the backbone's output is wider than its num_features (timm's head_hidden_size, e.g. MambaOut).")
+                "the backbone's output is wider than its num_features (timm's head_hidden_size, e.g. MambaOut)."
+            )
         return self.pool(maps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,14 +244,14 @@ def offline_weights_path(package: str) -> Path:
     return files[0]
 
 
-def load_offline_state_dict(package: str) -> "OrderedDict[str, torch.Tensor]":
+def load_offline_state_dict(package: str) -> OrderedDict[str, torch.Tensor]:
     """Load the state dict (their own key names, in their order) from an offline weights package."""
     return torch.load(offline_weights_path(package), map_location="cpu", weights_only=True)
 
 
 def map_state_dict_by_position(
     source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], what: str = "model"
-) -> "OrderedDict[str, torch.Tensor]":
+) -> OrderedDict[str, torch.Tensor]:
     """Rename `source` tensors to `target` keys by position, checking count and every shape.
 
     Used when two implementations of the same network list identical tensors in identical order
@@ -431,5 +434,11 @@ from .saved_model import (  # noqa: E402  (re-exported here: models is where use
     save_embedder,
 )
 
-__all__ += ["SavedEmbedder", "SavedModelError", "features_embedder", "network_embedder", "save_embedder",
-            "load_embedder"]
+__all__ += [
+    "SavedEmbedder",
+    "SavedModelError",
+    "features_embedder",
+    "network_embedder",
+    "save_embedder",
+    "load_embedder",
+]

@@ -12,25 +12,26 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import yaml
 
 from .paths import GPU_RUNS_DIR, PROJECT_ROOT, data_root, resolve_path
 
-
 # --------------------------------------------------------------------------- reading values
+
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader plus what a reader expects: ``1e-3`` is a float (YAML 1.2) and ``None`` is null."""
 
 
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 _Loader.add_implicit_resolver("tag:yaml.org,2002:null", re.compile(r"^None$"), ["N"])
 
 
@@ -46,6 +47,7 @@ def parse_value(raw: str) -> Any:
 
 
 # --------------------------------------------------------------------------- the schema
+
 
 class ParameterError(ValueError):
     """One or more notebook parameters have a wrong type or value; the message names each of them."""
@@ -79,6 +81,7 @@ def number(low: float, high: float | None = None, low_open: bool = True) -> Chec
     def test(v: Any) -> str | None:
         ok = _is_number(v) and (v > low if low_open else v >= low) and (high is None or v <= high)
         return None if ok else what
+
     return Check(test)
 
 
@@ -89,8 +92,7 @@ def boolean() -> Check:
 def path(optional: bool = False) -> Check:
     """A non-empty path string (or None when optional)."""
     what = "a path (str)" + (" or None" if optional else "")
-    return Check(lambda v: None if (optional and v is None) or (isinstance(v, (str, os.PathLike)) and str(v))
-                 else what)
+    return Check(lambda v: None if (optional and v is None) or (isinstance(v, (str, os.PathLike)) and str(v)) else what)
 
 
 def closest_hint(value: Any, allowed: Iterable[str]) -> str:
@@ -99,8 +101,9 @@ def closest_hint(value: Any, allowed: Iterable[str]) -> str:
     return f"; did you mean {near[0]!r}?" if near else ""
 
 
-def choice(allowed: Callable[[], Iterable[str]], many: bool = False, label: str = "",
-           key: Callable[[str], str] = str) -> Check:
+def choice(
+    allowed: Callable[[], Iterable[str]], many: bool = False, label: str = "", key: Callable[[str], str] = str
+) -> Check:
     """One of allowed() (or, with many, a non-empty list of them), compared after `key`; the message lists
     them (or counts them when there are many) and names the closest."""
 
@@ -114,15 +117,22 @@ def choice(allowed: Callable[[], Iterable[str]], many: bool = False, label: str 
         if not bad:
             twice = [x for i, x in enumerate(values) if x in values[:i]]
             return f"a list without repeats ({twice[0]!r} is listed twice)" if twice else None
-        listed = (f"one of {', '.join(names)}" if len(names) <= 30
-                  else f"one of the {len(names)} known {label or 'names'}")
+        listed = (
+            f"one of {', '.join(names)}" if len(names) <= 30 else f"one of the {len(names)} known {label or 'names'}"
+        )
         return f"{listed}; {bad[0]!r} is not{closest_hint(bad[0], names)}"
+
     return Check(test)
 
 
 def int_list() -> Check:
-    return Check(lambda v: None if isinstance(v, list) and v and all(_is_int(x) and x >= 1 for x in v)
-                 else "a non-empty list of integers >= 1")
+    return Check(
+        lambda v: (
+            None
+            if isinstance(v, list) and v and all(_is_int(x) and x >= 1 for x in v)
+            else "a non-empty list of integers >= 1"
+        )
+    )
 
 
 def _datasets() -> list[str]:
@@ -167,9 +177,21 @@ def _random_controls(v: Any) -> str | None:
     return None if problem is None else f"True, False or a list of timm model names ({problem})"
 
 
-POSITIVE_INTS = ("epochs", "finetune_epochs", "embedding_dim", "throughput_batch_size",
-                 "throughput_batches", "n_neighbors", "purity_k", "top_k", "max_k", "max_grid_categories",
-                 "examples_per_category", "n_queries", "latency_queries")
+POSITIVE_INTS = (
+    "epochs",
+    "finetune_epochs",
+    "embedding_dim",
+    "throughput_batch_size",
+    "throughput_batches",
+    "n_neighbors",
+    "purity_k",
+    "top_k",
+    "max_k",
+    "max_grid_categories",
+    "examples_per_category",
+    "n_queries",
+    "latency_queries",
+)
 SCHEMA: dict[str, Check] = {
     "dataset": choice(_datasets),
     "data_root": path(optional=True),
@@ -202,8 +224,13 @@ SCHEMA: dict[str, Check] = {
     "head_type": choice(lambda: ["linear", "mlp"]),
     "sampler": choice(lambda: ["pk", "m_per_class"]),
     "qe_ks": int_list(),
-    "seeds": Check(lambda v: None if isinstance(v, list) and v and all(_is_int(x) and x >= 0 for x in v)
-                   and len(set(v)) == len(v) else "a non-empty list of distinct integers >= 0"),
+    "seeds": Check(
+        lambda v: (
+            None
+            if isinstance(v, list) and v and all(_is_int(x) and x >= 0 for x in v) and len(set(v)) == len(v)
+            else "a non-empty list of distinct integers >= 0"
+        )
+    ),
     "head_types": choice(lambda: ["linear", "mlp"], many=True, label="head types"),
     "rerank_k1s": int_list(),
     "qe_alpha": number(0.0),
@@ -259,8 +286,10 @@ def _cross_problems(values: Mapping[str, Any]) -> list[str]:
     if isinstance(controls, list) and isinstance(backbones, list):
         outside = [c for c in controls if c not in backbones]
         if outside:
-            return [f"random_controls={controls!r}: expected names from backbones ({', '.join(backbones)}); "
-                    f"{outside[0]!r} is not{closest_hint(outside[0], backbones)}"]
+            return [
+                f"random_controls={controls!r}: expected names from backbones ({', '.join(backbones)}); "
+                f"{outside[0]!r} is not{closest_hint(outside[0], backbones)}"
+            ]
     return []
 
 
@@ -312,12 +341,19 @@ def parameter_drift(cell: Mapping[str, Any], params: Mapping[str, Any], notebook
     every key of the notebook's section must be in the cell."""
     want = expected_parameters(params, notebook)
     section = (params.get("notebooks") or {}).get(notebook) or {}
-    lines = [f"{notebook}: {k} = {cell[k]!r} in the notebook, {want[k]!r} in the parameter file"
-             for k in cell if k in want and cell[k] != want[k]]
-    lines += [f"{notebook}: {k} is declared in the notebook but not in the parameter file" for k in cell
-              if k not in want]
-    lines += [f"{notebook}: {k} is in its section of the parameter file but not declared in the notebook"
-              for k in section if k not in cell]
+    lines = [
+        f"{notebook}: {k} = {cell[k]!r} in the notebook, {want[k]!r} in the parameter file"
+        for k in cell
+        if k in want and cell[k] != want[k]
+    ]
+    lines += [
+        f"{notebook}: {k} is declared in the notebook but not in the parameter file" for k in cell if k not in want
+    ]
+    lines += [
+        f"{notebook}: {k} is in its section of the parameter file but not declared in the notebook"
+        for k in section
+        if k not in cell
+    ]
     return lines
 
 

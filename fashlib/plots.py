@@ -9,7 +9,8 @@ Retrieval results are framed green when correct and red when wrong.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -87,9 +88,16 @@ def _grid(n: int, ncols: int, cell: float) -> tuple[Figure, list]:
     return fig, axes[:n]
 
 
-def image_grid(paths: Sequence[Any], titles: Sequence[str] | None = None, ncols: int = 6,
-               boxes: Sequence[Sequence[float] | None] | None = None, cell: float = 2.2,
-               max_side: int | None = 256, box_color: str = "yellow", suptitle: str | None = None) -> Figure:
+def image_grid(
+    paths: Sequence[Any],
+    titles: Sequence[str] | None = None,
+    ncols: int = 6,
+    boxes: Sequence[Sequence[float] | None] | None = None,
+    cell: float = 2.2,
+    max_side: int | None = 256,
+    box_color: str = "yellow",
+    suptitle: str | None = None,
+) -> Figure:
     """Show images in a grid, with optional titles and boxes (x1, y1, x2, y2 in original pixels; NaN = none)."""
     if len(paths) == 0:
         raise ValueError("image_grid needs at least one image")
@@ -110,8 +118,15 @@ def image_grid(paths: Sequence[Any], titles: Sequence[str] | None = None, ncols:
     return fig
 
 
-def _strip_row(axes, query: Any, results: Sequence[Any], correct: Sequence[bool], titles: Sequence[str] | None,
-               query_title: str, max_side: int | None) -> None:
+def _strip_row(
+    axes,
+    query: Any,
+    results: Sequence[Any],
+    correct: Sequence[bool],
+    titles: Sequence[str] | None,
+    query_title: str,
+    max_side: int | None,
+) -> None:
     """Fill one row: the query (blue frame) then the results (green or red frames)."""
     axes[0].imshow(load_image(query, max_side))
     _frame(axes[0], QUERY)
@@ -122,9 +137,15 @@ def _strip_row(axes, query: Any, results: Sequence[Any], correct: Sequence[bool]
         ax.set_title(str(titles[j]) if titles is not None else f"#{j + 1}", fontsize=8)
 
 
-def retrieval_strip(query_path: Any, result_paths: Sequence[Any], correct_flags: Sequence[bool],
-                    titles: Sequence[str] | None = None, query_title: str = "query", cell: float = 2.0,
-                    max_side: int | None = 256) -> Figure:
+def retrieval_strip(
+    query_path: Any,
+    result_paths: Sequence[Any],
+    correct_flags: Sequence[bool],
+    titles: Sequence[str] | None = None,
+    query_title: str = "query",
+    cell: float = 2.0,
+    max_side: int | None = 256,
+) -> Figure:
     """One query and its ranked results in a row; correct results framed green, wrong ones red."""
     if len(result_paths) != len(correct_flags):
         raise ValueError(f"{len(result_paths)} results but {len(correct_flags)} correct flags")
@@ -136,9 +157,15 @@ def retrieval_strip(query_path: Any, result_paths: Sequence[Any], correct_flags:
     return fig
 
 
-def retrieval_grid(queries: Sequence[Any], results: Sequence[Sequence[Any]], correct: Sequence[Sequence[bool]],
-                   titles: Sequence[Sequence[str]] | None = None, query_titles: Sequence[str] | None = None,
-                   cell: float = 1.8, max_side: int | None = 192) -> Figure:
+def retrieval_grid(
+    queries: Sequence[Any],
+    results: Sequence[Sequence[Any]],
+    correct: Sequence[Sequence[bool]],
+    titles: Sequence[Sequence[str]] | None = None,
+    query_titles: Sequence[str] | None = None,
+    cell: float = 1.8,
+    max_side: int | None = 192,
+) -> Figure:
     """Several queries, one row each: the query then its top results framed green (correct) or red (wrong)."""
     if not (len(queries) == len(results) == len(correct)):
         raise ValueError("queries, results and correct must have the same length")
@@ -151,16 +178,24 @@ def retrieval_grid(queries: Sequence[Any], results: Sequence[Sequence[Any]], cor
         if len(res) != len(ok):
             raise ValueError(f"query {i}: {len(res)} results but {len(ok)} correct flags")
         row = list(axes[i])
-        for ax in row[1 + len(res):]:
+        for ax in row[1 + len(res) :]:
             fig.delaxes(ax)
-        _strip_row(row, q, res, ok, titles[i] if titles is not None else None,
-                   query_titles[i] if query_titles is not None else "query", max_side)
+        _strip_row(
+            row,
+            q,
+            res,
+            ok,
+            titles[i] if titles is not None else None,
+            query_titles[i] if query_titles is not None else "query",
+            max_side,
+        )
     fig.tight_layout()
     return fig
 
 
-def recall_curves(curves: Mapping[str, Mapping[int, float]], title: str = "Recall@K", ax=None,
-                  logx: bool = True) -> Figure:
+def recall_curves(
+    curves: Mapping[str, Mapping[int, float]], title: str = "Recall@K", ax=None, logx: bool = True
+) -> Figure:
     """Recall@K against K, one line per model/loss (values in [0, 1] shown as percentages)."""
     fig, ax = (ax.figure, ax) if ax is not None else _single(6, 4)
     for name, recalls in curves.items():
@@ -183,8 +218,14 @@ def recall_curves(curves: Mapping[str, Mapping[int, float]], title: str = "Recal
     return fig
 
 
-def bar_with_cost(df, x: str = "backbone", y: str = "recall@1", cost: str = "gflops",
-                  cost_label: str | None = None, title: str | None = None) -> Figure:
+def bar_with_cost(
+    df,
+    x: str = "backbone",
+    y: str = "recall@1",
+    cost: str = "gflops",
+    cost_label: str | None = None,
+    title: str | None = None,
+) -> Figure:
     """Two panels: accuracy per backbone as bars (cost written on each), and accuracy against cost."""
     import seaborn as sns
 
@@ -213,8 +254,9 @@ def bar_with_cost(df, x: str = "backbone", y: str = "recall@1", cost: str = "gfl
     return fig
 
 
-def training_curves(histories: Mapping[str, Any], x: str = "epoch", metrics: Sequence[str] | None = None,
-                    title: str | None = None) -> Figure:
+def training_curves(
+    histories: Mapping[str, Any], x: str = "epoch", metrics: Sequence[str] | None = None, title: str | None = None
+) -> Figure:
     """One panel per metric (loss, recall@1, ...), one line per run; histories: name -> DataFrame or list of dicts."""
     import pandas as pd
 
@@ -243,8 +285,14 @@ def training_curves(histories: Mapping[str, Any], x: str = "epoch", metrics: Seq
     return fig
 
 
-def embedding_scatter(xy: np.ndarray, hue: Sequence[Any] | None = None, title: str | None = None,
-                      max_legend: int = 20, point_size: float = 8, ax=None) -> Figure:
+def embedding_scatter(
+    xy: np.ndarray,
+    hue: Sequence[Any] | None = None,
+    title: str | None = None,
+    max_legend: int = 20,
+    point_size: float = 8,
+    ax=None,
+) -> Figure:
     """2-D scatter of an embedding projection (UMAP), coloured by label; legend only when few labels."""
     import seaborn as sns
 
@@ -254,9 +302,16 @@ def embedding_scatter(xy: np.ndarray, hue: Sequence[Any] | None = None, title: s
     fig, ax = (ax.figure, ax) if ax is not None else _single(7, 6)
     hue_values = None if hue is None else np.asarray(hue).astype(str)
     n_labels = 0 if hue_values is None else len(set(hue_values))
-    sns.scatterplot(x=xy[:, 0], y=xy[:, 1], hue=hue_values, s=point_size, linewidth=0, ax=ax,
-                    legend=bool(hue_values is not None and n_labels <= max_legend),
-                    palette="tab20" if n_labels > 10 else None)
+    sns.scatterplot(
+        x=xy[:, 0],
+        y=xy[:, 1],
+        hue=hue_values,
+        s=point_size,
+        linewidth=0,
+        ax=ax,
+        legend=bool(hue_values is not None and n_labels <= max_legend),
+        palette="tab20" if n_labels > 10 else None,
+    )
     if ax.get_legend() is not None:
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=2, frameon=False)
     ax.set_xticks([])

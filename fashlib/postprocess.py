@@ -14,7 +14,8 @@ Dabrowski, "On the Unreasonable Effectiveness of Centroids in Image Retrieval", 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -60,8 +61,9 @@ def average_views(views: Sequence[Any], weights: Sequence[float] | None = None) 
     return l2_normalize(sum(wi * a for wi, a in zip(w, arrays)))
 
 
-def topk(query: Any, gallery: Any, k: int, *, exclude_self: bool = False,
-         chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
+def topk(
+    query: Any, gallery: Any, k: int, *, exclude_self: bool = False, chunk: int = CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k gallery rows per query by inner product, in query chunks: (scores, indices), both (Q, k).
 
     Ties are broken by the lower gallery row. `exclude_self` drops gallery row i from query i's list (the
@@ -86,15 +88,13 @@ def topk(query: Any, gallery: Any, k: int, *, exclude_self: bool = False,
     return scores, indices
 
 
-def _expand(rows: np.ndarray, scores: np.ndarray, indices: np.ndarray, pool: np.ndarray,
-            alpha: float) -> np.ndarray:
+def _expand(rows: np.ndarray, scores: np.ndarray, indices: np.ndarray, pool: np.ndarray, alpha: float) -> np.ndarray:
     """normalise(row + sum_i w_i pool[indices_i]) with w_i = max(score_i, 0)^alpha (alpha = 0: w_i = 1)."""
     weights = np.maximum(scores, 0.0) ** alpha if alpha else np.ones_like(scores)
     return l2_normalize(rows + np.einsum("qk,qkd->qd", weights, pool[indices]))
 
 
-def query_expansion(query: Any, gallery: Any, k: int = 2, alpha: float = 0.0,
-                    chunk: int = CHUNK) -> np.ndarray:
+def query_expansion(query: Any, gallery: Any, k: int = 2, alpha: float = 0.0, chunk: int = CHUNK) -> np.ndarray:
     """Expanded queries (Q, D) float32: each query plus its top-k gallery neighbours, re-normalised.
 
     alpha = 0 is average query expansion (Chum et al. 2007): equal weights. alpha > 0 is alpha-weighted
@@ -170,8 +170,9 @@ def _expanded_sets(table: np.ndarray, k1: int, chunk: int) -> list[np.ndarray]:
     return sets
 
 
-def _encode(points: np.ndarray, sets: list[np.ndarray], row_max: np.ndarray, table: np.ndarray,
-            k2: int) -> sparse.csr_matrix:
+def _encode(
+    points: np.ndarray, sets: list[np.ndarray], row_max: np.ndarray, table: np.ndarray, k2: int
+) -> sparse.csr_matrix:
     """Sparse V (N, N): row i spreads weight exp(-d(i, j)) over R*(i), rows summing to 1; then local query
     expansion averages the V rows of each point's k2 nearest neighbours."""
     rows = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
@@ -182,14 +183,20 @@ def _encode(points: np.ndarray, sets: list[np.ndarray], row_max: np.ndarray, tab
     v = sparse.csr_matrix((weight, (rows, cols)), shape=(len(sets), len(sets)))
     if k2 > 1:
         qe_rows = np.repeat(np.arange(len(sets)), k2)
-        average = sparse.csr_matrix((np.full(qe_rows.size, 1.0 / k2), (qe_rows, table[:, :k2].ravel())),
-                                    shape=v.shape)
+        average = sparse.csr_matrix((np.full(qe_rows.size, 1.0 / k2), (qe_rows, table[:, :k2].ravel())), shape=v.shape)
         v = (average @ v).tocsr()
     return v
 
 
-def k_reciprocal_rerank(query: Any, gallery: Any, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
-                        top: int | None = None, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def k_reciprocal_rerank(
+    query: Any,
+    gallery: Any,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    top: int | None = None,
+    chunk: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
     """k-reciprocal re-ranking (Zhong et al., CVPR 2017): Jaccard distance of k-reciprocal sets mixed with
     the original distance, final = (1 - lambda) d_J + lambda d, over query + gallery points.
 
@@ -206,8 +213,10 @@ def k_reciprocal_rerank(query: Any, gallery: Any, k1: int = 20, k2: int = 6, lam
     n_q, n_g = len(query), len(gallery)
     top = n_g if top is None else int(top)
     if not 1 <= k1 < len(points) or not 1 <= k2 <= k1 + 1 or not 1 <= top <= n_g:
-        raise ValueError(f"need 1 <= k1 < N={len(points)}, 1 <= k2 <= k1 + 1 and 1 <= top <= G={n_g}; "
-                         f"got k1={k1}, k2={k2}, top={top}")
+        raise ValueError(
+            f"need 1 <= k1 < N={len(points)}, 1 <= k2 <= k1 + 1 and 1 <= top <= G={n_g}; "
+            f"got k1={k1}, k2={k2}, top={top}"
+        )
     table, row_max = _neighbour_table(points, k1, chunk)
     v = _encode(points, _expanded_sets(table, k1, chunk), row_max, table, k2)
     v_gallery_t = v[n_q:].T.tocsr()  # (N terms, G)
@@ -224,7 +233,11 @@ def k_reciprocal_rerank(query: Any, gallery: Any, k1: int = 20, k2: int = 6, lam
         jaccard = 1.0 - shared / (2.0 - shared)
         original = (2.0 - 2.0 * (query[start:stop] @ gallery.T)) / row_max[start:stop, None]
         final = (1 - lambda_value) * jaccard + lambda_value * original
-        best = np.argpartition(final, top - 1, axis=1)[:, :top] if top < n_g else np.tile(np.arange(n_g), (stop - start, 1))
+        best = (
+            np.argpartition(final, top - 1, axis=1)[:, :top]
+            if top < n_g
+            else np.tile(np.arange(n_g), (stop - start, 1))
+        )
         best_d = np.take_along_axis(final, best, 1)
         order = np.lexsort((best, best_d), axis=1)
         out_d[start:stop] = np.take_along_axis(best_d, order, 1)

@@ -21,8 +21,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,17 +49,29 @@ class SavedModelError(RuntimeError):
 def preprocessing(embedder: nn.Module, image_size: int | None = None) -> dict:
     """The evaluation preprocessing of a models.Embedder (as experiments.eval_transform) as plain data."""
     config = embedder.data_config
-    return {"size": int(image_size or config["input_size"][-1]), "mean": [float(v) for v in config["mean"]],
-            "std": [float(v) for v in config["std"]], "interpolation": EVAL_INTERPOLATION,
-            "crop_pct": EVAL_CROP_PCT, "crop": CROP_POLICY, "colour": "RGB"}
+    return {
+        "size": int(image_size or config["input_size"][-1]),
+        "mean": [float(v) for v in config["mean"]],
+        "std": [float(v) for v in config["std"]],
+        "interpolation": EVAL_INTERPOLATION,
+        "crop_pct": EVAL_CROP_PCT,
+        "crop": CROP_POLICY,
+        "colour": "RGB",
+    }
 
 
 def build_transform(prep: dict):
     """torchvision transform of a preprocessing dict (identical to experiments.eval_transform)."""
     from .data import build_transforms
 
-    return build_transforms(False, image_size=prep["size"], mean=tuple(prep["mean"]), std=tuple(prep["std"]),
-                            interpolation=prep["interpolation"], crop_pct=prep["crop_pct"])
+    return build_transforms(
+        False,
+        image_size=prep["size"],
+        mean=tuple(prep["mean"]),
+        std=tuple(prep["std"]),
+        interpolation=prep["interpolation"],
+        crop_pct=prep["crop_pct"],
+    )
 
 
 def open_rgb(image: Any) -> Image.Image:
@@ -87,8 +100,12 @@ def _head_config(head: nn.Module) -> dict:
     kind = type(head).__name__
     if kind not in HEAD_TYPES:
         raise TypeError(f"cannot save a head of type {kind}: save_embedder knows {sorted(HEAD_TYPES)}")
-    config = {"type": kind, "in_dim": int(head.in_dim), "embedding_dim": int(head.embedding_dim),
-              "bnneck": bool(head.bnneck)}
+    config = {
+        "type": kind,
+        "in_dim": int(head.in_dim),
+        "embedding_dim": int(head.embedding_dim),
+        "bnneck": bool(head.bnneck),
+    }
     if kind == "MLPHead":
         config["hidden_dim"] = int(head.hidden_dim)
     return config
@@ -98,21 +115,35 @@ def _build_head(config: dict) -> nn.Module:
     """The head `_head_config` described (weights still to load); KeyError for an unknown type."""
     from .features import build_head
 
-    return build_head(HEAD_TYPES[config["type"]], config["in_dim"], config["embedding_dim"], bnneck=config["bnneck"],
-                      hidden_dim=config.get("hidden_dim", 512))
+    return build_head(
+        HEAD_TYPES[config["type"]],
+        config["in_dim"],
+        config["embedding_dim"],
+        bnneck=config["bnneck"],
+        hidden_dim=config.get("hidden_dim", 512),
+    )
 
 
 class SavedEmbedder(nn.Module):
     """Images -> L2-normalised embeddings (N, D) float32, from one or several models.Embedder branches.
 
     kind "features+head": each branch's pooled features (flip-averaged when asked) are L2-normalised,
-    concatenated, re-normalised and passed through `head` (an EmbeddingHead or features.MLPHead, or None = the features).
+    concatenated, re-normalised and passed through `head` (an EmbeddingHead or features.MLPHead, or None =
+    the features).
     kind "network": the single branch's own forward (pool, BNNeck, projection, normalisation).
     `preps` holds one preprocessing dict (see `preprocessing`) per branch.
     """
 
-    def __init__(self, branches: Sequence[nn.Module], head: nn.Module | None, preps: Sequence[dict], *,
-                 kind: str = "features+head", flip_average: bool = False, info: dict | None = None):
+    def __init__(
+        self,
+        branches: Sequence[nn.Module],
+        head: nn.Module | None,
+        preps: Sequence[dict],
+        *,
+        kind: str = "features+head",
+        flip_average: bool = False,
+        info: dict | None = None,
+    ):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -149,7 +180,7 @@ class SavedEmbedder(nn.Module):
         for branch, x in zip(self.branches, inputs):
             feats = branch.pooled_features(x).float()
             if self.flip_average:
-                feats = (feats[: len(x) // 2] + feats[len(x) // 2:]) / 2
+                feats = (feats[: len(x) // 2] + feats[len(x) // 2 :]) / 2
             parts.append(F.normalize(feats, dim=1))
         joined = F.normalize(torch.cat(parts, dim=1), dim=1) if len(parts) > 1 else parts[0]
         return joined if self.head is None else self.head(joined)
@@ -176,21 +207,36 @@ class SavedEmbedder(nn.Module):
         self.eval()
         with torch.inference_mode():
             for start in tqdm(range(0, len(items), batch_size), disable=not progress, desc="embed", unit="batch"):
-                batch = [open_rgb(x) for x in items[start:start + batch_size]]
-                out[start:start + len(batch)] = self(self.preprocess(batch)).float().numpy()
+                batch = [open_rgb(x) for x in items[start : start + batch_size]]
+                out[start : start + len(batch)] = self(self.preprocess(batch)).float().numpy()
         return out
 
     def architecture(self) -> dict:
         """Everything besides the weights that determines the embeddings (JSON-able)."""
-        branches = [{"backbone": b.backbone_name, "pooling": _pooling_name(b.pool), "feature_dim": int(b.feature_dim),
-                     "embedding_dim": None if isinstance(b.head.fc, nn.Identity) else int(b.embedding_dim),
-                     "bnneck": bool(b.head.bnneck), "preprocessing": p}
-                    for b, p in zip(self.branches, self.preps)]
+        branches = [
+            {
+                "backbone": b.backbone_name,
+                "pooling": _pooling_name(b.pool),
+                "feature_dim": int(b.feature_dim),
+                "embedding_dim": None if isinstance(b.head.fc, nn.Identity) else int(b.embedding_dim),
+                "bnneck": bool(b.head.bnneck),
+                "preprocessing": p,
+            }
+            for b, p in zip(self.branches, self.preps)
+        ]
         head = None if self.head is None else _head_config(self.head)
-        return {"kind": self.kind, "backbones": branches, "flip_average": self.flip_average, "head": head,
-                "feature_normalisation": ("each backbone's pooled features L2-normalised, concatenated, "
-                                          "re-normalised" if self.kind == "features+head" else "none"),
-                "embedding_dim": self.embedding_dim}
+        return {
+            "kind": self.kind,
+            "backbones": branches,
+            "flip_average": self.flip_average,
+            "head": head,
+            "feature_normalisation": (
+                "each backbone's pooled features L2-normalised, concatenated, re-normalised"
+                if self.kind == "features+head"
+                else "none"
+            ),
+            "embedding_dim": self.embedding_dim,
+        }
 
     def digest(self) -> str:
         """sha256 over the architecture and every weight: equal digests give equal embeddings."""
@@ -215,9 +261,16 @@ def _pooling_name(pool: nn.Module) -> str:
 
 
 # ------------------------------------------------------------------------------------------ assembling
-def features_embedder(backbones: str | Sequence[str], head: nn.Module | None = None, *, pooling: str = "avg",
-                      image_size: int | None = None, flip_average: bool = False, pretrained: bool = True,
-                      seed: int = 0) -> SavedEmbedder:
+def features_embedder(
+    backbones: str | Sequence[str],
+    head: nn.Module | None = None,
+    *,
+    pooling: str = "avg",
+    image_size: int | None = None,
+    flip_average: bool = False,
+    pretrained: bool = True,
+    seed: int = 0,
+) -> SavedEmbedder:
     """The course's "frozen features + head" model, assembled from the parts the notebooks use.
 
     Matches experiments.backbone_features (per backbone: `pooling`, `image_size`, `flip_average`, seed before
@@ -231,23 +284,42 @@ def features_embedder(backbones: str | Sequence[str], head: nn.Module | None = N
     branches = []
     for name in names:
         torch.manual_seed(seed)
-        branches.append(create_embedder(name, embedding_dim=None, pooling=pooling, pretrained=pretrained,
-                                        allow_random=not pretrained, freeze=True))
+        branches.append(
+            create_embedder(
+                name,
+                embedding_dim=None,
+                pooling=pooling,
+                pretrained=pretrained,
+                allow_random=not pretrained,
+                freeze=True,
+            )
+        )
     if head is not None:
         total = sum(b.feature_dim for b in branches)
         if head.in_dim != total:
             raise ValueError(f"the head takes {head.in_dim}-d features but {'+'.join(names)} give {total}")
         head = head.cpu().eval()
     info = {"weights_origin": [b.weights for b in branches]}
-    return SavedEmbedder(branches, head, [preprocessing(b, image_size) for b in branches],
-                         kind="features+head", flip_average=flip_average, info=info)
+    return SavedEmbedder(
+        branches,
+        head,
+        [preprocessing(b, image_size) for b in branches],
+        kind="features+head",
+        flip_average=flip_average,
+        info=info,
+    )
 
 
 def network_embedder(model: nn.Module, image_size: int | None = None) -> SavedEmbedder:
     """Wrap a whole models.Embedder (fine-tuned end to end, or frozen) evaluated at `image_size`."""
     model = model.cpu().eval()
-    return SavedEmbedder([model], None, [preprocessing(model, image_size)], kind="network",
-                         info={"weights_origin": [f"trained from {model.weights}"]})
+    return SavedEmbedder(
+        [model],
+        None,
+        [preprocessing(model, image_size)],
+        kind="network",
+        info={"weights_origin": [f"trained from {model.weights}"]},
+    )
 
 
 def as_saved_embedder(model: Any, image_size: int | None = None) -> SavedEmbedder:
@@ -258,8 +330,10 @@ def as_saved_embedder(model: Any, image_size: int | None = None) -> SavedEmbedde
         return model
     if isinstance(model, Embedder):
         return network_embedder(model, image_size)
-    raise TypeError(f"cannot save a {type(model).__name__}: pass a models.Embedder or a SavedEmbedder "
-                    "(saved_model.features_embedder(backbones, head) for a head trained on cached features)")
+    raise TypeError(
+        f"cannot save a {type(model).__name__}: pass a models.Embedder or a SavedEmbedder "
+        "(saved_model.features_embedder(backbones, head) for a head trained on cached features)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ save / load
@@ -279,8 +353,14 @@ def _versions() -> dict:
     return {"fashlib": __version__, "torch": torch.__version__, "timm": timm.__version__}
 
 
-def save_embedder(model: Any, folder: str | os.PathLike, *, metrics: dict | None = None,
-                  protocol: str | None = None, image_size: int | None = None) -> Path:
+def save_embedder(
+    model: Any,
+    folder: str | os.PathLike,
+    *,
+    metrics: dict | None = None,
+    protocol: str | None = None,
+    image_size: int | None = None,
+) -> Path:
     """Save a trained embedder as one self-describing folder (model.safetensors + config.json); returns it.
 
     `model`: a SavedEmbedder (features_embedder / network_embedder) or a models.Embedder (then evaluated at
@@ -297,11 +377,19 @@ def save_embedder(model: Any, folder: str | os.PathLike, *, metrics: dict | None
 
         state = {k: v.detach().cpu().contiguous() for k, v in saved.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, **saved.architecture(),
-                  "weights_origin": saved.info.get("weights_origin"),
-                  "metrics": metrics or {}, "protocol": protocol, "versions": _versions(),
-                  "weights_file": WEIGHTS_FILE, "weights_sha256": _sha256_file(tmp / WEIGHTS_FILE),
-                  "digest": saved.digest(), "description": saved.describe()}
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **saved.architecture(),
+            "weights_origin": saved.info.get("weights_origin"),
+            "metrics": metrics or {},
+            "protocol": protocol,
+            "versions": _versions(),
+            "weights_file": WEIGHTS_FILE,
+            "weights_sha256": _sha256_file(tmp / WEIGHTS_FILE),
+            "digest": saved.digest(),
+            "description": saved.describe(),
+        }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=float))
         _swap_in(tmp, folder)
     except BaseException:
@@ -329,25 +417,30 @@ def read_config(folder: str | os.PathLike) -> dict:
     """config.json of a saved model folder; SavedModelError naming the file when absent or not ours."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        raise SavedModelError(f"{path} not found: {folder} is not a saved model folder "
-                              "(save one with fashlib.models.save_embedder)")
+        raise SavedModelError(
+            f"{path} not found: {folder} is not a saved model folder (save one with fashlib.models.save_embedder)"
+        )
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise SavedModelError(f"{path} is not valid JSON ({err}); save the model again") from err
     if not isinstance(config, dict):
-        raise SavedModelError(f"{path} holds a JSON {type(config).__name__}, not a fashlib model config; "
-                              "save the model again")
+        raise SavedModelError(
+            f"{path} holds a JSON {type(config).__name__}, not a fashlib model config; save the model again"
+        )
     if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise SavedModelError(f"{path}: format {config.get('format')!r} v{config.get('format_version')}, "
-                              f"expected {FORMAT!r} v{FORMAT_VERSION}")
+        raise SavedModelError(
+            f"{path}: format {config.get('format')!r} v{config.get('format_version')}, "
+            f"expected {FORMAT!r} v{FORMAT_VERSION}"
+        )
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise SavedModelError(f"{path} lacks {', '.join(missing)}: it was edited or cut short; save the model again")
     weights = config.get("weights_file", WEIGHTS_FILE)
     if not isinstance(weights, str) or Path(weights).name != weights or weights in ("", ".", ".."):
-        raise SavedModelError(f"{path}: weights_file {weights!r} is not a file name inside {folder}; "
-                              "save the model again")
+        raise SavedModelError(
+            f"{path}: weights_file {weights!r} is not a file name inside {folder}; save the model again"
+        )
     return config
 
 
@@ -365,26 +458,45 @@ def load_embedder(folder: str | os.PathLike, verify: bool = True) -> SavedEmbedd
     config = read_config(folder)
     weights = folder / config.get("weights_file", WEIGHTS_FILE)
     if verify and (not weights.is_file() or _sha256_file(weights) != config["weights_sha256"]):
-        raise SavedModelError(f"{weights} is missing or its sha256 differs from {folder / CONFIG_FILE}: the file is "
-                              "corrupt or was replaced; save the model again (rerun chapter 05 or fashlib.finetune)")
+        raise SavedModelError(
+            f"{weights} is missing or its sha256 differs from {folder / CONFIG_FILE}: the file is "
+            "corrupt or was replaced; save the model again (rerun chapter 05 or fashlib.finetune)"
+        )
     try:
-        branches = [create_embedder(b["backbone"], embedding_dim=b["embedding_dim"], pooling=b["pooling"],
-                                    pretrained=False, bnneck=b["bnneck"], freeze=config["kind"] == "features+head")
-                    for b in config["backbones"]]
+        branches = [
+            create_embedder(
+                b["backbone"],
+                embedding_dim=b["embedding_dim"],
+                pooling=b["pooling"],
+                pretrained=False,
+                bnneck=b["bnneck"],
+                freeze=config["kind"] == "features+head",
+            )
+            for b in config["backbones"]
+        ]
         head = None if config["head"] is None else _build_head(config["head"])
-        model = SavedEmbedder(branches, head, [b["preprocessing"] for b in config["backbones"]], kind=config["kind"],
-                              flip_average=config["flip_average"],
-                              info={"weights_origin": config.get("weights_origin")})
+        model = SavedEmbedder(
+            branches,
+            head,
+            [b["preprocessing"] for b in config["backbones"]],
+            kind=config["kind"],
+            flip_average=config["flip_average"],
+            info={"weights_origin": config.get("weights_origin")},
+        )
     except (KeyError, TypeError, ValueError) as err:
-        raise SavedModelError(f"{folder / CONFIG_FILE} does not describe a model this library can rebuild "
-                              f"({type(err).__name__}: {err}): it was edited; save the model again") from err
+        raise SavedModelError(
+            f"{folder / CONFIG_FILE} does not describe a model this library can rebuild "
+            f"({type(err).__name__}: {err}): it was edited; save the model again"
+        ) from err
     try:
         model.load_state_dict(load_file(str(weights)), strict=True)
     except (RuntimeError, OSError) as err:
         raise SavedModelError(f"{weights} does not fit the architecture in {folder / CONFIG_FILE}: {err}") from err
     model.eval()
     if verify and model.digest() != config["digest"]:
-        raise SavedModelError(f"{folder}: the rebuilt model's digest differs from the one in config.json: the "
-                              f"file was edited, or the model was saved with other library versions "
-                              f"({config.get('versions')}); save the model again")
+        raise SavedModelError(
+            f"{folder}: the rebuilt model's digest differs from the one in config.json: the "
+            f"file was edited, or the model was saved with other library versions "
+            f"({config.get('versions')}); save the model again"
+        )
     return model

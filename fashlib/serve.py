@@ -15,7 +15,8 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -32,7 +33,8 @@ figure img{width:160px;height:160px;object-fit:contain;display:block;margin:auto
 figcaption{font-size:.75rem;word-break:break-all} .error{color:#b00020;font-weight:bold} .query{border-color:#06c}
 """
 SCRIPT = """
-const zone=document.getElementById('drop'), input=document.getElementById('photo'), form=document.getElementById('form');
+const zone=document.getElementById('drop'), input=document.getElementById('photo'),
+  form=document.getElementById('form');
 ['dragenter','dragover'].forEach(e=>zone.addEventListener(e,ev=>{ev.preventDefault();zone.classList.add('over');}));
 ['dragleave','drop'].forEach(e=>zone.addEventListener(e,ev=>{ev.preventDefault();zone.classList.remove('over');}));
 zone.addEventListener('drop',ev=>{if(ev.dataTransfer.files.length){input.files=ev.dataTransfer.files;form.submit();}});
@@ -62,8 +64,10 @@ def figure(src: str, caption: str, cls: str = "") -> str:
 
 
 def page(title: str, body: str, script: str = "") -> str:
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body>{body}{f'<script>{script}</script>' if script else ''}</body></html>")
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head><body>{body}{f'<script>{script}</script>' if script else ''}</body></html>"
+    )
 
 
 STALE_NOTE = " (changed since indexed: the score is the old photo's; run update)"
@@ -89,10 +93,12 @@ def contact_sheet(index: Any, photos: Sequence[str], results: Sequence[Sequence[
 
 
 def _form(k: int) -> str:
-    return ('<form id="form" method="post" action="/search" enctype="multipart/form-data">'
-            '<div class="drop" id="drop"><p>Drop a photo here, or choose one:</p>'
-            '<input type="file" id="photo" name="photo" accept="image/*"> '
-            f'<button type="submit" id="go">Search the top {k}</button></div></form>')
+    return (
+        '<form id="form" method="post" action="/search" enctype="multipart/form-data">'
+        '<div class="drop" id="drop"><p>Drop a photo here, or choose one:</p>'
+        '<input type="file" id="photo" name="photo" accept="image/*"> '
+        f'<button type="submit" id="go">Search the top {k}</button></div></form>'
+    )
 
 
 def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0, max_pixels: int = MAX_UPLOAD_PIXELS):
@@ -110,14 +116,19 @@ def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0, max_pixels:
     app = Flask("fashlib.serve")
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
     model = index.require_model()
-    header = (f"<h1>Search the catalogue by photo</h1><p>{len(index)} photos in {html.escape(str(index.root))}; "
-              f"model: {html.escape(model.describe())}</p>")
+    header = (
+        f"<h1>Search the catalogue by photo</h1><p>{len(index)} photos in {html.escape(str(index.root))}; "
+        f"model: {html.escape(model.describe())}</p>"
+    )
 
     def message(status: int, text: str):
         if request.args.get("format") == "json":
             return jsonify(error=text), status
-        return Response(page("fashlib search", header + _form(k) + f'<p class="error" id="error">{html.escape(text)}</p>',
-                             SCRIPT), status=status, mimetype="text/html")
+        return Response(
+            page("fashlib search", header + _form(k) + f'<p class="error" id="error">{html.escape(text)}</p>', SCRIPT),
+            status=status,
+            mimetype="text/html",
+        )
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_err):
@@ -137,8 +148,11 @@ def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0, max_pixels:
         except Exception:  # noqa: BLE001 - anything PIL cannot identify is "not an image"
             return message(400, f"{upload.filename!r} is not an image this server can read (JPEG, PNG or WebP).")
         if image.width * image.height > max_pixels:
-            return message(413, f"{upload.filename!r} is {image.width} x {image.height} pixels, more than the limit "
-                                f"of {max_pixels / 1e6:g} megapixels; choose a smaller photo.")
+            return message(
+                413,
+                f"{upload.filename!r} is {image.width} x {image.height} pixels, more than the limit "
+                f"of {max_pixels / 1e6:g} megapixels; choose a smaller photo.",
+            )
         try:
             image.load()
             image = open_rgb(image)  # EXIF orientation, transparency on white: as the catalogue photos
@@ -151,9 +165,12 @@ def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0, max_pixels:
         if request.args.get("format") == "json":
             return jsonify(results=results)
         cells = [figure(data_uri(thumbnail_jpeg(image)), f"your photo: {upload.filename}", "query")]
-        cells += [figure(f"/thumb/{r['id']}", f"#{r['rank']} {r['score']:.3f} {r['path']}"
-                         + (STALE_NOTE if r["stale"] else ""))
-                  for r in results]
+        cells += [
+            figure(
+                f"/thumb/{r['id']}", f"#{r['rank']} {r['score']:.3f} {r['path']}" + (STALE_NOTE if r["stale"] else "")
+            )
+            for r in results
+        ]
         grid = f'<div class="grid" id="results">{"".join(cells)}</div>'
         return Response(page("fashlib search results", header + _form(k) + grid, SCRIPT), mimetype="text/html")
 

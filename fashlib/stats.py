@@ -15,7 +15,8 @@ array), so they follow metrics' tie rules; their mean equals `metrics.recall_at_
 from __future__ import annotations
 
 import itertools
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -63,8 +64,10 @@ def scores_from_matches(matches: np.ndarray, r: np.ndarray, ks: Sequence[int] = 
         raise ValueError(f"matches must be (Q, n) with Q = len(r) = {len(r)}, got shape {matches.shape}")
     n = matches.shape[1]
     if len(r) and r.max() > n:
-        raise ValueError(f"ranked lists of length {n} are shorter than the largest R ({r.max()}); "
-                         "rank deeper (depth >= max R) to score AP@R")
+        raise ValueError(
+            f"ranked lists of length {n} are shorter than the largest R ({r.max()}); "
+            "rank deeper (depth >= max R) to score AP@R"
+        )
     found = np.logical_or.accumulate(matches, axis=1)
     out = {f"recall@{k}": found[:, k - 1].astype(float) for k in sorted(set(ks)) if 1 <= k <= n}
     rel = matches & (np.arange(n)[None, :] < r[:, None])
@@ -74,8 +77,9 @@ def scores_from_matches(matches: np.ndarray, r: np.ndarray, ks: Sequence[int] = 
     return pd.DataFrame(out)
 
 
-def scores_from_ranking(indices: np.ndarray, query_labels: Any, gallery_labels: Any,
-                        ks: Sequence[int] = KS) -> pd.DataFrame:
+def scores_from_ranking(
+    indices: np.ndarray, query_labels: Any, gallery_labels: Any, ks: Sequence[int] = KS
+) -> pd.DataFrame:
     """Per-query scores of ranked gallery indices (Q, n) int (e.g. after re-ranking); -1 means no result."""
     indices = np.asarray(indices)
     q, g = np.asarray(query_labels), np.asarray(gallery_labels)
@@ -83,8 +87,9 @@ def scores_from_ranking(indices: np.ndarray, query_labels: Any, gallery_labels: 
     return scores_from_matches(matches, relevant_counts(q, g), ks)
 
 
-def per_query_scores(query_emb: Any, query_labels: Any, gallery_emb: Any, gallery_labels: Any,
-                     ks: Sequence[int] = KS) -> pd.DataFrame:
+def per_query_scores(
+    query_emb: Any, query_labels: Any, gallery_emb: Any, gallery_labels: Any, ks: Sequence[int] = KS
+) -> pd.DataFrame:
     """Per-query hit@K and AP@R of query embeddings against gallery embeddings (inner-product search).
 
     One row per query; the column means equal metrics.recall_at_k and metrics.map_at_r.
@@ -188,8 +193,9 @@ def sign_flip_pvalue(differences: Any, n_perm: int = 10_000, seed: int = 0, exac
     return float((1 + hits) / (1 + n_perm))
 
 
-def paired_comparison(a: Any, b: Any, confidence: float = 0.95, n_boot: int = 10_000,
-                      seed: int = 0) -> PairedComparison:
+def paired_comparison(
+    a: Any, b: Any, confidence: float = 0.95, n_boot: int = 10_000, seed: int = 0
+) -> PairedComparison:
     """Compare two systems' per-query scores on the SAME queries (row i of a and b is one query).
 
     diff = mean(a - b); [low, high] = percentile interval of the paired bootstrap (queries resampled
@@ -205,17 +211,18 @@ def paired_comparison(a: Any, b: Any, confidence: float = 0.95, n_boot: int = 10
 
 
 # ------------------------------------------------------------------------------------------ tables
-def score_intervals(scores: pd.DataFrame, confidence: float = 0.95, n_boot: int = 10_000,
-                    seed: int = 0) -> pd.DataFrame:
+def score_intervals(
+    scores: pd.DataFrame, confidence: float = 0.95, n_boot: int = 10_000, seed: int = 0
+) -> pd.DataFrame:
     """One row per metric column of per-query `scores`: value, low, high (percentile bootstrap)."""
     rows = {col: bootstrap_ci(scores[col].to_numpy(), confidence, n_boot, seed)._asdict() for col in scores}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def compare_scores(a: pd.DataFrame, b: pd.DataFrame, confidence: float = 0.95, n_boot: int = 10_000,
-                   seed: int = 0) -> pd.DataFrame:
+def compare_scores(
+    a: pd.DataFrame, b: pd.DataFrame, confidence: float = 0.95, n_boot: int = 10_000, seed: int = 0
+) -> pd.DataFrame:
     """Paired comparison a - b for every metric column both per-query tables share: diff, low, high, p_value."""
     cols = [c for c in a.columns if c in b.columns]
-    rows = {c: paired_comparison(a[c].to_numpy(), b[c].to_numpy(), confidence, n_boot, seed)._asdict()
-            for c in cols}
+    rows = {c: paired_comparison(a[c].to_numpy(), b[c].to_numpy(), confidence, n_boot, seed)._asdict() for c in cols}
     return pd.DataFrame.from_dict(rows, orient="index")

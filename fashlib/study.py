@@ -44,8 +44,10 @@ def train_val_table(val_table: pd.DataFrame, test_table: pd.DataFrame) -> pd.Dat
     validation row is a test query/gallery row (that would train on the test protocol).
     """
     if len(val_table) != len(test_table) or not (val_table["path"].to_numpy() == test_table["path"].to_numpy()).all():
-        raise ValueError("train_val_table: the validation and test tables list different images; "
-                         "build both with experiments.load_protocols")
+        raise ValueError(
+            "train_val_table: the validation and test tables list different images; "
+            "build both with experiments.load_protocols"
+        )
     val_rows = np.isin(val_table["split"].to_numpy(), ("query", "gallery"))
     test_split = test_table["split"].to_numpy().astype(object).copy()
     clash = val_rows & np.isin(test_split, ("query", "gallery"))
@@ -55,8 +57,9 @@ def train_val_table(val_table: pd.DataFrame, test_table: pd.DataFrame) -> pd.Dat
     return test_table.assign(split=test_split)
 
 
-def refit_on_train_val(features: np.ndarray, val_table: pd.DataFrame, test_table: pd.DataFrame,
-                       **config: Any) -> tuple[np.ndarray, list[float], Any]:
+def refit_on_train_val(
+    features: np.ndarray, val_table: pd.DataFrame, test_table: pd.DataFrame, **config: Any
+) -> tuple[np.ndarray, list[float], Any]:
     """Train the chosen head configuration on train + validation rows; embed every row for the test evaluation.
 
     `config` goes to experiments.train_head_on_features (loss, head_type, sampler, epochs, seed, ...).
@@ -73,8 +76,9 @@ def query_scores(table: pd.DataFrame, embeddings: np.ndarray, ks: Sequence[int] 
     return stats.per_query_scores(embeddings[query], labels[query], embeddings[gallery], labels[gallery], ks)
 
 
-def intervals_row(scores: pd.DataFrame, metrics: Sequence[str] = ("recall@1", "map@r"), n_boot: int = 2000,
-                  seed: int = 0) -> dict[str, float]:
+def intervals_row(
+    scores: pd.DataFrame, metrics: Sequence[str] = ("recall@1", "map@r"), n_boot: int = 2000, seed: int = 0
+) -> dict[str, float]:
     """{metric: mean, metric_low: ..., metric_high: ...} (95% bootstrap) for a per-query table."""
     row: dict[str, float] = {}
     for metric in metrics:
@@ -84,9 +88,14 @@ def intervals_row(scores: pd.DataFrame, metrics: Sequence[str] = ("recall@1", "m
     return row
 
 
-def seed_study(features: Mapping[str, np.ndarray], table: pd.DataFrame, configs: Mapping[str, Mapping[str, Any]],
-               seeds: Sequence[int] = (0, 1, 2), metrics: Sequence[str] = ("recall@1", "map@r"),
-               progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+def seed_study(
+    features: Mapping[str, np.ndarray],
+    table: pd.DataFrame,
+    configs: Mapping[str, Mapping[str, Any]],
+    seeds: Sequence[int] = (0, 1, 2),
+    metrics: Sequence[str] = ("recall@1", "map@r"),
+    progress: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Train every configuration with every seed on cached features; evaluate on the table's queries.
 
     features: name -> (N, D) array; configs: name -> {"features": features name, plus train_head_on_features
@@ -99,12 +108,14 @@ def seed_study(features: Mapping[str, np.ndarray], table: pd.DataFrame, configs:
         options = {k: v for k, v in config.items() if k != "features"}
         per_seed = []
         for seed in seeds:
-            emb, _, _ = train_head_on_features(features[config["features"]], table, seed=seed, progress=progress,
-                                               **options)
+            emb, _, _ = train_head_on_features(
+                features[config["features"]], table, seed=seed, progress=progress, **options
+            )
             scores = query_scores(table, emb)
             per_seed.append(scores)
-            rows.append({"config": name, "seed": seed, **{m: scores["ap@r" if m == "map@r" else m].mean()
-                                                         for m in metrics}})
+            rows.append(
+                {"config": name, "seed": seed, **{m: scores["ap@r" if m == "map@r" else m].mean() for m in metrics}}
+            )
         runs = pd.DataFrame([r for r in rows if r["config"] == name])
         entry = {"config": name}
         for m in metrics:
@@ -138,8 +149,9 @@ POSTPROCESSING: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
 }
 
 
-def postprocessed_scores(table: pd.DataFrame, embeddings: np.ndarray, method: str = "none",
-                         ks: Sequence[int] = KS, **params: Any) -> pd.DataFrame:
+def postprocessed_scores(
+    table: pd.DataFrame, embeddings: np.ndarray, method: str = "none", ks: Sequence[int] = KS, **params: Any
+) -> pd.DataFrame:
     """Per-query scores after a post-processing method: one of POSTPROCESSING or "rerank"
     (postprocess.k_reciprocal_rerank with params k1, k2, lambda_value)."""
     query, gallery = eval_rows(table)
@@ -156,8 +168,9 @@ def postprocessed_scores(table: pd.DataFrame, embeddings: np.ndarray, method: st
     return stats.scores_from_ranking(ranking, labels[query], labels[gallery], [k for k in ks if k <= depth])
 
 
-def postprocessing_sweep(table: pd.DataFrame, embeddings: np.ndarray,
-                         grid: Sequence[tuple[str, Mapping[str, Any]]] | None = None) -> pd.DataFrame:
+def postprocessing_sweep(
+    table: pd.DataFrame, embeddings: np.ndarray, grid: Sequence[tuple[str, Mapping[str, Any]]] | None = None
+) -> pd.DataFrame:
     """Recall@1 and mAP@R with 95% intervals for each (method, params) of `grid` (default: k in 1, 2, 3, 5, 10
     for QE, alphaQE (alpha 3), DBA, DBA+QE, and k-reciprocal re-ranking with k1 in 10, 20)."""
     if grid is None:
@@ -168,8 +181,9 @@ def postprocessing_sweep(table: pd.DataFrame, embeddings: np.ndarray,
     rows = []
     for method, params in grid:
         scores = postprocessed_scores(table, embeddings, method, **params)
-        rows.append({"method": method, "params": ", ".join(f"{k}={v}" for k, v in params.items()),
-                     **intervals_row(scores)})
+        rows.append(
+            {"method": method, "params": ", ".join(f"{k}={v}" for k, v in params.items()), **intervals_row(scores)}
+        )
     return pd.DataFrame(rows)
 
 
@@ -181,8 +195,9 @@ def _parse_params(text: str) -> dict[str, Any]:
     return {key: float(value) if "." in value else int(value) for key, value in pairs}
 
 
-def postprocessing_test(val_sweep: pd.DataFrame, table: pd.DataFrame, embeddings: np.ndarray,
-                        n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+def postprocessing_test(
+    val_sweep: pd.DataFrame, table: pd.DataFrame, embeddings: np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> pd.DataFrame:
     """Each method's best setting ON VALIDATION (`val_sweep` rows, highest Recall@1, then mAP@R), scored once
     on `table`'s queries: Recall@1 and mAP@R with 95% intervals, and the paired difference to no
     post-processing (bootstrap interval, sign-flip p-value). One row per method."""
@@ -193,10 +208,18 @@ def postprocessing_test(val_sweep: pd.DataFrame, table: pd.DataFrame, embeddings
     for method, row in chosen.iterrows():
         scores = postprocessed_scores(table, embeddings, method, **_parse_params(row["params"]))
         diff = stats.compare_scores(scores, plain, n_boot=n_boot, seed=seed)
-        rows.append({"method": method, "params (chosen on val)": row["params"], "val recall@1": row["recall@1"],
-                     **intervals_row(scores, n_boot=n_boot, seed=seed),
-                     "Δ recall@1": diff.loc["recall@1", "diff"], "Δ recall@1 p": diff.loc["recall@1", "p_value"],
-                     "Δ map@r": diff.loc["ap@r", "diff"], "Δ map@r p": diff.loc["ap@r", "p_value"]})
+        rows.append(
+            {
+                "method": method,
+                "params (chosen on val)": row["params"],
+                "val recall@1": row["recall@1"],
+                **intervals_row(scores, n_boot=n_boot, seed=seed),
+                "Δ recall@1": diff.loc["recall@1", "diff"],
+                "Δ recall@1 p": diff.loc["recall@1", "p_value"],
+                "Δ map@r": diff.loc["ap@r", "diff"],
+                "Δ map@r p": diff.loc["ap@r", "p_value"],
+            }
+        )
     return pd.DataFrame(rows).set_index("method")
 
 
@@ -205,10 +228,15 @@ def _metric_column(metric: str) -> str:
     return "ap@r" if metric == "map@r" else metric
 
 
-def seed_comparison(features: Mapping[str, np.ndarray], table: pd.DataFrame,
-                    configs: Mapping[str, Mapping[str, Any]], seeds: Sequence[int] = (0, 1, 2),
-                    metrics: Sequence[str] = ("recall@1", "map@r"), n_boot: int = 2000,
-                    progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
+def seed_comparison(
+    features: Mapping[str, np.ndarray],
+    table: pd.DataFrame,
+    configs: Mapping[str, Mapping[str, Any]],
+    seeds: Sequence[int] = (0, 1, 2),
+    metrics: Sequence[str] = ("recall@1", "map@r"),
+    n_boot: int = 2000,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
     """Every configuration trained with every seed; mean ± std over seeds and a bootstrap interval over queries.
 
     features: name -> (N, D) float array in table order; configs: name -> {"features": a features name, plus
@@ -229,24 +257,37 @@ def seed_comparison(features: Mapping[str, np.ndarray], table: pd.DataFrame,
             if options.get("loss") is None:
                 emb = features[config["features"]]
             else:
-                emb = train_head_on_features(features[config["features"]], table, seed=seed, progress=progress,
-                                             **options)[0]
+                emb = train_head_on_features(
+                    features[config["features"]], table, seed=seed, progress=progress, **options
+                )[0]
             scores.append(query_scores(table, emb))
-            rows.append({"config": name, "seed": seed,
-                         **{m: float(np.nanmean(scores[-1][_metric_column(m)])) for m in metrics}})
+            rows.append(
+                {"config": name, "seed": seed, **{m: float(np.nanmean(scores[-1][_metric_column(m)])) for m in metrics}}
+            )
         per_query[name] = sum(scores[1:], scores[0].copy()) / len(scores)
-        runs = pd.DataFrame(rows[-len(seeds):])
+        runs = pd.DataFrame(rows[-len(seeds) :])
         entry: dict[str, Any] = {"config": name}
         for m in metrics:
             ci = stats.bootstrap_ci(per_query[name][_metric_column(m)].to_numpy(), n_boot=n_boot)
-            entry.update({m: runs[m].mean(), f"{m} std": runs[m].std(ddof=1) if len(runs) > 1 else 0.0,
-                          f"{m} low": ci.low, f"{m} high": ci.high})
+            entry.update(
+                {
+                    m: runs[m].mean(),
+                    f"{m} std": runs[m].std(ddof=1) if len(runs) > 1 else 0.0,
+                    f"{m} low": ci.low,
+                    f"{m} high": ci.high,
+                }
+            )
         summary.append(entry)
     return pd.DataFrame(rows), pd.DataFrame(summary).set_index("config"), per_query
 
 
-def noise_verdicts(summary: pd.DataFrame, per_query: Mapping[str, pd.DataFrame], metric: str = "recall@1",
-                   n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+def noise_verdicts(
+    summary: pd.DataFrame,
+    per_query: Mapping[str, pd.DataFrame],
+    metric: str = "recall@1",
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Each configuration against the best one (highest `metric` mean in seed_comparison's summary).
 
     A difference is called larger than the noise when BOTH hold: the 95% paired bootstrap interval over
@@ -263,14 +304,24 @@ def noise_verdicts(summary: pd.DataFrame, per_query: Mapping[str, pd.DataFrame],
     column = _metric_column(metric)
     rows = []
     for name in summary.sort_values(metric, ascending=False).index.drop(best):
-        pair = stats.paired_comparison(per_query[name][column].to_numpy(), per_query[best][column].to_numpy(),
-                                       n_boot=n_boot, seed=seed)
+        pair = stats.paired_comparison(
+            per_query[name][column].to_numpy(), per_query[best][column].to_numpy(), n_boot=n_boot, seed=seed
+        )
         diff = summary.at[name, metric] - summary.at[best, metric]
         spread = float(np.hypot(summary.at[name, f"{metric} std"], summary.at[best, f"{metric} std"]))
         separated = bool((pair.high < 0 or pair.low > 0) and abs(diff) > spread)
-        rows.append({"config": name, "versus": best, "points": 100 * diff, "low": 100 * pair.low,
-                     "high": 100 * pair.high, "p_value": pair.p_value, "seed spread": 100 * spread,
-                     "separated": separated})
+        rows.append(
+            {
+                "config": name,
+                "versus": best,
+                "points": 100 * diff,
+                "low": 100 * pair.low,
+                "high": 100 * pair.high,
+                "p_value": pair.p_value,
+                "seed spread": 100 * spread,
+                "separated": separated,
+            }
+        )
     columns = ["config", "versus", "points", "low", "high", "p_value", "seed spread", "separated"]
     return pd.DataFrame(rows, columns=columns).set_index("config")
 
@@ -283,8 +334,11 @@ def noise_prose(verdicts: pd.DataFrame, metric: str = "recall@1") -> str:
     best = verdicts["versus"].iloc[0]
 
     def listed(frame: pd.DataFrame) -> str:
-        return "; ".join(f"{name} {row.points:+.1f} points (paired 95% interval {row.low:+.1f} to {row.high:+.1f}, "
-                         f"seed spread {row['seed spread']:.1f})" for name, row in frame.iterrows())
+        return "; ".join(
+            f"{name} {row.points:+.1f} points (paired 95% interval {row.low:+.1f} to {row.high:+.1f}, "
+            f"seed spread {row['seed spread']:.1f})"
+            for name, row in frame.iterrows()
+        )
 
     out = []
     above, within = verdicts[verdicts["separated"]], verdicts[~verdicts["separated"]]

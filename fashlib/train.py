@@ -42,10 +42,11 @@ import math
 import os
 import random
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -172,9 +173,7 @@ class _RankSlice:
         for batch in self.batch_sampler:
             batch = list(batch)
             if len(batch) % self.world_size:
-                raise ValueError(
-                    f"global batch of {len(batch)} indices cannot be split over {self.world_size} ranks"
-                )
+                raise ValueError(f"global batch of {len(batch)} indices cannot be split over {self.world_size} ranks")
             n = len(batch) // self.world_size
             yield batch[self.rank * n : (self.rank + 1) * n]
 
@@ -294,19 +293,26 @@ def _state_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     """Human-readable differences between two state dicts: missing/unexpected keys and shape changes."""
     missing = [k for k in current if k not in saved]
     unexpected = [k for k in saved if k not in current]
-    shapes = [f"{k}: {tuple(saved[k].shape)} -> {tuple(current[k].shape)}" for k in current
-              if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(current[k].shape)]
+    shapes = [
+        f"{k}: {tuple(saved[k].shape)} -> {tuple(current[k].shape)}"
+        for k in current
+        if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(current[k].shape)
+    ]
     out = []
-    for what, items in (("missing from the checkpoint", missing), ("only in the checkpoint", unexpected),
-                        ("with another shape", shapes)):
+    for what, items in (
+        ("missing from the checkpoint", missing),
+        ("only in the checkpoint", unexpected),
+        ("with another shape", shapes),
+    ):
         if items:
             more = f" (and {len(items) - 3} more)" if len(items) > 3 else ""
             out.append(f"{len(items)} tensor(s) {what}: {', '.join(items[:3])}{more}")
     return out
 
 
-def check_resumable(state: dict[str, Any], model: nn.Module, loss_fn: nn.Module, config: TrainConfig,
-                    path: str | os.PathLike) -> None:
+def check_resumable(
+    state: dict[str, Any], model: nn.Module, loss_fn: nn.Module, config: TrainConfig, path: str | os.PathLike
+) -> None:
     """Raise CheckpointMismatchError unless checkpoint ``state`` was written by this model, loss and config.
 
     The model and loss must have the same tensor names and shapes; every TrainConfig field except those in
@@ -316,14 +322,18 @@ def check_resumable(state: dict[str, Any], model: nn.Module, loss_fn: nn.Module,
     problems += [f"loss: {d}" for d in _state_differences(state.get("loss", {}), loss_fn.state_dict())]
     saved = state.get("config", {})
     current = dataclasses.asdict(config)
-    problems += [f"config {k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-                 if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k)]
+    problems += [
+        f"config {k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k)
+    ]
     if problems:
         raise CheckpointMismatchError(
             f"cannot resume from {path}: it was written by another run ({len(problems)} difference(s)):\n  "
             + "\n  ".join(problems)
             + "\nResume with the same model, loss and settings, or start a fresh run in another out_dir "
-              "(resume=False).")
+            "(resume=False)."
+        )
 
 
 def check_batch_shape(loss_fn: nn.Module, p: int, k: int) -> None:
@@ -338,7 +348,8 @@ def check_batch_shape(loss_fn: nn.Module, p: int, k: int) -> None:
     raise ValueError(
         f"p={p}, k={k}: {type(loss_fn).__name__} compares the embeddings inside a batch and needs at least 2 labels "
         "(p >= 2) with at least 2 images each (k >= 2) per batch; with fewer its loss is 0 and nothing is learnt. "
-        "Raise p and k, or use a proxy loss (proxy_anchor, arcface, normalized_softmax).")
+        "Raise p and k, or use a proxy loss (proxy_anchor, arcface, normalized_softmax)."
+    )
 
 
 def _all_finite(modules: Sequence[nn.Module]) -> bool:
@@ -419,8 +430,18 @@ def fit(
     dist_info, device = _setup_distributed(config.device)
     try:
         return _fit(
-            model, loss_fn, train_dataset, labels, config, out_dir, dist_info, device,
-            eval_fn=eval_fn, resume=resume, progress=progress, batch_sampler=batch_sampler,
+            model,
+            loss_fn,
+            train_dataset,
+            labels,
+            config,
+            out_dir,
+            dist_info,
+            device,
+            eval_fn=eval_fn,
+            resume=resume,
+            progress=progress,
+            batch_sampler=batch_sampler,
             on_epoch_end=on_epoch_end,
         )
     finally:
@@ -459,7 +480,7 @@ def _fit(
         from fashlib.data.sampler import PKSampler
 
         if labels is None:
-            labels = getattr(train_dataset, "labels")
+            labels = train_dataset.labels
         batch_sampler = PKSampler(np.asarray(labels), config.p, config.k, seed=config.seed)
     steps_per_epoch = len(batch_sampler)
     if steps_per_epoch == 0:
@@ -473,9 +494,7 @@ def _fit(
     model.to(device)
     loss_fn.to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, loss_fn, config), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     history = _new_history()
     start_epoch, global_step = 0, 0
@@ -493,7 +512,8 @@ def _fit(
         if state["config"].get("epochs") != config.epochs and dist_info.main:
             warnings.warn(
                 f"resuming a run configured for {state['config'].get('epochs')} epochs with epochs="
-                f"{config.epochs}: the lr schedule now follows {config.epochs} epochs", stacklevel=3,
+                f"{config.epochs}: the lr schedule now follows {config.epochs} epochs",
+                stacklevel=3,
             )
         # the schedule is a function of the CURRENT total: re-derive the lr of the next step from it
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
@@ -517,14 +537,20 @@ def _fit(
             batch_sampler.set_epoch(epoch)
         generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, dist_info.rank))
         loader = DataLoader(
-            train_dataset, batch_sampler=sampler, num_workers=config.num_workers,
-            generator=generator, pin_memory=device.type == "cuda",
+            train_dataset,
+            batch_sampler=sampler,
+            num_workers=config.num_workers,
+            generator=generator,
+            pin_memory=device.type == "cuda",
         )
         model.train()
         loss_fn.train()
         bar = tqdm(
-            total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not (progress and dist_info.main), leave=True, dynamic_ncols=True,
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not (progress and dist_info.main),
+            leave=True,
+            dynamic_ncols=True,
         )
         loss_sum, n_steps = 0.0, 0
         for step, (images, targets, _rows) in enumerate(loader):
@@ -618,8 +644,9 @@ def _evaluate(eval_fn: Callable[[nn.Module], dict[str, float]], model: nn.Module
         with torch.no_grad():
             raw = eval_fn(model) or {}
         model.train(was_training)
-        metrics = {str(k): (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v)
-                   for k, v in raw.items()}
+        metrics = {
+            str(k): (float(v) if isinstance(v, (int, float, np.floating, np.integer)) else v) for k, v in raw.items()
+        }
     if dist_info.enabled:
         box = [metrics]
         dist.broadcast_object_list(box, src=0)

@@ -26,8 +26,10 @@ def make_catalogue(root: Path, n: int = 12) -> Path:
     suffixes = ["jpg", "png", "webp", "jpeg"]
     for i in range(n):
         folder = root / "sub" if i % 2 else root
-        photo(i).save(folder / f"p{i:02d}.{suffixes[i % 4]}", quality=95) if suffixes[i % 4] in ("jpg", "jpeg") \
-            else photo(i).save(folder / f"p{i:02d}.{suffixes[i % 4]}")
+        photo(i).save(folder / f"p{i:02d}.{suffixes[i % 4]}", quality=95) if suffixes[i % 4] in (
+            "jpg",
+            "jpeg",
+        ) else photo(i).save(folder / f"p{i:02d}.{suffixes[i % 4]}")
     (root / "broken.jpg").write_bytes(b"this is not a JPEG")
     (root / "notes.txt").write_text("not a photo")
     return root

@@ -113,8 +113,16 @@ def main(out_dir: str) -> None:
 
     # fit sets the process group up itself from torchrun's environment (and tears it down)
     model, loss_fn, data = build()
-    history = fit(model, loss_fn, data, data.labels, TrainConfig(**DDP_CONFIG), out_dir, progress=False,
-                  on_epoch_end=check_gradients)
+    history = fit(
+        model,
+        loss_fn,
+        data,
+        data.labels,
+        TrainConfig(**DDP_CONFIG),
+        out_dir,
+        progress=False,
+        on_epoch_end=check_gradients,
+    )
     torch.save({"model": model.state_dict(), "loss": loss_fn.state_dict()}, out / f"final_rank{rank}.pt")
     (out / f"history_rank{rank}.json").write_text(json.dumps(history))
 

@@ -33,8 +33,17 @@ def setup():
 
 def run(table: pd.DataFrame, cache_dir: str, on_shard=None, **options) -> np.ndarray:
     model, transform = setup()
-    return extract(model, table, transform=transform, cache_dir=cache_dir, batch_size=BATCH_SIZE,
-                   shard_size=SHARD_SIZE, progress=False, on_shard=on_shard, **options)
+    return extract(
+        model,
+        table,
+        transform=transform,
+        cache_dir=cache_dir,
+        batch_size=BATCH_SIZE,
+        shard_size=SHARD_SIZE,
+        progress=False,
+        on_shard=on_shard,
+        **options,
+    )
 
 
 def main(mode: str, table_csv: str, cache_dir: str, arg: str) -> None:

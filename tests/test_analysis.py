@@ -14,8 +14,16 @@ from fashlib import analysis
 
 def make_table(tmp_path=None) -> pd.DataFrame:
     rows = [  # split, label, sender
-        ("train", "A", 1), ("train", "A", 1), ("train", "B", 2), ("train", "B", 2), ("train", "B", 3),
-        ("query", "A", 4), ("query", "B", 4), ("gallery", "A", 5), ("gallery", "B", 6), ("gallery", "B", 6),
+        ("train", "A", 1),
+        ("train", "A", 1),
+        ("train", "B", 2),
+        ("train", "B", 2),
+        ("train", "B", 3),
+        ("query", "A", 4),
+        ("query", "B", 4),
+        ("gallery", "A", 5),
+        ("gallery", "B", 6),
+        ("gallery", "B", 6),
     ]
     table = pd.DataFrame(rows, columns=["split", "label", "sender_id"])
     table["item_id"] = [f"img{i}" for i in range(len(table))]

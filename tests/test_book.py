@@ -25,6 +25,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # --------------------------------------------------------------------------- helpers
 
+
 def make_notebook(path: Path, parameters: str, *cells: str) -> Path:
     """Write a notebook: a markdown title, a `parameters`-tagged cell, then code cells."""
     nb = nbformat.v4.new_notebook()
@@ -91,9 +92,21 @@ class PageParser(HTMLParser):
 
 def dump_dom(chromium: str, page: Path, profile: Path) -> str:
     """The DOM of a local page after Chromium loaded it (headless, no network)."""
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--dump-dom", page.as_uri()]
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--dump-dom",
+        page.as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, f"chromium failed on {page}: {proc.stderr[-2000:]}"
     return proc.stdout
@@ -142,6 +155,7 @@ def built_pages(result: book.BuildResult, site: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- parameters
 
+
 def test_repo_param_files_agree():
     full = book.load_params(REPO / "book" / "params.yaml")
     smoke = book.load_params(REPO / "book" / "params-smoke.yaml")
@@ -157,10 +171,18 @@ def test_repo_param_files_agree():
 
 
 def test_params_merge_extends_and_set(tmp_path):
-    base = write_params(tmp_path / "base.yaml", {"dataset": "clothing", "device": "cpu", "seed": 0,
-                                                 "cache_dir": ".cache/f", "data_root": None, "max_images": None},
-                        {"a": {"epochs": 3, "losses": ["triplet"]}, "b": {"device": "cpu", "finetune": False},
-                         "c": None})
+    write_params(
+        tmp_path / "base.yaml",
+        {
+            "dataset": "clothing",
+            "device": "cpu",
+            "seed": 0,
+            "cache_dir": ".cache/f",
+            "data_root": None,
+            "max_images": None,
+        },
+        {"a": {"epochs": 3, "losses": ["triplet"]}, "b": {"device": "cpu", "finetune": False}, "c": None},
+    )
     (tmp_path / "smoke.yaml").write_text("extends: base.yaml\nseed: 1\nnotebooks:\n  a:\n    epochs: 1\n  c:\n")
     params = book.load_params(tmp_path / "smoke.yaml")
     assert list(params["notebooks"]) == ["a", "b", "c"]
@@ -172,8 +194,10 @@ def test_params_merge_extends_and_set(tmp_path):
     assert a["cache_dir"] == str(tmp_path / ".cache" / "f")  # relative paths made absolute
     assert a["data_root"] is None  # null stays null: the notebook resolves it (fashlib.params.resolve)
 
-    over = book.apply_overrides(params, ["device=cuda", "a.losses=[arcface, proxy_anchor]", "max_images=8",
-                                         "b.finetune=true", "data_root=/data"])
+    over = book.apply_overrides(
+        params,
+        ["device=cuda", "a.losses=[arcface, proxy_anchor]", "max_images=8", "b.finetune=true", "data_root=/data"],
+    )
     assert params["device"] == "cpu" and params["notebooks"]["a"]["losses"] == ["triplet"]  # input untouched
     assert over["device"] == "cuda" and over["max_images"] == 8
     assert book.notebook_params(over, "b")["device"] == "cuda"  # the command line wins over a section
@@ -187,8 +211,10 @@ def test_params_merge_extends_and_set(tmp_path):
 
 
 def test_count_warnings_and_prune_toc(tmp_path):
-    log = ("reading sources... \n/x/a.md:3: WARNING: undefined label\n\x1b[91m/x/b.ipynb: WARNING: bad\x1b[39;49;00m\n"
-           "build succeeded, 2 warnings.\n")
+    log = (
+        "reading sources... \n/x/a.md:3: WARNING: undefined label\n\x1b[91m/x/b.ipynb: WARNING: bad\x1b[39;49;00m\n"
+        "build succeeded, 2 warnings.\n"
+    )
     n, lines = book.count_warnings(log)
     assert n == 2 and lines[0] == "/x/a.md:3: WARNING: undefined label" and lines[1] == "/x/b.ipynb: WARNING: bad"
     assert book.count_warnings("build succeeded.\n")[0] == 0
@@ -196,9 +222,14 @@ def test_count_warnings_and_prune_toc(tmp_path):
     (tmp_path / "book").mkdir()
     (tmp_path / "book" / "intro.md").write_text("# i\n")
     (tmp_path / "book" / "a.md").write_text("# a\n")
-    toc = {"format": "jb-book", "root": "book/intro", "parts": [
-        {"caption": "A", "chapters": [{"file": "book/a"}, {"file": "book/notebooks/gone"}]},
-        {"caption": "B", "chapters": [{"file": "book/notebooks/gone2"}]}]}
+    toc = {
+        "format": "jb-book",
+        "root": "book/intro",
+        "parts": [
+            {"caption": "A", "chapters": [{"file": "book/a"}, {"file": "book/notebooks/gone"}]},
+            {"caption": "B", "chapters": [{"file": "book/notebooks/gone2"}]},
+        ],
+    }
     pruned, dropped = book.prune_toc(toc, tmp_path)
     assert dropped == ["book/notebooks/gone", "book/notebooks/gone2"]
     assert pruned["parts"] == [{"caption": "A", "chapters": [{"file": "book/a"}]}]
@@ -207,16 +238,27 @@ def test_count_warnings_and_prune_toc(tmp_path):
 
 # --------------------------------------------------------------------------- execution
 
+
 def test_run_notebooks_passes_declared_params_and_skips_unchanged(tmp_path):
     nbdir, outdir = tmp_path / "notebooks", tmp_path / "executed"
-    src = make_notebook(nbdir / "n1.ipynb", "seed = 0\nout_dir = None\nepochs = 1",
-                        "import pathlib\np = pathlib.Path(out_dir) / 'n1'\np.mkdir(parents=True, exist_ok=True)\n"
-                        "(p / 'result.txt').write_text(f'{seed} {epochs}')\nprint('epochs', epochs)")
+    src = make_notebook(
+        nbdir / "n1.ipynb",
+        "seed = 0\nout_dir = None\nepochs = 1",
+        "import pathlib\np = pathlib.Path(out_dir) / 'n1'\np.mkdir(parents=True, exist_ok=True)\n"
+        "(p / 'result.txt').write_text(f'{seed} {epochs}')\nprint('epochs', epochs)",
+    )
     params = {"seed": 3, "out_dir": "runs", "device": "cpu", "notebooks": {"n1": {"epochs": 2}}}
     logs: list[str] = []
     # a fixed library hash: the fashlib sources may change under a developer's feet while this runs
-    run = functools.partial(book.run_notebooks, notebooks_dir=nbdir, output_dir=outdir, root=tmp_path,
-                            progress_bar=False, library_hash="lib", log=logs.append)
+    run = functools.partial(
+        book.run_notebooks,
+        notebooks_dir=nbdir,
+        output_dir=outdir,
+        root=tmp_path,
+        progress_bar=False,
+        library_hash="lib",
+        log=logs.append,
+    )
     runs = run(params)
     assert [r.status for r in runs] == ["executed"]
     assert runs[0].ignored == ["device"]  # not declared by the notebook: never injected
@@ -278,8 +320,9 @@ def test_stamp_logic(tmp_path):
 def test_failing_notebook_names_notebook_and_cell(tmp_path, capsys):
     nbdir = tmp_path / "notebooks"
     make_notebook(nbdir / "ok.ipynb", "seed = 0", "print('fine')")
-    make_notebook(nbdir / "broken.ipynb", "seed = 0", "a = 1",
-                  "# load the table\nresult = 1 / 0\nprint(result)", "print('never')")
+    make_notebook(
+        nbdir / "broken.ipynb", "seed = 0", "a = 1", "# load the table\nresult = 1 / 0\nprint(result)", "print('never')"
+    )
     make_notebook(nbdir / "after.ipynb", "seed = 0", "print('not reached')")
     params = {"seed": 1, "notebooks": {"ok": {}, "broken": {}, "after": {}}}
     outdir = tmp_path / "executed"
@@ -303,8 +346,9 @@ def test_failing_notebook_names_notebook_and_cell(tmp_path, capsys):
     # the CLI prints the same message and exits non-zero
     cfg = write_params(tmp_path / "params.yaml", {"seed": 0}, {"broken": {}})
     (tmp_path / "_config.yml").write_text("title: t\n")
-    code = book.main(["build", "--config", str(cfg), "--skip-html", "--output-dir", str(tmp_path / "site")],
-                     root=tmp_path)
+    code = book.main(
+        ["build", "--config", str(cfg), "--skip-html", "--output-dir", str(tmp_path / "site")], root=tmp_path
+    )
     assert code == 1
     err_out = capsys.readouterr().err
     assert "notebook 'broken' failed in cell 3" in err_out and "ZeroDivisionError" in err_out
@@ -336,8 +380,16 @@ def test_minimal_site_end_to_end(tmp_path):
     shutil.copy(REPO / "_config.yml", root / "_config.yml")
     (root / "book").mkdir()
     (root / "book" / "intro.md").write_text("# Demo book\n\nIntro text.\n")
-    (root / "_toc.yml").write_text(yaml.safe_dump({"format": "jb-book", "root": "book/intro", "parts": [
-        {"caption": "Experiments", "chapters": [{"file": "book/notebooks/01_demo"}]}]}, sort_keys=False))
+    (root / "_toc.yml").write_text(
+        yaml.safe_dump(
+            {
+                "format": "jb-book",
+                "root": "book/intro",
+                "parts": [{"caption": "Experiments", "chapters": [{"file": "book/notebooks/01_demo"}]}],
+            },
+            sort_keys=False,
+        )
+    )
     write_params(root / "book" / "params.yaml", {"seed": 0}, {"01_demo": {}})
     runs, result = book.build("book/params.yaml", ["seed=7"], root=root, log=lambda m: None)
     assert [r.status for r in runs] == ["executed"]
@@ -363,8 +415,13 @@ def test_book_end_to_end_smoke(smoke_book, tmp_path):
     """Every notebook of book/params.yaml, run with book/params-smoke.yaml into a temporary site, built with
     jupyter-book and every chapter page opened in headless Chromium (the build is conftest's smoke_book)."""
     chromium = require_chromium()
-    listed, missing, runs, result, site = (smoke_book.listed, smoke_book.missing, smoke_book.runs,
-                                           smoke_book.result, smoke_book.site)
+    listed, missing, runs, result, site = (
+        smoke_book.listed,
+        smoke_book.missing,
+        smoke_book.runs,
+        smoke_book.result,
+        smoke_book.site,
+    )
     if missing and IN_CI:
         pytest.fail(f"notebooks listed in book/params.yaml but missing from notebooks/: {missing}")
     assert [r.status for r in runs if r.name not in missing] == ["executed"] * (len(listed) - len(missing))
@@ -398,11 +455,35 @@ def test_missing_chromium_fails_under_ci_and_skips_locally(monkeypatch):
 
 
 def test_set_values_are_read_as_the_parameter_file_reads_them():
-    parsed = dict((".".join(k), v) for k, v in book.parse_set(
-        ["data_root=None", "a=null", "lr=1e-3", "b=2.5E+2", "epochs=5", "losses=[triplet, arcface]", "x=true",
-         "device=cuda", "empty=", "neg=-1e-2"]))
-    assert parsed == {"data_root": None, "a": None, "lr": 0.001, "b": 250.0, "epochs": 5,
-                      "losses": ["triplet", "arcface"], "x": True, "device": "cuda", "empty": None, "neg": -0.01}
+    parsed = dict(
+        (".".join(k), v)
+        for k, v in book.parse_set(
+            [
+                "data_root=None",
+                "a=null",
+                "lr=1e-3",
+                "b=2.5E+2",
+                "epochs=5",
+                "losses=[triplet, arcface]",
+                "x=true",
+                "device=cuda",
+                "empty=",
+                "neg=-1e-2",
+            ]
+        )
+    )
+    assert parsed == {
+        "data_root": None,
+        "a": None,
+        "lr": 0.001,
+        "b": 250.0,
+        "epochs": 5,
+        "losses": ["triplet", "arcface"],
+        "x": True,
+        "device": "cuda",
+        "empty": None,
+        "neg": -0.01,
+    }
     assert isinstance(parsed["lr"], float) and isinstance(parsed["epochs"], int)
 
 
@@ -445,8 +526,15 @@ def test_bad_parameter_value_stops_the_build_before_any_notebook_runs(tmp_path):
 def _data_notebook(tmp_path: Path) -> tuple[Path, Path, functools.partial]:
     nbdir, outdir = tmp_path / "notebooks", tmp_path / "executed"
     make_notebook(nbdir / "d.ipynb", "dataset = 'clothing'\ndata_root = None\ngpu_runs_dir = None", "x = 1")
-    run = functools.partial(book.run_notebooks, notebooks_dir=nbdir, output_dir=outdir, root=tmp_path,
-                            progress_bar=False, library_hash="lib", log=lambda m: None)
+    run = functools.partial(
+        book.run_notebooks,
+        notebooks_dir=nbdir,
+        output_dir=outdir,
+        root=tmp_path,
+        progress_bar=False,
+        library_hash="lib",
+        log=lambda m: None,
+    )
     return nbdir, outdir, run
 
 
@@ -490,8 +578,15 @@ def test_tree_fingerprint_sees_names_sizes_and_mtimes(tmp_path):
 def test_an_interrupted_run_leaves_nothing_that_the_html_build_publishes(tmp_path, monkeypatch):
     nbdir, outdir = tmp_path / "notebooks", tmp_path / "book" / "notebooks"
     make_notebook(nbdir / "n.ipynb", "seed = 0", "print('seed', seed)")
-    run = functools.partial(book.run_notebooks, notebooks_dir=nbdir, output_dir=outdir, root=tmp_path,
-                            progress_bar=False, library_hash="lib", log=lambda m: None)
+    run = functools.partial(
+        book.run_notebooks,
+        notebooks_dir=nbdir,
+        output_dir=outdir,
+        root=tmp_path,
+        progress_bar=False,
+        library_hash="lib",
+        log=lambda m: None,
+    )
     assert run({"seed": 1, "notebooks": {"n": {}}})[0].status == "executed"
     good = (outdir / "n.ipynb").read_text()
     assert book.read_valid_stamp(outdir / "n.ipynb") is not None

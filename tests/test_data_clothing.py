@@ -72,7 +72,18 @@ def test_real_rows_missing_and_excluded_labels():
 @needs_real
 def test_real_columns_follow_contract():
     table, _ = _real()
-    assert list(table.columns[:10]) == ["path", "item_id", "label", "category", "domain", "split", "x1", "y1", "x2", "y2"]
+    assert list(table.columns[:10]) == [
+        "path",
+        "item_id",
+        "label",
+        "category",
+        "domain",
+        "split",
+        "x1",
+        "y1",
+        "x2",
+        "y2",
+    ]
     assert {"sender_id", "kids"} <= set(table.columns)
     assert (table["label"] == table["category"]).all()
     assert (table["domain"] == "consumer").all()
@@ -335,7 +346,9 @@ def test_dataset_crop_with_margin_and_clamp(tmp_path):
 
 def test_dataset_labels_and_classes(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")
-    table = pd.DataFrame({"path": [str(tmp_path / "a.jpg")] * 4, "label": ["b", "a", "b", "c"], "category": list("wxyz")})
+    table = pd.DataFrame(
+        {"path": [str(tmp_path / "a.jpg")] * 4, "label": ["b", "a", "b", "c"], "category": list("wxyz")}
+    )
     ds = ImageTableDataset(table)
     assert ds.classes == ["a", "b", "c"]
     assert ds.labels.dtype == np.int64 and ds.labels.tolist() == [1, 0, 1, 2]

@@ -152,8 +152,16 @@ def test_open_rgb_names_undecodable_file(tmp_path):
 @pytest.fixture
 def damaged_table(tmp_path) -> pd.DataFrame:
     """Two labels; the query of label 'a' and one training photo are truncated, one gallery file is text."""
-    rows = [("train", "a", RED), ("train", "a", RED), ("train", "b", BLUE), ("query", "a", RED),
-            ("query", "b", BLUE), ("gallery", "a", RED), ("gallery", "b", BLUE), ("gallery", "b", BLUE)]
+    rows = [
+        ("train", "a", RED),
+        ("train", "a", RED),
+        ("train", "b", BLUE),
+        ("query", "a", RED),
+        ("query", "b", BLUE),
+        ("gallery", "a", RED),
+        ("gallery", "b", BLUE),
+        ("gallery", "b", BLUE),
+    ]
     paths = []
     for i, (split, label, colour) in enumerate(rows):
         paths.append(tmp_path / f"{split}{i}_{label}.jpg")
@@ -161,8 +169,7 @@ def damaged_table(tmp_path) -> pd.DataFrame:
     _truncate(paths[1])
     _truncate(paths[3])
     paths[7].write_bytes(b"this is not a jpeg")
-    return pd.DataFrame({"path": [str(p) for p in paths], "label": [r[1] for r in rows],
-                         "split": [r[0] for r in rows]})
+    return pd.DataFrame({"path": [str(p) for p in paths], "label": [r[1] for r in rows], "split": [r[0] for r in rows]})
 
 
 def test_drop_undecodable_counts_per_split_and_warns_once(damaged_table, tmp_path):
@@ -173,8 +180,13 @@ def test_drop_undecodable_counts_per_split_and_warns_once(damaged_table, tmp_pat
     assert "3 of 8 rows" in message and "gallery: 1, query: 1, train: 1" in message
     assert "query3_a.jpg" in message and "train1_a.jpg" in message and "gallery7_b.jpg" in message
     assert clean.attrs["undecodable"] == {"gallery": 1, "query": 1, "train": 1}
-    assert [Path(p).name for p in clean["path"]] == ["train0_a.jpg", "train2_b.jpg", "query4_b.jpg",
-                                                      "gallery5_a.jpg", "gallery6_b.jpg"]
+    assert [Path(p).name for p in clean["path"]] == [
+        "train0_a.jpg",
+        "train2_b.jpg",
+        "query4_b.jpg",
+        "gallery5_a.jpg",
+        "gallery6_b.jpg",
+    ]
     assert clean.index.tolist() == list(range(5))
 
 

@@ -162,8 +162,15 @@ def df2_raw_items(part_dir: Path) -> list[dict]:
         anno = json.loads(f.read_text())
         for key, item in anno.items():
             if key.startswith("item"):
-                rows.append({"source": anno["source"], "pair_id": anno["pair_id"], "style": item["style"],
-                             "box": item["bounding_box"], "image": f.stem})
+                rows.append(
+                    {
+                        "source": anno["source"],
+                        "pair_id": anno["pair_id"],
+                        "style": item["style"],
+                        "box": item["bounding_box"],
+                        "image": f.stem,
+                    }
+                )
     return rows
 
 
@@ -179,19 +186,30 @@ def test_deepfashion2_release_matching_rule(root):
     assert (gallery["source"] == "shop").all()
     # matches by label == matches by the official rule, computed from the raw json files
     raw = df2_raw_items(folder / "validation")
-    official = {(u["image"], s["image"]) for u in raw for s in raw
-                if u["source"] == "user" and s["source"] == "shop"
-                and u["pair_id"] == s["pair_id"] and u["style"] == s["style"] and u["style"] > 0}
+    official = {
+        (u["image"], s["image"])
+        for u in raw
+        for s in raw
+        if u["source"] == "user"
+        and s["source"] == "shop"
+        and u["pair_id"] == s["pair_id"]
+        and u["style"] == s["style"]
+        and u["style"] > 0
+    }
     ours = {(q.image_id, g.image_id) for q in query.itertuples() for g in gallery.itertuples() if q.label == g.label}
     assert ours == official and official
     assert (query["item_id"] == query["pair_id"].astype(str) + "_" + query["style"].astype(str)).all()
     # style-0 items match nothing: their labels are unique; they stay as gallery distractors
     zero = table[table["style"] == 0]
-    assert len(zero) and zero["label"].is_unique and not set(zero["label"]) & set(table.loc[table["style"] > 0, "label"])
+    assert (
+        len(zero) and zero["label"].is_unique and not set(zero["label"]) & set(table.loc[table["style"] > 0, "label"])
+    )
     assert (zero["split"] != "query").all() and (zero["split"] == "gallery").any()
     assert not set(table.loc[table.split == "train", "label"]) & set(table.loc[table.split != "train", "label"])
     # one row per item, boxes from bounding_box
-    assert len(table[table.part == "validation"]) == m["parts"]["validation"]["items"] - m["n_pairs"]  # minus style-0 user items
+    assert (
+        len(table[table.part == "validation"]) == m["parts"]["validation"]["items"] - m["n_pairs"]
+    )  # minus style-0 user items
     box = {(r["image"], r["style"], tuple(r["box"])) for r in raw}
     assert all((g.image_id, g.style, (g.x1, g.y1, g.x2, g.y2)) in box for g in gallery.itertuples())
 
@@ -250,8 +268,15 @@ def test_attributes_optional_parts(tmp_path):
 
 
 # ---------------------------------------------------------------- bad input
-@pytest.mark.parametrize("name, url", [("inshop", DEEPFASHION_URL), ("consumer2shop", DEEPFASHION_URL),
-                                       ("attributes", DEEPFASHION_URL), ("deepfashion2", DEEPFASHION2_URL)])
+@pytest.mark.parametrize(
+    "name, url",
+    [
+        ("inshop", DEEPFASHION_URL),
+        ("consumer2shop", DEEPFASHION_URL),
+        ("attributes", DEEPFASHION_URL),
+        ("deepfashion2", DEEPFASHION2_URL),
+    ],
+)
 def test_missing_root_names_path_url_and_env(tmp_path, name, url):
     with pytest.raises(FileNotFoundError) as err:
         load(name, root=tmp_path / "nowhere")
@@ -265,10 +290,15 @@ def test_missing_clothing_folder_is_reported(tmp_path):
     assert str(tmp_path / "clothing-dataset") in str(err.value)
 
 
-@pytest.mark.parametrize("name, relative", [
-    ("inshop", "Anno/list_bbox_inshop.txt"), ("inshop", "Eval/list_eval_partition.txt"),
-    ("consumer2shop", "Anno/list_bbox_consumer2shop.txt"), ("attributes", "Anno/list_category_img.txt"),
-])
+@pytest.mark.parametrize(
+    "name, relative",
+    [
+        ("inshop", "Anno/list_bbox_inshop.txt"),
+        ("inshop", "Eval/list_eval_partition.txt"),
+        ("consumer2shop", "Anno/list_bbox_consumer2shop.txt"),
+        ("attributes", "Anno/list_category_img.txt"),
+    ],
+)
 def test_missing_annotation_file(tmp_path, name, relative):
     {"inshop": make_inshop, "consumer2shop": make_consumer2shop, "attributes": make_attributes}[name](tmp_path)
     target = tmp_path / name / relative
@@ -350,8 +380,9 @@ def test_missing_images_consumer2shop_counts_unique_files(c2s_root, tmp_path):
 def test_parser_merges_spaces_and_checks_header(tmp_path):
     f = tmp_path / "list_attr_cloth.txt"
     f.write_text("3\nattribute_name  attribute_type\nfloral print     1\na-line           3\nfit and flare    3\n")
-    table = read_annotation(f, ["attribute_name", "attribute_type"], converters={"attribute_type": int},
-                            merge_extra_into="attribute_name")
+    table = read_annotation(
+        f, ["attribute_name", "attribute_type"], converters={"attribute_type": int}, merge_extra_into="attribute_name"
+    )
     assert table["attribute_name"].tolist() == ["floral print", "a-line", "fit and flare"]
     assert table["attribute_type"].tolist() == [1, 3, 3]
     with pytest.raises(ValueError, match=r"line 3: expected 2 fields"):
@@ -408,7 +439,8 @@ def test_registry_and_exports():
         data.no_such_thing  # noqa: B018
     # torch-side names are re-exported lazily from their own modules
     from fashlib.data import ImageTableDataset, PKSampler, build_transforms
-    from fashlib.data.dataset import ImageTableDataset as dataset_cls, build_transforms as transforms_fn
+    from fashlib.data.dataset import ImageTableDataset as dataset_cls
+    from fashlib.data.dataset import build_transforms as transforms_fn
     from fashlib.data.sampler import PKSampler as sampler_cls
 
     assert (ImageTableDataset, build_transforms, PKSampler) == (dataset_cls, transforms_fn, sampler_cls)

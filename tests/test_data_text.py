@@ -51,7 +51,9 @@ def test_other_encoding_is_an_error_with_offset_and_line(tmp_path):
     text = _plain().replace("img/B/y_2.jpg", "img/B/robe_été.jpg")
     path = _write(tmp_path / "latin.txt", text, encoding="latin-1")
     offset = text.encode("latin-1").index("é".encode("latin-1"))
-    with pytest.raises(ValueError, match=rf"latin\.txt: not UTF-8 text: byte\(s\) b'\\xe9' at byte offset {offset} \(line 4\)"):
+    with pytest.raises(
+        ValueError, match=rf"latin\.txt: not UTF-8 text: byte\(s\) b'\\xe9' at byte offset {offset} \(line 4\)"
+    ):
         read_annotation(path, COLUMNS)
 
 
@@ -90,7 +92,10 @@ def test_inshop_exact_duplicate_line_dropped_with_warning(tmp_path):
     lines = _lines(part)
     query_line = next(i for i, line in enumerate(lines) if line.endswith("query"))
     _save(part, [str(int(lines[0]) + 1), *lines[1:], lines[query_line]])
-    with pytest.warns(DuplicateLinesWarning, match=rf"list_eval_partition\.txt: 1 exact duplicate.*line {len(lines) + 1} repeats line {query_line + 1}"):
+    with pytest.warns(
+        DuplicateLinesWarning,
+        match=rf"list_eval_partition\.txt: 1 exact duplicate.*line {len(lines) + 1} repeats line {query_line + 1}",
+    ):
         table = load("inshop", root=tmp_path)
     pd.testing.assert_frame_equal(table, clean)
 
@@ -102,7 +107,11 @@ def test_inshop_image_in_query_and_gallery_is_an_error_naming_both_lines(tmp_pat
     q = next(i for i, line in enumerate(lines) if line.endswith("query"))
     _save(part, [str(int(lines[0]) + 1), *lines[1:], lines[q].replace("query", "gallery")])
     name = lines[q].split()[0]
-    with pytest.raises(ValueError, match=rf"list_eval_partition\.txt: image_name '{name}' is listed on line {q + 1} and again.*line {len(lines) + 1}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"list_eval_partition\.txt: image_name '{name}' is listed on line {q + 1} "
+        rf"and again.*line {len(lines) + 1}",
+    ):
         load("inshop", root=tmp_path)
 
 
@@ -112,7 +121,10 @@ def test_inshop_two_boxes_for_one_image_is_an_error(tmp_path):
     lines = _lines(bbox)
     fields = lines[3].split()
     _save(bbox, [str(int(lines[0]) + 1), *lines[1:], " ".join(fields[:3] + ["1"] + fields[4:])])
-    with pytest.raises(ValueError, match=rf"list_bbox_inshop\.txt: .*line 4 and again.*line {len(lines) + 1}; an image must have one box"):
+    with pytest.raises(
+        ValueError,
+        match=rf"list_bbox_inshop\.txt: .*line 4 and again.*line {len(lines) + 1}; an image must have one box",
+    ):
         load("inshop", root=tmp_path)
 
 
@@ -122,7 +134,9 @@ def test_consumer2shop_consumer_photo_also_shop_photo_is_an_error(tmp_path):
     lines = _lines(part)
     consumer, shop, item, status = lines[2].split()
     _save(part, [str(int(lines[0]) + 1), *lines[1:], f"{lines[3].split()[0]} {consumer} {item} {status}"])
-    with pytest.raises(ValueError, match=rf"image '{consumer}' is a consumer photo on line 3 and a shop photo on line {len(lines) + 1}"):
+    with pytest.raises(
+        ValueError, match=rf"image '{consumer}' is a consumer photo on line 3 and a shop photo on line {len(lines) + 1}"
+    ):
         load("consumer2shop", root=tmp_path)
 
 
@@ -170,7 +184,9 @@ def test_clothing_csv_bom_crlf_and_blanks_read_to_the_same_table(tmp_path):
     text = "image , sender_id,label ,kids\n" + "".join(f" {i} , {s},{lab} ,False \n" for i, s, lab in ROWS_CSV)
     got = read_clothing(_clothing(tmp_path / "b", ROWS_CSV, text, bom=True, newline="\r\n"))
     assert got["item_id"].tolist() == want["item_id"].tolist()
-    assert (got["split"].to_numpy() == want["split"].to_numpy()).all() and got["label"].tolist() == want["label"].tolist()
+    assert (got["split"].to_numpy() == want["split"].to_numpy()).all() and got["label"].tolist() == want[
+        "label"
+    ].tolist()
     assert np.array_equal(got["sender_id"], want["sender_id"])
 
 
@@ -198,10 +214,16 @@ def test_inshop_item_with_training_and_query_images_is_an_error_naming_both_line
     lines[q] = lines[q].replace("query", "train")
     _save(part, lines)
     first = next(i for i, line in enumerate(lines) if line.split()[1:2] == [item])
-    other = next(i for i, line in enumerate(lines) if i > first and line.split()[1:2] == [item]
-                 and (line.endswith("train") != lines[first].endswith("train")))
-    with pytest.raises(ValueError, match=rf"list_eval_partition\.txt: item '{item}' is .* on line {first + 1} and "
-                                         rf".* on line {other + 1}; an item is either trained on or evaluated"):
+    other = next(
+        i
+        for i, line in enumerate(lines)
+        if i > first and line.split()[1:2] == [item] and (line.endswith("train") != lines[first].endswith("train"))
+    )
+    with pytest.raises(
+        ValueError,
+        match=rf"list_eval_partition\.txt: item '{item}' is .* on line {first + 1} and "
+        rf".* on line {other + 1}; an item is either trained on or evaluated",
+    ):
         load("inshop", root=tmp_path)
 
 
@@ -234,8 +256,11 @@ def test_consumer2shop_item_in_two_partitions_is_an_error_naming_both_lines(tmp_
     first = next(i for i, line in enumerate(lines) if i >= 2 and line.split()[2] == item)
     new = f"{consumer.replace('.jpg', '_new.jpg')} {shop.replace('.jpg', '_new.jpg')} {item} train"
     _save(part, [str(int(lines[0]) + 1), *lines[1:], new])
-    with pytest.raises(ValueError, match=rf"item_id '{item}' is listed on line {first + 1} and again.* on line "
-                                         rf"{len(lines) + 1}; an item belongs to one partition"):
+    with pytest.raises(
+        ValueError,
+        match=rf"item_id '{item}' is listed on line {first + 1} and again.* on line "
+        rf"{len(lines) + 1}; an item belongs to one partition",
+    ):
         load("consumer2shop", root=tmp_path)
 
 
@@ -252,8 +277,11 @@ def test_attributes_an_image_without_attribute_row_is_an_error_not_no_attributes
     path, lines = _attr_file(tmp_path)
     name = lines[2].split()[0]
     _save(path, [str(int(lines[0]) - 1), lines[1], *lines[3:]])
-    with pytest.raises(ValueError, match=rf"list_attr_img\.txt: 1 image\(s\) of the partition have no attribute row "
-                                         rf"\(e\.g\. '{name}'\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"list_attr_img\.txt: 1 image\(s\) of the partition have no attribute row "
+        rf"\(e\.g\. '{name}'\)",
+    ):
         load("attributes", root=tmp_path)
 
 

@@ -98,8 +98,10 @@ def test_export_is_cached_by_weights_and_input_size(tiny, tmp_path, monkeypatch)
     assert len(exports) == 3 and len(list(tmp_path.glob("*.onnx"))) == 3
     (newest,) = set(tmp_path.glob("*.onnx")) - before
     newest.write_bytes(newest.read_bytes()[:100])  # truncated file: detected by its sha256, exported again
-    with pytest.warns(UserWarning, match="exporting it again"), \
-            create_engine(tiny, "onnx", sample=_images(4, 64), cache_dir=tmp_path) as onnx:
+    with (
+        pytest.warns(UserWarning, match="exporting it again"),
+        create_engine(tiny, "onnx", sample=_images(4, 64), cache_dir=tmp_path) as onnx,
+    ):
         np.testing.assert_allclose(onnx(_images(3, 64)), _torch_features(tiny, _images(3, 64)), atol=1e-5)
     assert len(exports) == 4
 
@@ -111,8 +113,10 @@ def test_auto_falls_back_to_torch_when_parity_fails(tiny, monkeypatch):
     monkeypatch.setattr(engines, "check_parity", failing)
     with pytest.raises(EngineParityError):
         create_engine(tiny, "onnx", sample=_images(4, 64))
-    with pytest.warns(UserWarning, match="falling back to PyTorch"), \
-            create_engine(tiny, "auto", sample=_images(4, 64)) as engine:
+    with (
+        pytest.warns(UserWarning, match="falling back to PyTorch"),
+        create_engine(tiny, "auto", sample=_images(4, 64)) as engine,
+    ):
         assert engine.name == "torch"
 
 
@@ -175,8 +179,10 @@ def test_a_trace_that_depends_on_the_batch_fails_parity_and_auto_falls_back():
     other = -_images(3, 32, seed=1).abs()  # the other branch
     with torch.no_grad():
         expected = model(other).numpy()
-    with pytest.warns(UserWarning, match="falling back to PyTorch"), \
-            create_engine(model, "auto", sample=sample) as engine:
+    with (
+        pytest.warns(UserWarning, match="falling back to PyTorch"),
+        create_engine(model, "auto", sample=sample) as engine,
+    ):
         assert engine.name == "torch"
         np.testing.assert_allclose(engine(other), expected, atol=1e-6)
 
@@ -184,8 +190,10 @@ def test_a_trace_that_depends_on_the_batch_fails_parity_and_auto_falls_back():
 def test_export_cache_keys_see_the_architecture_not_only_the_weights(tmp_path):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3)
-    relu, tanh = (torch.nn.Sequential(conv, act, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-                  for act in (torch.nn.ReLU(), torch.nn.Tanh()))
+    relu, tanh = (
+        torch.nn.Sequential(conv, act, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        for act in (torch.nn.ReLU(), torch.nn.Tanh())
+    )
     x = _images(3, 16, seed=2)
     for model in (relu, tanh):
         with create_engine(model, "onnx", sample=_images(4, 16), cache_dir=tmp_path) as engine, torch.no_grad():
@@ -207,8 +215,10 @@ def test_float16_models_run_in_pytorch_with_float32_features(tiny):
 
 def test_unwritable_export_cache_keeps_the_onnx_engine(tiny, tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.warns(UserWarning, match="not kept"), \
-            create_engine(tiny, "auto", sample=_images(4, 64), cache_dir=tmp_path / "file" / "engines") as engine:
+    with (
+        pytest.warns(UserWarning, match="not kept"),
+        create_engine(tiny, "auto", sample=_images(4, 64), cache_dir=tmp_path / "file" / "engines") as engine,
+    ):
         assert engine.name == "onnx"
         np.testing.assert_allclose(engine(_images(2, 64)), _torch_features(tiny, _images(2, 64)), atol=1e-5)
 

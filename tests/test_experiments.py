@@ -132,8 +132,9 @@ def test_ensemble_features_weights_each_backbone_equally_and_is_unit_length():
 
 
 def test_pick_best_uses_recall_then_map_as_tie_break():
-    frame = _pd.DataFrame({"recall@1": [0.5, 0.7, 0.7, _np.nan], "map@r": [0.9, 0.2, 0.3, 0.99]},
-                          index=["a", "b", "c", "d"])
+    frame = _pd.DataFrame(
+        {"recall@1": [0.5, 0.7, 0.7, _np.nan], "map@r": [0.9, 0.2, 0.3, 0.99]}, index=["a", "b", "c", "d"]
+    )
     assert _E.pick_best(frame) == "c"
     assert _E.pick_best(frame, by=("map@r",)) == "d"
     with _pytest.raises(ValueError):
@@ -183,7 +184,8 @@ def test_holdout_validation_carves_queries_and_gallery_out_of_training_rows():
 
 def test_holdout_validation_uses_consumer_queries_and_shop_gallery_when_both_exist():
     table = _toy_table05(["x", "x", "x", "y", "y"], ["train"] * 5).assign(
-        domain=["consumer", "shop", "shop", "consumer", "shop"])
+        domain=["consumer", "shop", "shop", "consumer", "shop"]
+    )
     val = _E.holdout_validation(table, fraction=1.0, seed=0)  # one of the two labels is held out
     held = val[val["split"].isin(["query", "gallery"])]
     assert held["label"].nunique() == 1
@@ -205,10 +207,14 @@ def test_load_protocols_gives_identical_training_rows_on_generated_trees(tmp_pat
 
 
 def test_load_recorded_runs_reads_the_finetune_json(tmp_path):
-    record = {"results": {"val": {"recall@1": 0.5, "map@r": 0.2}, "test": {"recall@1": 0.4, "map@r": 0.1}},
-              "history": {"epoch": [1, 2], "recall@1": [0.3, 0.5]},
-              "config": {"backbone": "tf_efficientnet_lite0", "loss": "triplet", "epochs": 2, "train_seconds": 9.5},
-              "device": "some GPU", "command": "bash benchmarks/finetune_gpu.sh", "data_note": "note"}
+    record = {
+        "results": {"val": {"recall@1": 0.5, "map@r": 0.2}, "test": {"recall@1": 0.4, "map@r": 0.1}},
+        "history": {"epoch": [1, 2], "recall@1": [0.3, 0.5]},
+        "config": {"backbone": "tf_efficientnet_lite0", "loss": "triplet", "epochs": 2, "train_seconds": 9.5},
+        "device": "some GPU",
+        "command": "bash benchmarks/finetune_gpu.sh",
+        "data_note": "note",
+    }
     (tmp_path / "b.json").write_text(_json05.dumps(record))
     (tmp_path / "a.json").write_text(_json05.dumps({**record, "config": {**record["config"], "loss": "arcface"}}))
     runs = _E.load_recorded_runs(tmp_path)

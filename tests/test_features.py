@@ -23,7 +23,6 @@ SIZE = 64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> pd.DataFrame:
     """Seven small images of different sizes and colours in three labels."""
@@ -86,8 +85,7 @@ def test_extract_matches_direct_forward_in_table_order(model, table, transform):
 
 def test_cache_hit_skips_the_model(model, table, transform, tmp_path):
     calls = count_backbone_calls(model)
-    first = extract(model, table, transform=transform, batch_size=4, cache_dir=tmp_path, progress=False,
-                    engine="torch")
+    first = extract(model, table, transform=transform, batch_size=4, cache_dir=tmp_path, progress=False, engine="torch")
     assert calls[0] == 2
     # no temp files or shards left over (the engines folder holds exported models)
     assert sorted(p.suffix for p in tmp_path.iterdir() if p.name != "engines") == [".json", ".npy"]
@@ -95,8 +93,9 @@ def test_cache_hit_skips_the_model(model, table, transform, tmp_path):
     assert meta["shape"] == [7, 256] and len(meta["key"]) == 64
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        second = extract(model, table, transform=transform, batch_size=4, cache_dir=tmp_path, progress=False,
-                         engine="torch")
+        second = extract(
+            model, table, transform=transform, batch_size=4, cache_dir=tmp_path, progress=False, engine="torch"
+        )
     assert calls[0] == 2  # served from disk
     np.testing.assert_array_equal(first, second)
 
@@ -238,8 +237,9 @@ def test_train_head_trains_given_head_in_place():
     x, y = toy_data(seed=2)
     head = EmbeddingHead(32, 4)
     before = head.fc.weight.detach().clone()
-    trained, _ = train_head(x, y, head=head, epochs=2, p=4, k=4, progress=False,
-                            loss="triplet", loss_options={"margin": 0.3})
+    trained, _ = train_head(
+        x, y, head=head, epochs=2, p=4, k=4, progress=False, loss="triplet", loss_options={"margin": 0.3}
+    )
     assert trained is head and not torch.equal(before, head.fc.weight)
 
 
@@ -260,7 +260,9 @@ REPO = os.path.dirname(HERE)
 def _script():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fashlib_test_extract_script", os.path.join(HERE, "extract_script.py"))
+    spec = importlib.util.spec_from_file_location(
+        "fashlib_test_extract_script", os.path.join(HERE, "extract_script.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -347,8 +349,14 @@ def _subprocess(cmd: list[str], timeout: float = 300) -> tuple[int, str]:
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    proc = subprocess.Popen([sys.executable, *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *cmd],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -363,7 +371,9 @@ def test_sigkilled_extraction_resumes_to_the_same_array(table, tmp_path, loaded_
 
     csv = tmp_path / "table.csv"
     table.to_csv(csv, index=False)
-    code, output = _subprocess([os.path.join(HERE, "extract_script.py"), "kill", str(csv), str(tmp_path / "cache"), "3"])
+    code, output = _subprocess(
+        [os.path.join(HERE, "extract_script.py"), "kill", str(csv), str(tmp_path / "cache"), "3"]
+    )
     assert code == -signal.SIGKILL, output[-3000:]
     (folder,) = (tmp_path / "cache").glob("*.shards")
     assert len(list(folder.glob("shard-*.json"))) == 3
@@ -378,9 +388,19 @@ def test_two_process_sharded_extraction_equals_single_process(table, tmp_path):
     table.to_csv(csv, index=False)
     out = tmp_path / "out"
     out.mkdir()
-    code, output = _subprocess(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                os.path.join(HERE, "extract_script.py"), "ddp", str(csv), str(tmp_path / "ddp"),
-                                str(out)])
+    code, output = _subprocess(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(HERE, "extract_script.py"),
+            "ddp",
+            str(csv),
+            str(tmp_path / "ddp"),
+            str(out),
+        ]
+    )
     assert code == 0, output[-6000:]
     single = script.run(table, tmp_path / "single")
     for rank in range(2):
@@ -400,8 +420,9 @@ def test_large_jpegs_decode_in_draft_mode_no_smaller_than_the_resize(tmp_path):
     assert draft_size(T.ToTensor()) is None
     path = tmp_path / "large.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 640, 3), dtype=np.uint8)).save(path)
-    table = pd.DataFrame({"path": [str(path)], "label": ["a"], "x1": [10.0], "y1": [10.0], "x2": [600.0],
-                          "y2": [390.0]})
+    table = pd.DataFrame(
+        {"path": [str(path)], "label": ["a"], "x1": [10.0], "y1": [10.0], "x2": [600.0], "y2": [390.0]}
+    )
     # 640 x 400 -> the largest power-of-two reduction keeping both sides >= 72 is 1/4: 160 x 100
     assert features._make_dataset(table, transform, False, 0.1).load_image(0).size == (160, 100)
     cropped = features._make_dataset(table, transform, True, 0.0).load_image(0)

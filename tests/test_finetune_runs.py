@@ -17,13 +17,31 @@ HERE = Path(__file__).resolve().parent
 
 
 def _args(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["--dataset", "consumer2shop", "--data-root", str(root), "--image-size", "32", "--epochs", "1",
-            "--p", "2", "--k", "2", "--final", "val", "--out", str(out), *extra]
+    return [
+        "--dataset",
+        "consumer2shop",
+        "--data-root",
+        str(root),
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--p",
+        "2",
+        "--k",
+        "2",
+        "--final",
+        "val",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
-            if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +65,15 @@ def test_same_command_resumes_the_finished_run_with_the_same_numbers(finished_ru
     assert (out / CHECKPOINT_NAME).stat().st_mtime_ns == checkpoint  # finished: nothing retrained
 
 
-@pytest.mark.parametrize("change,old_new", [
-    (["--loss", "triplet"], "loss: 'multi_similarity' -> 'triplet'"),
-    (["--lr", "0.001"], "lr: 0.0001 -> 0.001"),
-    (["--backbone", "tf_efficientnet_lite1"], "backbone: 'tf_efficientnet_lite0' -> 'tf_efficientnet_lite1'"),
-    (["--max-images", "12"], "max_images: None -> 12"),
-])
+@pytest.mark.parametrize(
+    "change,old_new",
+    [
+        (["--loss", "triplet"], "loss: 'multi_similarity' -> 'triplet'"),
+        (["--lr", "0.001"], "lr: 0.0001 -> 0.001"),
+        (["--backbone", "tf_efficientnet_lite1"], "backbone: 'tf_efficientnet_lite0' -> 'tf_efficientnet_lite1'"),
+        (["--max-images", "12"], "max_images: None -> 12"),
+    ],
+)
 def test_another_run_into_the_same_folder_is_refused_before_touching_it(finished_run, capsys, change, old_new):
     root, out, _ = finished_run
     before = _snapshot(out)
@@ -118,14 +139,15 @@ class _Contrastive(torch.nn.Module):
     def forward(self, emb, labels):
         d = torch.cdist(emb, emb)
         same = labels[:, None] == labels[None]
-        return (d[same].pow(2).mean() + torch.relu(1 - d[~same]).pow(2).mean())
+        return d[same].pow(2).mean() + torch.relu(1 - d[~same]).pow(2).mean()
 
 
 def _fit(out: Path, dim: int = 8, **config) -> dict:
     model, _ = _tiny(dim)
     base = dict(epochs=1, lr=1e-2, p=2, k=2, seed=0, warmup_steps=1, eval_every=0, device="cpu")
-    return fit(model, _Contrastive(), _Data(), None, TrainConfig(**{**base, **config}), out, resume="auto",
-               progress=False)
+    return fit(
+        model, _Contrastive(), _Data(), None, TrainConfig(**{**base, **config}), out, resume="auto", progress=False
+    )
 
 
 def test_fit_refuses_a_checkpoint_of_another_model_in_a_few_lines(tmp_path):
@@ -184,8 +206,10 @@ def test_proxy_losses_may_train_on_one_image_per_label():
         check_batch_shape(losses.create("multi_similarity"), p=4, k=1)
 
 
-@pytest.mark.parametrize("option,value", [("--k", "1"), ("--p", "1"), ("--epochs", "0"), ("--lr", "nan"),
-                                          ("--lr", "-1e-4"), ("--max-images", "0")])
+@pytest.mark.parametrize(
+    "option,value",
+    [("--k", "1"), ("--p", "1"), ("--epochs", "0"), ("--lr", "nan"), ("--lr", "-1e-4"), ("--max-images", "0")],
+)
 def test_finetune_refuses_values_that_cannot_make_a_run_before_claiming_a_folder(tmp_path, capsys, option, value):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as err:

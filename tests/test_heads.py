@@ -84,8 +84,18 @@ def _one_nn_accuracy(emb, y):
 def test_train_head_types_learn_and_are_seeded(head_type, sampler):
     x, y = _hidden_clusters()
     assert _one_nn_accuracy(x, y) < 0.4
-    kwargs = dict(head_type=head_type, sampler=sampler, embedding_dim=8, hidden_dim=16, epochs=15, p=4, k=4,
-                  lr=1e-2, progress=False, loss="multi_similarity")
+    kwargs = dict(
+        head_type=head_type,
+        sampler=sampler,
+        embedding_dim=8,
+        hidden_dim=16,
+        epochs=15,
+        p=4,
+        k=4,
+        lr=1e-2,
+        progress=False,
+        loss="multi_similarity",
+    )
     head, history = train_head(x, y, **kwargs)
     again, _ = train_head(x, y, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), again.state_dict().values()))
@@ -99,10 +109,12 @@ def _protocol_tables():
     x, y = _clusters(n_labels=4, per_label=10, seed=3)
     n = len(y)
     role = np.array((["train"] * 4 + ["val_q", "val_g", "test_q", "test_g", "test_g", "val_g"]) * 4)
-    val_split = np.where(role == "val_q", "query", np.where(role == "val_g", "gallery",
-                         np.where(role == "train", "train", "test")))
-    test_split = np.where(role == "test_q", "query", np.where(role == "test_g", "gallery",
-                          np.where(role == "train", "train", "val")))
+    val_split = np.where(
+        role == "val_q", "query", np.where(role == "val_g", "gallery", np.where(role == "train", "train", "test"))
+    )
+    test_split = np.where(
+        role == "test_q", "query", np.where(role == "test_g", "gallery", np.where(role == "train", "train", "val"))
+    )
     base = pd.DataFrame({"path": [f"img{i}.jpg" for i in range(n)], "label": y.astype(str)})
     return x, base.assign(split=val_split), base.assign(split=test_split)
 
@@ -113,15 +125,25 @@ def test_train_val_table_and_refit():
     expected = np.isin(val["split"], ["train", "query", "gallery"])
     assert (merged["split"].to_numpy() == "train").tolist() == expected.tolist()
     assert (merged["split"] == "query").sum() == (test["split"] == "query").sum()
-    options = dict(loss="multi_similarity", head_type="mlp", hidden_dim=16, embedding_dim=8, epochs=3, p=4, k=2,
-                   progress=False, sampler="m_per_class")
+    options = dict(
+        loss="multi_similarity",
+        head_type="mlp",
+        hidden_dim=16,
+        embedding_dim=8,
+        epochs=3,
+        p=4,
+        k=2,
+        progress=False,
+        sampler="m_per_class",
+    )
     emb, _, head = study.refit_on_train_val(x, val, test, **options)
     # the refit is exactly a head trained on the train + validation rows
     rows = np.flatnonzero(expected)
     direct, _ = train_head(x[rows], val["label"].to_numpy()[rows], **options)
     np.testing.assert_allclose(emb, direct(torch.as_tensor(x)).detach().numpy(), atol=1e-6)
-    train_only, _ = train_head(x[experiments.train_rows(test)], test["label"].to_numpy()[experiments.train_rows(test)],
-                               **options)
+    train_only, _ = train_head(
+        x[experiments.train_rows(test)], test["label"].to_numpy()[experiments.train_rows(test)], **options
+    )
     assert not torch.allclose(train_only.mlp[0].weight, head.mlp[0].weight)
     with pytest.raises(ValueError, match="different images"):
         study.train_val_table(val.iloc[1:], test)
@@ -131,8 +153,18 @@ def test_train_val_table_and_refit():
 
 def test_seed_study_and_postprocessing_tables():
     x, val, _ = _protocol_tables()
-    configs = {"mlp": {"features": "toy", "loss": "multi_similarity", "head_type": "mlp", "hidden_dim": 16,
-                       "embedding_dim": 8, "epochs": 2, "p": 4, "k": 2}}
+    configs = {
+        "mlp": {
+            "features": "toy",
+            "loss": "multi_similarity",
+            "head_type": "mlp",
+            "hidden_dim": 16,
+            "embedding_dim": 8,
+            "epochs": 2,
+            "p": 4,
+            "k": 2,
+        }
+    }
     runs, summary = study.seed_study({"toy": x}, val, configs, seeds=(0, 1))
     assert len(runs) == 2 and runs["seed"].tolist() == [0, 1]
     assert summary.loc["mlp", "recall@1 mean"] == pytest.approx(runs["recall@1"].mean())

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from catalogue_photos import make_catalogue, photo
 from PIL import Image
 
-from fashlib import index as ci, index_cli, models
-
-from catalogue_photos import make_catalogue, photo
+from fashlib import index as ci
+from fashlib import index_cli, models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,8 +67,9 @@ def test_update_embeds_only_new_and_changed_files(catalogue, model_dir, tmp_path
 
 def test_another_model_is_refused(catalogue, model_dir, tmp_path):
     ci.build(catalogue, model_dir, tmp_path / "idx", progress=False)
-    other = models.save_embedder(models.features_embedder("resnet10t", pretrained=False, image_size=64),
-                                 tmp_path / "other")
+    other = models.save_embedder(
+        models.features_embedder("resnet10t", pretrained=False, image_size=64), tmp_path / "other"
+    )
     with pytest.raises(ci.ModelMismatchError, match="built with another model.*rebuild it: python3 -m fashlib"):
         ci.open_index(tmp_path / "idx", other)
     with pytest.raises(ci.ModelMismatchError):
@@ -140,8 +141,9 @@ def test_build_from_a_table(catalogue, model_dir, tmp_path):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "fashlib.index", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fashlib.index", *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_command_line_end_to_end(catalogue, model_dir, tmp_path, capsys):
@@ -161,7 +163,7 @@ def test_command_line_end_to_end(catalogue, model_dir, tmp_path, capsys):
     # the same entry point in-process (no interpreter start-up): --json and update
     assert index_cli.main(["query", str(out), str(query), "--k", "2", "--json"]) == 0
     as_json = json.loads(capsys.readouterr().out)
-    assert [r["path"] for r in as_json[0]["results"]] [0] == "sub/p03.jpeg" and len(as_json[0]["results"]) == 2
+    assert [r["path"] for r in as_json[0]["results"]][0] == "sub/p03.jpeg" and len(as_json[0]["results"]) == 2
     shutil.copy(catalogue / "p04.jpg", catalogue / "copy.jpg")
     assert index_cli.main(["update", str(out)]) == 0
     assert "added 1, changed 0, removed 0" in capsys.readouterr().out
@@ -255,8 +257,10 @@ def test_update_after_the_catalogue_moved(catalogue, model_dir, tmp_path, capsys
 
 def test_empty_folder_is_said(model_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert index_cli.main(["build", str(tmp_path / "empty"), "--model", str(model_dir), "--out",
-                           str(tmp_path / "idx")]) == 0
+    assert (
+        index_cli.main(["build", str(tmp_path / "empty"), "--model", str(model_dir), "--out", str(tmp_path / "idx")])
+        == 0
+    )
     assert "warning: no photo of" in capsys.readouterr().out
     with pytest.raises(ci.CatalogueIndexError, match="is empty"):
         ci.open_index(tmp_path / "idx").query([photo(1)], k=1)

@@ -49,8 +49,15 @@ def _assert_match(ours, theirs, emb, labels, miner=None):
 
 
 def test_registry_and_create():
-    assert set(losses.LOSSES) == {"contrastive", "triplet", "multi_similarity", "arcface",
-                                  "normalized_softmax", "proxy_anchor", "centroid_triplet"}
+    assert set(losses.LOSSES) == {
+        "contrastive",
+        "triplet",
+        "multi_similarity",
+        "arcface",
+        "normalized_softmax",
+        "proxy_anchor",
+        "centroid_triplet",
+    }
     assert isinstance(losses.create("triplet", mining="semi_hard"), losses.TripletLoss)
     with pytest.raises(ValueError, match="unknown loss"):
         losses.create("nope")
@@ -64,8 +71,12 @@ def test_registry_and_create():
 @pytest.mark.parametrize("pos_margin,neg_margin", [(0.0, 1.0), (0.2, 1.3)])
 def test_contrastive_matches_pml(seed, pk, pos_margin, neg_margin):
     emb, labels = _batch(seed, pk=pk)
-    _assert_match(losses.create("contrastive", pos_margin=pos_margin, neg_margin=neg_margin),
-                  pml_losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin), emb, labels)
+    _assert_match(
+        losses.create("contrastive", pos_margin=pos_margin, neg_margin=neg_margin),
+        pml_losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin),
+        emb,
+        labels,
+    )
 
 
 @pytest.mark.parametrize("seed,pk", BATCHES)
@@ -75,16 +86,20 @@ def test_triplet_batch_all_matches_pml(seed, pk, margin):
     ours = losses.create("triplet", mining="batch_all", margin=margin)
     theirs = pml_losses.TripletMarginLoss(margin=margin)
     _assert_match(ours, theirs, emb, labels)  # PML without miner: all triplets
-    _assert_match(ours, theirs, emb, labels,
-                  pml_miners.TripletMarginMiner(margin=margin, type_of_triplets="all"))
+    _assert_match(ours, theirs, emb, labels, pml_miners.TripletMarginMiner(margin=margin, type_of_triplets="all"))
 
 
 @pytest.mark.parametrize("seed,pk", BATCHES)
 @pytest.mark.parametrize("margin", [0.1, 0.5])
 def test_triplet_batch_hard_matches_pml(seed, pk, margin):
     emb, labels = _batch(seed, pk=pk)
-    _assert_match(losses.create("triplet", mining="batch_hard", margin=margin),
-                  pml_losses.TripletMarginLoss(margin=margin), emb, labels, pml_miners.BatchHardMiner())
+    _assert_match(
+        losses.create("triplet", mining="batch_hard", margin=margin),
+        pml_losses.TripletMarginLoss(margin=margin),
+        emb,
+        labels,
+        pml_miners.BatchHardMiner(),
+    )
 
 
 @pytest.mark.parametrize("seed,pk", BATCHES)
@@ -104,10 +119,16 @@ def test_triplet_semi_hard_matches_pml(seed, pk, margin):
 def test_multi_similarity_matches_pml(seed, pk, alpha, beta, base, eps):
     emb, labels = _batch(seed, pk=pk)
     theirs = pml_losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)
-    _assert_match(losses.create("multi_similarity", alpha=alpha, beta=beta, base=base, epsilon=eps),
-                  theirs, emb, labels, pml_miners.MultiSimilarityMiner(epsilon=eps))
-    _assert_match(losses.create("multi_similarity", alpha=alpha, beta=beta, base=base, epsilon=None),
-                  theirs, emb, labels)
+    _assert_match(
+        losses.create("multi_similarity", alpha=alpha, beta=beta, base=base, epsilon=eps),
+        theirs,
+        emb,
+        labels,
+        pml_miners.MultiSimilarityMiner(epsilon=eps),
+    )
+    _assert_match(
+        losses.create("multi_similarity", alpha=alpha, beta=beta, base=base, epsilon=None), theirs, emb, labels
+    )
 
 
 @pytest.mark.parametrize("seed,pk", BATCHES)
@@ -135,8 +156,9 @@ def test_normalized_softmax_matches_pml(seed, pk, temperature):
 @pytest.mark.parametrize("margin,alpha", [(0.1, 32.0), (0.3, 8.0)])
 def test_proxy_anchor_matches_pml(seed, pk, num_classes, margin, alpha):
     emb, labels = _batch(seed, pk=pk)
-    ours = losses.create("proxy_anchor", num_classes=num_classes, embedding_dim=DIM,
-                         margin=margin, alpha=alpha).double()
+    ours = losses.create(
+        "proxy_anchor", num_classes=num_classes, embedding_dim=DIM, margin=margin, alpha=alpha
+    ).double()
     theirs = pml_losses.ProxyAnchorLoss(num_classes=num_classes, embedding_size=DIM, margin=margin, alpha=alpha)
     theirs.proxies.data = ours.proxies.detach().clone()
     _assert_match(ours, theirs, emb, labels)

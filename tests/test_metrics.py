@@ -48,7 +48,7 @@ def _brute_map_at_r(q, ql, g, gl, exclude_self=False):
         if r == 0:
             continue
         rel = rel_all[order[i, :r]]
-        aps.append(sum(rel[:j + 1].sum() / (j + 1) for j in range(r) if rel[j]) / r)
+        aps.append(sum(rel[: j + 1].sum() / (j + 1) for j in range(r) if rel[j]) / r)
     return float(np.mean(aps))
 
 
@@ -92,13 +92,16 @@ def test_recall_at_k_matches_brute_force(data, ks):
 def test_string_and_torch_labels(data):
     query, q_lab, gallery, g_lab = data
     as_int = metrics.recall_at_k(query, q_lab, gallery, g_lab, ks=(1, 10))
-    as_str = metrics.recall_at_k(query, [f"item_{x}" for x in q_lab], gallery,
-                                 np.array([f"item_{x}" for x in g_lab]), ks=(1, 10))
-    as_torch = metrics.recall_at_k(torch.from_numpy(query), torch.from_numpy(q_lab),
-                                   torch.from_numpy(gallery), torch.from_numpy(g_lab), ks=(1, 10))
+    as_str = metrics.recall_at_k(
+        query, [f"item_{x}" for x in q_lab], gallery, np.array([f"item_{x}" for x in g_lab]), ks=(1, 10)
+    )
+    as_torch = metrics.recall_at_k(
+        torch.from_numpy(query), torch.from_numpy(q_lab), torch.from_numpy(gallery), torch.from_numpy(g_lab), ks=(1, 10)
+    )
     assert as_int == as_str == as_torch
     assert metrics.map_at_r(query, q_lab.astype(str), gallery, g_lab.astype(str)) == pytest.approx(
-        metrics.map_at_r(query, q_lab, gallery, g_lab))
+        metrics.map_at_r(query, q_lab, gallery, g_lab)
+    )
 
 
 def test_map_at_r_matches_brute_force(data):
@@ -131,7 +134,8 @@ def test_exclude_self(data):
     order, _ = _brute_ranking(gallery, gallery, exclude_self=True)
     np.testing.assert_array_equal(nb.indices, order[:, :7])
     assert metrics.map_at_r(gallery, g_lab, gallery, g_lab, exclude_self=True) == pytest.approx(
-        _brute_map_at_r(gallery, g_lab, gallery, g_lab, exclude_self=True), abs=1e-9)
+        _brute_map_at_r(gallery, g_lab, gallery, g_lab, exclude_self=True), abs=1e-9
+    )
 
 
 def test_exclude_self_is_by_position_even_with_duplicates():
@@ -183,11 +187,14 @@ def test_errors(data):
         metrics.search(query, gallery, k=0)
 
 
-@pytest.mark.parametrize("index,options,floor", [
-    ("ivf", {"nlist": 12, "nprobe": 12}, 1.0),  # visiting every cell is exact
-    ("ivf", {"nlist": 12, "nprobe": 3}, 0.5),
-    ("hnsw", {"M": 16, "efSearch": 64}, 0.9),
-])
+@pytest.mark.parametrize(
+    "index,options,floor",
+    [
+        ("ivf", {"nlist": 12, "nprobe": 12}, 1.0),  # visiting every cell is exact
+        ("ivf", {"nlist": 12, "nprobe": 3}, 0.5),
+        ("hnsw", {"M": 16, "efSearch": 64}, 0.9),
+    ],
+)
 def test_approximate_indexes_recall(data, index, options, floor, capsys):
     query, q_lab, gallery, g_lab = data
     recall = metrics.index_recall(query, gallery, 10, index=index, **options)
@@ -207,18 +214,27 @@ def test_pml_accuracy_calculator_agrees(data):
     present = np.isin(q_lab, g_lab)
     query, q_lab = query[present], q_lab[present]
     calc = calc_mod.AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"))
-    acc = calc.get_accuracy(torch.from_numpy(query), torch.from_numpy(q_lab),
-                            torch.from_numpy(gallery), torch.from_numpy(g_lab))
-    assert metrics.recall_at_k(query, q_lab, gallery, g_lab, ks=(1,))[1] == pytest.approx(acc["precision_at_1"], abs=1e-6)
+    acc = calc.get_accuracy(
+        torch.from_numpy(query), torch.from_numpy(q_lab), torch.from_numpy(gallery), torch.from_numpy(g_lab)
+    )
+    assert metrics.recall_at_k(query, q_lab, gallery, g_lab, ks=(1,))[1] == pytest.approx(
+        acc["precision_at_1"], abs=1e-6
+    )
     assert metrics.map_at_r(query, q_lab, gallery, g_lab) == pytest.approx(acc["mean_average_precision_at_r"], abs=1e-6)
     # the gallery against itself: PML's ref_includes_query == our exclude_self
-    acc = calc.get_accuracy(torch.from_numpy(gallery), torch.from_numpy(g_lab),
-                            torch.from_numpy(gallery), torch.from_numpy(g_lab), ref_includes_query=True)
+    acc = calc.get_accuracy(
+        torch.from_numpy(gallery),
+        torch.from_numpy(g_lab),
+        torch.from_numpy(gallery),
+        torch.from_numpy(g_lab),
+        ref_includes_query=True,
+    )
     ours = metrics.map_at_r(gallery, g_lab, gallery, g_lab, exclude_self=True)
     assert ours == pytest.approx(acc["mean_average_precision_at_r"], abs=1e-6)
     lone = np.array([np.sum(g_lab == x) == 1 for x in g_lab])  # PML leaves singletons out of precision@1
-    r1 = metrics.neighbours(gallery, gallery, k=1, query_labels=g_lab, gallery_labels=g_lab,
-                            exclude_self=True).matches[:, 0]
+    r1 = metrics.neighbours(gallery, gallery, k=1, query_labels=g_lab, gallery_labels=g_lab, exclude_self=True).matches[
+        :, 0
+    ]
     assert r1[~lone].mean() == pytest.approx(acc["precision_at_1"], abs=1e-6)
 
 
@@ -314,7 +330,9 @@ def test_labels_that_can_never_match_are_an_error(data):
     with pytest.raises(ValueError, match="can never equal"):
         metrics.map_at_r(query, q_lab.astype(object).astype(str).astype(object), gallery, g_lab)
     with pytest.raises(ValueError, match="can never equal"):
-        metrics.neighbours(query, gallery, k=1, query_labels=list(map(str, q_lab)), gallery_labels=torch.from_numpy(g_lab))
+        metrics.neighbours(
+            query, gallery, k=1, query_labels=list(map(str, q_lab)), gallery_labels=torch.from_numpy(g_lab)
+        )
     same = metrics.recall_at_k(query, q_lab, gallery, g_lab, ks=(1,))
     assert metrics.recall_at_k(query, q_lab.astype(float), gallery, g_lab, ks=(1,)) == same  # numbers compare
     assert metrics.recall_at_k(query, q_lab.astype(str), gallery, g_lab.astype(str).astype(object), ks=(1,)) == same
@@ -323,7 +341,9 @@ def test_labels_that_can_never_match_are_an_error(data):
 @pytest.mark.skipif(metrics.faiss is None, reason="faiss not installed")
 def test_search_never_returns_missing_ids_silently(data):
     query, _, gallery, _ = data
-    with pytest.warns(metrics.IncompleteSearchWarning, match=r"fewer than k=200 gallery rows for \d+ of 150 queries.*nprobe"):
+    with pytest.warns(
+        metrics.IncompleteSearchWarning, match=r"fewer than k=200 gallery rows for \d+ of 150 queries.*nprobe"
+    ):
         _, idx = metrics.search(query, gallery, k=200, index="ivf", nlist=12, nprobe=1)
     assert (idx < 0).any()
 

@@ -30,6 +30,7 @@ PACKAGES = {
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 @pytest.fixture(scope="module")
 def chelsea() -> Image.Image:
     skdata = pytest.importorskip("skimage.data")
@@ -95,8 +96,9 @@ def test_embedder_uses_offline_backbone_and_data_config():
 @pytest.mark.parametrize("bnneck", [False, True])
 def test_embedder_output_shape_and_unit_norm(pooling, bnneck):
     torch.manual_seed(0)
-    emb = create_embedder("tf_efficientnet_lite0", embedding_dim=24, pooling=pooling, bnneck=bnneck,
-                          pretrained=False).eval()
+    emb = create_embedder(
+        "tf_efficientnet_lite0", embedding_dim=24, pooling=pooling, bnneck=bnneck, pretrained=False
+    ).eval()
     x = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
         out = emb(x)

@@ -17,9 +17,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # name, timm kwargs (small and fast), image size, layout, prefix tokens
 BACKBONES = [
     ("resnet10t", {}, 64, "NCHW", 0),
-    ("swin_tiny_patch4_window7_224",
-     {"img_size": 64, "depths": (1, 1, 1, 1), "embed_dim": 24, "num_heads": (1, 1, 1, 1), "window_size": 2},
-     64, "NHWC", 0),
+    (
+        "swin_tiny_patch4_window7_224",
+        {"img_size": 64, "depths": (1, 1, 1, 1), "embed_dim": 24, "num_heads": (1, 1, 1, 1), "window_size": 2},
+        64,
+        "NHWC",
+        0,
+    ),
     ("vit_tiny_patch16_224", {"img_size": 32, "depth": 1}, 32, "NLC", 1),  # class token
     ("vit_small_patch14_reg4_dinov2", {"img_size": 28, "depth": 1}, 28, "NLC", 5),  # class + 4 register tokens
 ]
@@ -86,8 +90,15 @@ def test_channels_first_layouts_and_errors():
     with pytest.raises(ValueError, match="neither maps"):
         channels_first(torch.randn(2, 4), "NCHW")
     with pytest.raises(ValueError, match="feature_format must be one of"):
-        models.Embedder(torch.nn.Identity(), models.AvgPool(), models.EmbeddingHead(4, None), {}, "x", "random",
-                        feature_format="NWHC")
+        models.Embedder(
+            torch.nn.Identity(),
+            models.AvgPool(),
+            models.EmbeddingHead(4, None),
+            {},
+            "x",
+            "random",
+            feature_format="NWHC",
+        )
 
 
 class _ChannelsLast(torch.nn.Module):

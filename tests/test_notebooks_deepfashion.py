@@ -20,10 +20,21 @@ def _execute(tmp_path, name, dataset, max_images, **parameters):
     root, out_dir = tmp_path / "data", tmp_path / "runs"
     synthetic.make_all(root)
     output = tmp_path / f"{name}.out.ipynb"
-    pm.execute_notebook(str(REPO / "notebooks" / f"{name}.ipynb"), str(output), cwd=str(tmp_path),
-                        kernel_name="python3", progress_bar=False,
-                        parameters=dict(dataset=dataset, data_root=str(root), max_images=max_images,
-                                        cache_dir=str(tmp_path / "cache"), out_dir=str(out_dir), **parameters))
+    pm.execute_notebook(
+        str(REPO / "notebooks" / f"{name}.ipynb"),
+        str(output),
+        cwd=str(tmp_path),
+        kernel_name="python3",
+        progress_bar=False,
+        parameters=dict(
+            dataset=dataset,
+            data_root=str(root),
+            max_images=max_images,
+            cache_dir=str(tmp_path / "cache"),
+            out_dir=str(out_dir),
+            **parameters,
+        ),
+    )
     nb = nbformat.read(str(output), as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     errors = [o for o in outputs if o.output_type == "error"]
@@ -43,9 +54,18 @@ def _saved_metrics(folder):
 
 
 def test_02_backbone_comparison_on_generated_inshop(tmp_path):
-    _, text, folder = _execute(tmp_path, "02_backbone_comparison", "inshop", 24, epochs=1,
-                               backbones=["tf_efficientnet_lite0"], random_controls=True,
-                               throughput_batch_size=2, throughput_batches=1, image_size=64)
+    _, text, folder = _execute(
+        tmp_path,
+        "02_backbone_comparison",
+        "inshop",
+        24,
+        epochs=1,
+        backbones=["tf_efficientnet_lite0"],
+        random_controls=True,
+        throughput_batch_size=2,
+        throughput_batches=1,
+        image_size=64,
+    )
     names = {f.parent.name for f in _saved_metrics(folder)}
     assert names == {f"tf_efficientnet_lite0-{w}-{s}" for w in ("imagenet", "random") for s in ("frozen", "head")}
     assert "no validation protocol" in text  # inshop falls back to the test protocol and says so
@@ -53,8 +73,16 @@ def test_02_backbone_comparison_on_generated_inshop(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["consumer2shop", "deepfashion2"])
 def test_03_loss_comparison_on_generated_trees(tmp_path, dataset):
-    _, _, folder = _execute(tmp_path, "03_loss_comparison", dataset, 24, epochs=1, image_size=64,
-                            losses=["triplet_semi_hard", "proxy_anchor"], embedding_dims=[32, 256])
+    _, _, folder = _execute(
+        tmp_path,
+        "03_loss_comparison",
+        dataset,
+        24,
+        epochs=1,
+        image_size=64,
+        losses=["triplet_semi_hard", "proxy_anchor"],
+        embedding_dims=[32, 256],
+    )
     names = {f.parent.name for f in _saved_metrics(folder)}
     assert {"triplet_semi_hard-256", "proxy_anchor-256", "frozen-1280"} <= names
     assert any(n.endswith("-32") for n in names)  # the embedding-size ablation ran
@@ -70,8 +98,18 @@ def test_01_dataset_analysis_on_generated_trees(tmp_path, dataset):
 
 
 def test_04_embedding_umap_on_generated_consumer2shop(tmp_path):
-    _, text, folder = _execute(tmp_path, "04_embedding_umap", "consumer2shop", 32, epochs=1, image_size=64,
-                               projection="pca", embedding_dim=32, n_examples=2, top_k=3)
+    _, text, folder = _execute(
+        tmp_path,
+        "04_embedding_umap",
+        "consumer2shop",
+        32,
+        epochs=1,
+        image_size=64,
+        projection="pca",
+        embedding_dim=32,
+        n_examples=2,
+        top_k=3,
+    )
     saved = json.loads((folder / "metrics.json").read_text())
     assert 0.0 <= saved["metrics"]["recall@1"] <= 1.0 and "map@r" in saved["metrics"]
     assert "silhouette" in saved["metrics"] and "frozen" in saved["metrics"]
@@ -85,10 +123,22 @@ def test_04_embedding_umap_on_generated_consumer2shop(tmp_path):
 def test_05_recall_at_k_results_on_generated_trees(tmp_path, dataset, finetune):
     """inshop: no val protocol, so selection on a held-out part of train, plus the fine-tuning path (1 epoch);
     consumer2shop: its own val protocol, head reused on test."""
-    _, text, folder = _execute(tmp_path, "05_recall_at_k_results", dataset, 32, image_size=64, epochs=1,
-                               candidate_backbones=["tf_efficientnet_lite0"], ensemble=False,
-                               candidate_losses=["multi_similarity", "proxy_anchor"], finetune=finetune,
-                               finetune_epochs=1, n_examples=2, top_k=3, n_failures=2)
+    _, text, folder = _execute(
+        tmp_path,
+        "05_recall_at_k_results",
+        dataset,
+        32,
+        image_size=64,
+        epochs=1,
+        candidate_backbones=["tf_efficientnet_lite0"],
+        ensemble=False,
+        candidate_losses=["multi_similarity", "proxy_anchor"],
+        finetune=finetune,
+        finetune_epochs=1,
+        n_examples=2,
+        top_k=3,
+        n_failures=2,
+    )
     saved = json.loads((folder / "best_test" / "metrics.json").read_text())
     assert 0.0 <= saved["metrics"]["recall@1"] <= 1.0 and "map@r" in saved["metrics"]
     assert (folder / "best_test" / "embeddings.npz").exists() and (folder / "frozen_baseline_test").is_dir()

@@ -42,8 +42,9 @@ def frame_colours(ax) -> set[str]:
 
 
 def test_image_grid_axes_titles_and_boxes(images):
-    fig = plots.image_grid(images[:5], titles=list("abcde"), ncols=3,
-                           boxes=[(2, 3, 20, 30), None, (np.nan,) * 4, (0, 0, 10, 10), None])
+    fig = plots.image_grid(
+        images[:5], titles=list("abcde"), ncols=3, boxes=[(2, 3, 20, 30), None, (np.nan,) * 4, (0, 0, 10, 10), None]
+    )
     assert isinstance(fig, Figure)
     assert len(fig.axes) == 5  # the unused sixth slot of the 2x3 grid is removed
     assert [ax.get_title() for ax in fig.axes] == list("abcde")
@@ -86,8 +87,15 @@ def test_retrieval_grid_frames_per_row(images):
     assert isinstance(fig, Figure)
     assert len(fig.axes) == 2 * 4 - 1
     colours = [frame_colours(ax) for ax in fig.axes]
-    expected = [{plots.QUERY}, {plots.WRONG}, {plots.CORRECT}, {plots.CORRECT},
-                {plots.QUERY}, {plots.CORRECT}, {plots.WRONG}]
+    expected = [
+        {plots.QUERY},
+        {plots.WRONG},
+        {plots.CORRECT},
+        {plots.CORRECT},
+        {plots.QUERY},
+        {plots.CORRECT},
+        {plots.WRONG},
+    ]
     assert colours == expected
 
 
@@ -102,8 +110,9 @@ def test_recall_curves():
 
 
 def test_bar_with_cost():
-    df = pd.DataFrame({"backbone": ["lite0", "lite1", "lite2"], "recall@1": [0.4, 0.45, 0.5],
-                       "gflops": [0.4, 0.6, 0.9]})
+    df = pd.DataFrame(
+        {"backbone": ["lite0", "lite1", "lite2"], "recall@1": [0.4, 0.45, 0.5], "gflops": [0.4, 0.6, 0.9]}
+    )
     fig = plots.bar_with_cost(df)
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     heights = sorted(p.get_height() for p in fig.axes[0].patches)
@@ -113,8 +122,10 @@ def test_bar_with_cost():
 
 
 def test_training_curves():
-    hist = {"triplet": [{"epoch": 1, "loss": 1.0, "recall@1": 0.2}, {"epoch": 2, "loss": 0.8, "recall@1": 0.3}],
-            "ms": pd.DataFrame({"epoch": [1, 2, 3], "loss": [2.0, 1.5, 1.0]})}
+    hist = {
+        "triplet": [{"epoch": 1, "loss": 1.0, "recall@1": 0.2}, {"epoch": 2, "loss": 0.8, "recall@1": 0.3}],
+        "ms": pd.DataFrame({"epoch": [1, 2, 3], "loss": [2.0, 1.5, 1.0]}),
+    }
     fig = plots.training_curves(hist)
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     assert [ax.get_title() for ax in fig.axes] == ["loss", "recall@1"]

@@ -16,7 +16,7 @@ GALLERY = P.l2_normalize([[1, 0.35, 0], [1, -0.4, 0.05], [1, -0.45, -0.05], [1, 
 
 def test_average_views_is_renormalised_mean():
     a, b = np.array([[2.0, 0.0]]), np.array([[0.0, 1.0]])  # each view normalised first
-    np.testing.assert_allclose(P.average_views([a, b]), [[2 ** -0.5, 2 ** -0.5]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(P.average_views([a, b]), [[2**-0.5, 2**-0.5]], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(P.average_views([a, b], weights=[3, 1]), P.l2_normalize([[3, 1]]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="differ in shape"):
         P.average_views([a, np.ones((2, 2))])
@@ -59,7 +59,7 @@ def test_gallery_centroids():
     g = np.array([[1.0, 0], [0, 1.0], [0, 3.0]])
     centroids, labels = P.gallery_centroids(g, ["b", "a", "b"])
     assert labels.tolist() == ["a", "b"]
-    np.testing.assert_allclose(centroids, [[0, 1], [2 ** -0.5, 2 ** -0.5]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(centroids, [[0, 1], [2**-0.5, 2**-0.5]], rtol=1e-5, atol=1e-6)
 
 
 def _reference_rerank(q, g, k1, k2, lam):

@@ -35,8 +35,12 @@ def chapter_commands() -> list[str]:
 
 
 def _kind(command: str) -> str:
-    for prefix, kind in (("python3 -m fashlib.book ", "book"), ("python3 -m fashlib.finetune ", "finetune"),
-                         ("papermill ", "papermill"), ("mkdir -p ", "mkdir")):
+    for prefix, kind in (
+        ("python3 -m fashlib.book ", "book"),
+        ("python3 -m fashlib.finetune ", "finetune"),
+        ("papermill ", "papermill"),
+        ("mkdir -p ", "mkdir"),
+    ):
         if command.startswith(prefix):
             return kind
     assert command.startswith(INTERACTIVE), f"book/rerun.md: a command this test does not know: {command}"
@@ -98,13 +102,36 @@ def _smoke(command: str, data: Path, tmp: Path) -> list[str]:
     if words[0] == "papermill":
         name = Path(words[1]).stem
         smoke = book.load_params(REPO / "book" / "params-smoke.yaml")["notebooks"][name]
-        extra = {**smoke, "max_images": 24, "image_size": 64, "cache_dir": str(tmp / "cache"),
-                 "out_dir": str(tmp / "runs"), "finetune_epochs": 1}
+        extra = {
+            **smoke,
+            "max_images": 24,
+            "image_size": 64,
+            "cache_dir": str(tmp / "cache"),
+            "out_dir": str(tmp / "runs"),
+            "finetune_epochs": 1,
+        }
         declared = book.declared_parameters(REPO / words[1])
-        return words + ["-y", yaml.safe_dump({k: v for k, v in extra.items() if k in declared}),
-                        "--cwd", str(tmp), "--no-progress-bar"]
-    return words + ["--max-images", "24", "--image-size", "32", "--epochs", "1", "--num-workers", "0",
-                    "--p", "2", "--k", "2"]
+        return words + [
+            "-y",
+            yaml.safe_dump({k: v for k, v in extra.items() if k in declared}),
+            "--cwd",
+            str(tmp),
+            "--no-progress-bar",
+        ]
+    return words + [
+        "--max-images",
+        "24",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--num-workers",
+        "0",
+        "--p",
+        "2",
+        "--k",
+        "2",
+    ]
 
 
 @pytest.mark.slow

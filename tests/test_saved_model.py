@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from fashlib import experiments, features as fx, models
-from fashlib.saved_model import SavedModelError
-
 from catalogue_photos import photo
+
+from fashlib import experiments, models
+from fashlib import features as fx
+from fashlib.saved_model import SavedModelError
 
 SIZE = 64
 
@@ -39,11 +39,13 @@ def test_head_on_cached_features_matches_the_course_pipeline(table, tmp_path):
     torch.manual_seed(1)
     head = models.EmbeddingHead(1280, 32, bnneck=True).eval()
     head.bn.running_mean.normal_()  # non-trivial BNNeck statistics must survive the round trip
-    feats = experiments.backbone_features("tf_efficientnet_lite0", table, pretrained=False, image_size=SIZE,
-                                          flip_average=True, seed=3, progress=False)
+    feats = experiments.backbone_features(
+        "tf_efficientnet_lite0", table, pretrained=False, image_size=SIZE, flip_average=True, seed=3, progress=False
+    )
     course = fx.embed_features(head, feats)
-    model = models.features_embedder("tf_efficientnet_lite0", head, pretrained=False, image_size=SIZE,
-                                     flip_average=True, seed=3)
+    model = models.features_embedder(
+        "tf_efficientnet_lite0", head, pretrained=False, image_size=SIZE, flip_average=True, seed=3
+    )
     folder, loaded, emb = roundtrip(model, tmp_path, table)
     assert emb.dtype == np.float32 and emb.shape == (6, 32)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
@@ -58,8 +60,10 @@ def test_head_on_cached_features_matches_the_course_pipeline(table, tmp_path):
 
 def test_ensemble_of_backbones_with_a_head(table, tmp_path):
     names = ["tf_efficientnet_lite0", "resnet10t"]
-    parts = [experiments.backbone_features(b, table, pretrained=False, image_size=SIZE, seed=0, progress=False)
-             for b in names]
+    parts = [
+        experiments.backbone_features(b, table, pretrained=False, image_size=SIZE, seed=0, progress=False)
+        for b in names
+    ]
     ensemble = experiments.ensemble_features(parts)
     torch.manual_seed(2)
     head = models.EmbeddingHead(ensemble.shape[1], 16).eval()
@@ -98,16 +102,20 @@ def test_corrupt_or_foreign_folders_are_refused(table, tmp_path):
         models.load_embedder(tmp_path)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.pop("weights_sha256"), "lacks weights_sha256"),
-    (lambda c: c.pop("kind"), "lacks kind"),
-    (lambda c: c["backbones"][0].pop("pooling"), "does not describe a model"),
-    (lambda c: c.update(weights_file="../elsewhere/model.safetensors"), "not a file name inside"),
-    (lambda c: c["backbones"][0]["preprocessing"].update(size=SIZE + 8), "was edited"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.pop("weights_sha256"), "lacks weights_sha256"),
+        (lambda c: c.pop("kind"), "lacks kind"),
+        (lambda c: c["backbones"][0].pop("pooling"), "does not describe a model"),
+        (lambda c: c.update(weights_file="../elsewhere/model.safetensors"), "not a file name inside"),
+        (lambda c: c["backbones"][0]["preprocessing"].update(size=SIZE + 8), "was edited"),
+    ],
+)
 def test_edited_config_is_refused_with_a_message(tmp_path, edit, message):
-    folder = models.save_embedder(models.features_embedder("resnet10t", pretrained=False, image_size=SIZE),
-                                  tmp_path / "m")
+    folder = models.save_embedder(
+        models.features_embedder("resnet10t", pretrained=False, image_size=SIZE), tmp_path / "m"
+    )
     config = json.loads((folder / "config.json").read_text())
     edit(config)
     (folder / "config.json").write_text(json.dumps(config))
@@ -144,6 +152,8 @@ def test_photos_are_opened_as_the_course_opens_them(tmp_path):
     model = models.features_embedder("resnet10t", pretrained=False, image_size=SIZE)
     emb = model.embed([tmp_path / "upright.png", tmp_path / "phone.png"])
     np.testing.assert_allclose(emb[0], emb[1], atol=1e-6)  # the phone photo embeds as the upright one
+
+
 def test_catalogue_images_are_read_like_the_course_reads_them(tmp_path):
     """Index, search page and saved model open photos with data.images' rules: EXIF orientation, alpha on white."""
     from PIL import Image
@@ -171,12 +181,10 @@ def test_an_mlp_head_on_features_saves_and_reloads(table, tmp_path):
     with torch.no_grad():  # non-trivial BatchNorm statistics, so a wrong rebuild shows
         head.mlp[1].running_mean.uniform_(-1, 1)
         head.mlp[1].running_var.uniform_(0.5, 2)
-    feats = experiments.backbone_features("resnet10t", table, pretrained=False, image_size=SIZE, seed=0,
-                                          progress=False)
+    feats = experiments.backbone_features("resnet10t", table, pretrained=False, image_size=SIZE, seed=0, progress=False)
     model = models.features_embedder("resnet10t", head, pretrained=False, image_size=SIZE, seed=0)
     folder, loaded, emb = roundtrip(model, tmp_path, table)
     config = json.loads((folder / "config.json").read_text())
-    assert config["head"] == {"type": "MLPHead", "in_dim": 512, "embedding_dim": 16, "bnneck": True,
-                              "hidden_dim": 32}
+    assert config["head"] == {"type": "MLPHead", "in_dim": 512, "embedding_dim": 16, "bnneck": True, "hidden_dim": 32}
     np.testing.assert_array_equal(emb, model.embed(table["path"]))
     np.testing.assert_allclose(emb, fx.embed_features(head, feats), atol=2e-5)

@@ -7,14 +7,13 @@ import json
 import os
 import socket
 import threading
-from pathlib import Path
 
 import pytest
-
-from fashlib import index as ci, models
-from fashlib.serve import create_app
-
 from catalogue_photos import make_catalogue, photo
+
+from fashlib import index as ci
+from fashlib import models
+from fashlib.serve import create_app
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -59,13 +58,15 @@ def test_upload_finds_the_photo(client, built):
 
 
 def test_not_an_image_and_too_large(client):
-    bad = client.post("/search", data={"photo": (io.BytesIO(b"%PDF-1.4 hello"), "doc.pdf")},
-                      content_type="multipart/form-data")
+    bad = client.post(
+        "/search", data={"photo": (io.BytesIO(b"%PDF-1.4 hello"), "doc.pdf")}, content_type="multipart/form-data"
+    )
     assert bad.status_code == 400 and "is not an image" in bad.get_data(as_text=True)
     empty = client.post("/search", data={}, content_type="multipart/form-data")
     assert empty.status_code == 400 and "No photo received" in empty.get_data(as_text=True)
-    big = client.post("/search", data={"photo": (io.BytesIO(b"\xff" * 80_000), "big.jpg")},
-                      content_type="multipart/form-data")
+    big = client.post(
+        "/search", data={"photo": (io.BytesIO(b"\xff" * 80_000), "big.jpg")}, content_type="multipart/form-data"
+    )
     assert big.status_code == 413 and "larger than the limit of 0.05 MB" in big.get_data(as_text=True)
 
 
@@ -73,9 +74,17 @@ def test_no_path_outside_the_catalogue_can_be_read(client, built):
     root, _ = built
     assert client.get("/thumb/0").status_code == 200
     assert client.get("/thumb/0").mimetype == "image/jpeg"
-    for url in ("/thumb/999", "/thumb/-1", "/thumb/../../secret.jpg", "/thumb/..%2F..%2Fsecret.jpg",
-                "/thumb/%2e%2e/secret.jpg", "/../secret.jpg", "/secret.jpg", "/static/../secret.jpg",
-                "/thumb/0/../../secret.jpg"):
+    for url in (
+        "/thumb/999",
+        "/thumb/-1",
+        "/thumb/../../secret.jpg",
+        "/thumb/..%2F..%2Fsecret.jpg",
+        "/thumb/%2e%2e/secret.jpg",
+        "/../secret.jpg",
+        "/secret.jpg",
+        "/static/../secret.jpg",
+        "/thumb/0/../../secret.jpg",
+    ):
         response = client.get(url)
         assert response.status_code == 404, url
     index = ci.open_index(root / "idx")
@@ -114,8 +123,14 @@ def test_search_in_headless_chromium(built, tmp_path):
     thread.start()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     from selenium.webdriver.chrome.service import Service
 
@@ -158,8 +173,9 @@ def test_decompression_bomb_is_refused_before_decoding(built):
     root, _ = built
     app = create_app(ci.open_index(root / "idx"), k=3, max_upload_mb=1)
     bomb = png_header_claiming(10_000, 9_000)  # 90 MP: under PIL's own error limit (2 x 89 MP), 150 bytes
-    response = app.test_client().post("/search", data={"photo": (io.BytesIO(bomb), "bomb.png")},
-                                      content_type="multipart/form-data")
+    response = app.test_client().post(
+        "/search", data={"photo": (io.BytesIO(bomb), "bomb.png")}, content_type="multipart/form-data"
+    )
     assert response.status_code == 413
     assert "10000 x 9000 pixels, more than the limit of 64 megapixels" in response.get_data(as_text=True)
 
@@ -176,11 +192,16 @@ def test_uploaded_phone_photo_is_shown_and_searched_upright(client, built):
     exif[0x0112] = 6  # display: rotate 90 degrees clockwise
     out = io.BytesIO()
     Image.open(catalogue / "sub" / "p03.jpeg").transpose(Image.Transpose.ROTATE_90).save(
-        out, format="PNG", exif=exif)  # lossless: the upright pixels are exactly the catalogue photo's
-    page = client.post("/search", data={"photo": (io.BytesIO(out.getvalue()), "phone.png")},
-                       content_type="multipart/form-data").get_data(as_text=True)
+        out, format="PNG", exif=exif
+    )  # lossless: the upright pixels are exactly the catalogue photo's
+    page = client.post(
+        "/search", data={"photo": (io.BytesIO(out.getvalue()), "phone.png")}, content_type="multipart/form-data"
+    ).get_data(as_text=True)
     shown = re.search(r'src="data:image/jpeg;base64,([^"]+)"', page).group(1)
     assert Image.open(io.BytesIO(base64.b64decode(shown))).size == (96, 80)  # landscape, as p03 is displayed
-    hits = client.post("/search?format=json", data={"photo": (io.BytesIO(out.getvalue()), "phone.png")},
-                       content_type="multipart/form-data").get_json()["results"]
+    hits = client.post(
+        "/search?format=json",
+        data={"photo": (io.BytesIO(out.getvalue()), "phone.png")},
+        content_type="multipart/form-data",
+    ).get_json()["results"]
     assert hits[0]["path"] == "sub/p03.jpeg" and hits[0]["score"] > 0.99

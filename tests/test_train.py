@@ -85,8 +85,16 @@ def test_loss_decreases_and_retrieval_improves(tmp_path):
     model, loss_fn, data = script.build(seed=0)
     before = _recall_at_1(model, data)
     proxies_before = loss_fn.proxy.weight.detach().clone()
-    history = fit(model, loss_fn, data, data.labels, _config(epochs=8), tmp_path, progress=False,
-                  eval_fn=lambda m: {"recall@1": _recall_at_1(m, data)})
+    history = fit(
+        model,
+        loss_fn,
+        data,
+        data.labels,
+        _config(epochs=8),
+        tmp_path,
+        progress=False,
+        eval_fn=lambda m: {"recall@1": _recall_at_1(m, data)},
+    )
     assert history["epoch"] == list(range(1, 9))
     assert history["loss"][-1] < 0.5 * history["loss"][0]
     assert history["recall@1"][-1] > max(before, 0.6)
@@ -111,8 +119,7 @@ def test_resume_is_bit_identical(tmp_path, num_workers):
         _run(tmp_path / "run", config, on_epoch_end=crash, eval_fn=eval_fn, **opts)
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["epoch"] == crash_at
     # a fresh process would build a differently initialised model: resume must restore everything
-    model, loss_fn, history = _run(tmp_path / "run", config, resume="auto", eval_fn=eval_fn, model_seed=123,
-                                   **opts)
+    model, loss_fn, history = _run(tmp_path / "run", config, resume="auto", eval_fn=eval_fn, model_seed=123, **opts)
     assert _states_equal(model.state_dict(), ref_model.state_dict())
     assert _states_equal(loss_fn.state_dict(), ref_loss.state_dict())
     assert history == ref_hist
@@ -209,10 +216,18 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "ddp_script.py"), str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "ddp_script.py"),
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -230,15 +245,20 @@ def test_two_process_ddp_matches_single_process(tmp_path):
             torch.testing.assert_close(grads[key], value, rtol=1e-5, atol=1e-7, msg=key)
 
     model, loss_fn, data = script.build()
-    single = fit(model, loss_fn, data, data.labels, TrainConfig(**script.DDP_CONFIG), tmp_path / "single",
-                 progress=False)
+    single = fit(
+        model, loss_fn, data, data.labels, TrainConfig(**script.DDP_CONFIG), tmp_path / "single", progress=False
+    )
     ranks = [torch.load(out / f"final_rank{r}.pt") for r in range(2)]
     for name in ("model", "loss"):
         assert _states_equal(ranks[0][name], ranks[1][name])  # replicas stay in sync
-    reference = {**{f"m.{k}": v for k, v in model.state_dict().items()},
-                 **{f"l.{k}": v for k, v in loss_fn.state_dict().items()}}
-    trained = {**{f"m.{k}": v for k, v in ranks[0]["model"].items()},
-               **{f"l.{k}": v for k, v in ranks[0]["loss"].items()}}
+    reference = {
+        **{f"m.{k}": v for k, v in model.state_dict().items()},
+        **{f"l.{k}": v for k, v in loss_fn.state_dict().items()},
+    }
+    trained = {
+        **{f"m.{k}": v for k, v in ranks[0]["model"].items()},
+        **{f"l.{k}": v for k, v in ranks[0]["loss"].items()},
+    }
     initial_model, _, _ = script.build()
     assert not torch.equal(initial_model.state_dict()["net.1.weight"], trained["m.net.1.weight"])
     for key, value in reference.items():
