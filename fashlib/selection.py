@@ -15,6 +15,7 @@ Chapter 05's protocol as library functions (the notebook calls each once):
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats, study
-from .experiments import KS, loss_spec, train_head_on_features, try_call
+from .experiments import KS, eval_rows, loss_spec, train_head_on_features, try_call
 
 __all__ = ["NONE", "post_settings", "parse_post", "candidate_scores", "refit", "test_report", "paired_report"]
 
@@ -98,9 +99,21 @@ def candidate_scores(
     return pd.DataFrame(rows).set_index(INDEX)
 
 
+def usable_qe_ks(table: pd.DataFrame, qe_ks: Sequence[int]) -> list[int]:
+    """The k of qe_ks that the table's gallery can serve (k <= gallery size); warns naming the others."""
+    gallery = len(eval_rows(table)[1])
+    dropped = [int(k) for k in qe_ks if int(k) > gallery]
+    if dropped:
+        warnings.warn(
+            f"query expansion with k = {dropped} left out: the gallery has only {gallery} images", stacklevel=2
+        )
+    return [int(k) for k in qe_ks if int(k) <= gallery]
+
+
 def _post_rows(
     table: pd.DataFrame, embeddings: np.ndarray, base: dict, qe_ks: Sequence[int], ks: Sequence[int]
 ) -> list[dict]:
+    qe_ks = usable_qe_ks(table, qe_ks)
     return [
         {**base, "post": post, **_mean_scores(post_scores(table, embeddings, post, ks)), "error": ""}
         for post in post_settings(qe_ks)
@@ -121,8 +134,8 @@ def refit(
     (experiments.load_protocols without a cap) this is study.refit_on_train_val. Otherwise (capped smoke
     tables) the test table's rows that are validation query/gallery rows become training rows, and the
     validation query/gallery rows missing from the test table are appended as training rows with their
-    features from `val_features` (required then; ValueError without it, or when a validation row is a test
-    query/gallery row). Returns (embeddings
+    features from `val_features` (required then; ValueError without it). A validation row that is also a test
+    query/gallery row is never trained on (warned). Returns (embeddings
     of every test-table row before post-processing, the head or None for loss "none"). Post-processing is a
     search-time step applied by post_scores, not part of the embeddings.
     """
@@ -141,9 +154,14 @@ def refit(
     val_eval = val_table["split"].isin(evaluated).to_numpy()
     test_split = test_table["split"].to_numpy().astype(object).copy()
     in_val = test_table["path"].isin(val_table.loc[val_eval, "path"]).to_numpy()
-    if (in_val & np.isin(test_split, evaluated)).any():
-        raise ValueError("validation query/gallery rows are test query/gallery rows; refusing to train on them")
-    test_split[in_val] = "train"
+    shared = in_val & np.isin(test_split, evaluated)
+    if shared.any():  # e.g. shop photos in both galleries: they stay test rows and are never trained on
+        warnings.warn(
+            f"{int(shared.sum())} validation query/gallery images are also test query/gallery images: "
+            "left out of the refit's training rows",
+            stacklevel=2,
+        )
+    test_split[in_val & ~shared] = "train"
     extra = val_eval & ~val_table["path"].isin(test_table["path"]).to_numpy()
     table = pd.concat([test_table.assign(split=test_split), val_table[extra].assign(split="train")], ignore_index=True)
     feats = np.concatenate([features[candidate], val_features[candidate][extra]])

@@ -160,8 +160,15 @@ def test_refit_uses_train_and_validation_rows():
     )
     assert emb.shape == (len(small_test), 8)
     np.testing.assert_allclose(emb, direct(torch.as_tensor(x[keep])).detach().numpy(), atol=1e-6)
-    with pytest.raises(ValueError, match="refusing"):
-        selection.refit({"toy": x[1:]}, val, val.iloc[1:].reset_index(drop=True), chosen, {"toy": x}, **options)
+    # a validation query/gallery image that is also a test query/gallery image is never trained on
+    shared_test = val.iloc[1:].reset_index(drop=True)
+    with pytest.warns(UserWarning, match="left out of the refit"):
+        emb, _ = selection.refit({"toy": x[1:]}, val, shared_test, chosen, {"toy": x}, **options)
+    trained_on = shared_test["split"].isin(["train", "val"]).to_numpy()
+    alone, _ = train_head(
+        x[1:][trained_on], shared_test["label"][trained_on], loss="multi_similarity", progress=False, **options
+    )
+    np.testing.assert_allclose(emb, alone(torch.as_tensor(x[1:])).detach().numpy(), atol=1e-6)
 
 
 def test_test_report_and_paired_report():
