@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .models import EmbeddingHead
+from .paths import atomic_write
 from .train import check_batch_shape
 
 __all__ = [
@@ -165,20 +166,6 @@ def _array_digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_cache(npy: Path, meta: Path, key: str, n_rows: int) -> np.ndarray | None:
     """The cached array if it is complete and matches `key`; None (with a warning if broken) otherwise."""
     if not npy.exists() and not meta.exists():
@@ -208,7 +195,7 @@ def _read_cache(npy: Path, meta: Path, key: str, n_rows: int) -> np.ndarray | No
 def _write_cache(npy: Path, meta: Path, key: str, array: np.ndarray, model: Any, fn: str) -> None:
     npy.parent.mkdir(parents=True, exist_ok=True)
     meta.unlink(missing_ok=True)  # the json is the commit marker: written last
-    _atomic_write(npy, lambda f: np.save(f, array, allow_pickle=False))
+    atomic_write(npy, lambda f: np.save(f, array, allow_pickle=False))
     info = {
         "key": key,
         "shape": list(array.shape),
@@ -217,7 +204,7 @@ def _write_cache(npy: Path, meta: Path, key: str, array: np.ndarray, model: Any,
         "backbone": _model_name(model),
         "fn": fn,
     }
-    _atomic_write(meta, lambda f: f.write(json.dumps(info, indent=1)), mode="w")
+    atomic_write(meta, lambda f: f.write(json.dumps(info, indent=1)), mode="w")
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,8 +250,8 @@ def _write_shard(folder: Path, index: int, key: str, rows: tuple[int, int], arra
         try:
             folder.mkdir(parents=True, exist_ok=True)
             meta.unlink(missing_ok=True)  # the json is the commit marker: written last
-            _atomic_write(npy, lambda f: np.save(f, array, allow_pickle=False))
-            _atomic_write(meta, lambda f: f.write(json.dumps(info)), mode="w")
+            atomic_write(npy, lambda f: np.save(f, array, allow_pickle=False))
+            atomic_write(meta, lambda f: f.write(json.dumps(info)), mode="w")
             return
         except FileNotFoundError:  # another process finishing the same entry removed the folder: once more
             if attempt:

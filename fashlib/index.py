@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
+from .paths import atomic_write
 
 FORMAT, FORMAT_VERSION = "fashlib-index", 2  # 2: per-file sha256 and manifest_sha256
 MANIFEST = "manifest.json"
@@ -64,20 +64,6 @@ class CorruptIndexError(CatalogueIndexError):
 # ------------------------------------------------------------------------------------------ files
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -467,6 +453,11 @@ def open_index(folder: str | os.PathLike, model: Any = None) -> CatalogueIndex:
     return opened
 
 
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Atomic write of `data` to `path` (paths.atomic_write)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
 def _write(folder: Path, manifest: dict, embeddings: np.ndarray, index: Any) -> None:
     """Write embeddings and index under content-named files, then the manifest (the commit), then drop old files."""
     import faiss
@@ -478,9 +469,9 @@ def _write(folder: Path, manifest: dict, embeddings: np.ndarray, index: Any) -> 
     for key, (raw, suffix) in blobs.items():
         digest = _sha256(raw)
         manifest[f"{key}_file"], manifest[f"{key}_sha256"] = f"{key}-{digest[:16]}.{suffix}", digest
-        _atomic_write(folder / manifest[f"{key}_file"], raw)
+        _write_bytes(folder / manifest[f"{key}_file"], raw)
     manifest["manifest_sha256"] = manifest_digest(manifest)
-    _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
     keep = {MANIFEST, manifest["embeddings_file"], manifest["index_file"]}
     for old in list(folder.glob("embeddings-*.npy")) + list(folder.glob("index-*.faiss")):
         if old.name not in keep:

@@ -5,7 +5,10 @@ kernel that JupyterLab starts in notebooks/ finds the same folders as a command 
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ENV_VAR = "FASHLIB_DATA"
 _PACKAGE_PARENT = Path(__file__).resolve().parents[1]
@@ -45,3 +48,21 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
         if value is not None:
             return Path(value).expanduser().resolve()
     return PROJECT_ROOT / "data"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call write(file) on a temporary file in path's folder, fsync, then os.replace it onto path.
+
+    Readers never see half a file, and a crash leaves the old file (or none), never a torn one; the
+    temporary file is removed on any error, which is re-raised. The one atomic write of the package."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

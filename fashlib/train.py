@@ -54,6 +54,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .paths import atomic_write
+
 __all__ = [
     "TrainConfig",
     "NonFiniteLossError",
@@ -262,17 +264,8 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace (never a torn file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save through paths.atomic_write (temporary file, fsync, os.replace: never a torn checkpoint)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

@@ -513,7 +513,7 @@ def test_shard_write_survives_a_concurrent_finisher_removing_the_folder(tmp_path
     import shutil
 
     folder = tmp_path / "entry.shards"
-    real = features._atomic_write
+    real = features.atomic_write
     calls = []
 
     def racing(path, write, mode="wb"):
@@ -522,8 +522,8 @@ def test_shard_write_survives_a_concurrent_finisher_removing_the_folder(tmp_path
             shutil.rmtree(folder)  # the other process assembled the entry and removed the folder
         return real(path, write, mode)
 
-    monkeypatch.setattr(features, "_atomic_write", racing)
+    monkeypatch.setattr(features, "atomic_write", racing)
     array = np.arange(6, dtype=np.float32).reshape(2, 3)
     features._write_shard(folder, 0, "k" * 64, (0, 2), array)
-    monkeypatch.setattr(features, "_atomic_write", real)
+    monkeypatch.setattr(features, "atomic_write", real)
     np.testing.assert_array_equal(features._read_shard(folder, 0, "k" * 64, (0, 2)), array)
