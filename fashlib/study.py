@@ -76,14 +76,18 @@ def query_scores(table: pd.DataFrame, embeddings: np.ndarray, ks: Sequence[int] 
     return stats.per_query_scores(embeddings[query], labels[query], embeddings[gallery], labels[gallery], ks)
 
 
+def _metric_column(metric: str) -> str:
+    """The per-query score column behind an aggregate metric (mAP@R is the mean of per-query AP@R)."""
+    return "ap@r" if metric == "map@r" else metric
+
+
 def intervals_row(
     scores: pd.DataFrame, metrics: Sequence[str] = ("recall@1", "map@r"), n_boot: int = 2000, seed: int = 0
 ) -> dict[str, float]:
     """{metric: mean, metric_low: ..., metric_high: ...} (95% bootstrap) for a per-query table."""
     row: dict[str, float] = {}
     for metric in metrics:
-        column = "ap@r" if metric == "map@r" else metric
-        ci = stats.bootstrap_ci(scores[column].to_numpy(), n_boot=n_boot, seed=seed)
+        ci = stats.bootstrap_ci(scores[_metric_column(metric)].to_numpy(), n_boot=n_boot, seed=seed)
         row.update({metric: ci.value, f"{metric}_low": ci.low, f"{metric}_high": ci.high})
     return row
 
@@ -113,9 +117,7 @@ def seed_study(
             )
             scores = query_scores(table, emb)
             per_seed.append(scores)
-            rows.append(
-                {"config": name, "seed": seed, **{m: scores["ap@r" if m == "map@r" else m].mean() for m in metrics}}
-            )
+            rows.append({"config": name, "seed": seed, **{m: scores[_metric_column(m)].mean() for m in metrics}})
         runs = pd.DataFrame([r for r in rows if r["config"] == name])
         entry = {"config": name}
         for m in metrics:
@@ -224,10 +226,6 @@ def postprocessing_test(
 
 
 # ------------------------------------------------------------------------------------------ seeds vs noise
-def _metric_column(metric: str) -> str:
-    return "ap@r" if metric == "map@r" else metric
-
-
 def seed_comparison(
     features: Mapping[str, np.ndarray],
     table: pd.DataFrame,
