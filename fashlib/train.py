@@ -442,6 +442,31 @@ def fit(
             dist.destroy_process_group()
 
 
+@dataclass
+class _Run:
+    """What one training run carries from step to step: modules, optimiser state, schedule, counters, history.
+
+    ``model`` is the bare module (checkpointed, evaluated); ``train_model`` the one the forward pass goes
+    through (``model`` itself, or its DistributedDataParallel wrapper under torchrun)."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    device: torch.device
+    dist_info: _Dist
+    amp: bool
+    ckpt_path: Path
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    history: dict[str, list[Any]] = dataclasses.field(default_factory=_new_history)
+    start_epoch: int = 0
+    global_step: int = 0
+    train_model: nn.Module | None = None
+
+
 def _fit(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -458,23 +483,83 @@ def _fit(
     batch_sampler: Any | None,
     on_epoch_end: Callable[[int, dict[str, list[Any]]], None] | None,
 ) -> dict[str, list[Any]]:
+    """The body of ``fit`` once this process knows its rank and device; arguments and history as in ``fit``.
+
+    Steps: set up the run (``_new_run``: sampler, optimiser, lr schedule), restore a checkpoint or seed every
+    RNG (``_restore``), then per epoch: train (``_train_epoch``), evaluate (``_evaluate_epoch``), record,
+    checkpoint (``_save_checkpoint``) and call ``on_epoch_end``. Raises what those steps raise (ValueError,
+    FileNotFoundError, CheckpointMismatchError, NonFiniteLossError)."""
     from tqdm.auto import tqdm
 
+    _prepare_out_dir(config, out_dir, dist_info)
+    batch_sampler = _default_batch_sampler(batch_sampler, train_dataset, labels, config)
+    run = _new_run(model, loss_fn, batch_sampler, config, out_dir, dist_info, device)
+    _restore(run, _resolve_resume(resume, out_dir), config)
+    run.train_model = _wrap_distributed(model, dist_info, device)
+    sampler = _RankSlice(batch_sampler, dist_info.rank, dist_info.world_size)
+
+    for epoch in range(run.start_epoch, config.epochs):
+        loader = _epoch_loader(train_dataset, batch_sampler, sampler, config, epoch, run)
+        model.train()
+        loss_fn.train()
+        bar = tqdm(
+            total=run.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not (progress and dist_info.main),
+            leave=True,
+            dynamic_ncols=True,
+        )
+        row = _train_epoch(run, loader, bar, epoch, config)
+        _evaluate_epoch(row, eval_fn, run, bar, epoch, config)
+        bar.close()
+        _record(run.history, row)
+        _save_checkpoint(run, config, epoch)
+        if dist_info.enabled:
+            dist.barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, run.history)
+    return run.history
+
+
+def _prepare_out_dir(config: TrainConfig, out_dir: Path, dist_info: _Dist) -> None:
+    """Switch to deterministic kernels when ``config.deterministic``; create ``out_dir`` on rank 0."""
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     if dist_info.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT_NAME
+
+
+def _default_batch_sampler(
+    batch_sampler: Any | None,
+    train_dataset: Dataset,
+    labels: Sequence[int] | np.ndarray | None,
+    config: TrainConfig,
+) -> Any:
+    """``batch_sampler`` if given, else a P x K sampler over ``labels`` (default ``train_dataset.labels``)."""
+    if batch_sampler is not None:
+        return batch_sampler
+    from fashlib.data.sampler import PKSampler
+
+    if labels is None:
+        labels = train_dataset.labels
+    return PKSampler(np.asarray(labels), config.p, config.k, seed=config.seed)
+
+
+def _new_run(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    batch_sampler: Any,
+    config: TrainConfig,
+    out_dir: Path,
+    dist_info: _Dist,
+    device: torch.device,
+) -> _Run:
+    """Move the modules to ``device`` and build AdamW, the warm-up + cosine schedule and the AMP scaler.
+
+    ValueError when ``batch_sampler`` yields no batch (too few labels with enough images for p x k)."""
     amp = (device.type == "cuda") if config.amp is None else bool(config.amp and device.type == "cuda")
-
-    if batch_sampler is None:
-        from fashlib.data.sampler import PKSampler
-
-        if labels is None:
-            labels = train_dataset.labels
-        batch_sampler = PKSampler(np.asarray(labels), config.p, config.k, seed=config.seed)
     steps_per_epoch = len(batch_sampler)
     if steps_per_epoch == 0:
         raise ValueError("the batch sampler yields no batch: too few labels with enough images for p x k")
@@ -489,139 +574,172 @@ def _fit(
     optimizer = torch.optim.AdamW(_param_groups(model, loss_fn, config), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    history = _new_history()
-    start_epoch, global_step = 0, 0
+    return _Run(
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        device=device,
+        dist_info=dist_info,
+        amp=amp,
+        ckpt_path=out_dir / CHECKPOINT_NAME,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup=warmup,
+    )
 
-    ckpt_file = _resolve_resume(resume, out_dir)
-    if ckpt_file is not None:
-        state = load_checkpoint(ckpt_file)  # on CPU: RNG states must stay CPU tensors
-        check_resumable(state, model, loss_fn, config, ckpt_file)
-        model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
-        if state["config"].get("epochs") != config.epochs and dist_info.main:
-            warnings.warn(
-                f"resuming a run configured for {state['config'].get('epochs')} epochs with epochs="
-                f"{config.epochs}: the lr schedule now follows {config.epochs} epochs",
-                stacklevel=3,
-            )
-        # the schedule is a function of the CURRENT total: re-derive the lr of the next step from it
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * lr_factor(global_step, total_steps, warmup)
-        rngs = state["rng"]
-        _set_rng_state(rngs[dist_info.rank] if dist_info.rank < len(rngs) else rngs[0])
-    else:
+
+def _restore(run: _Run, ckpt_file: Path | None, config: TrainConfig) -> None:
+    """Continue from checkpoint ``ckpt_file`` (weights, optimiser, schedule, counters, history, RNG states),
+    or seed every RNG from ``config.seed + rank`` when it is None (a fresh run).
+
+    CheckpointMismatchError (check_resumable) when the checkpoint belongs to another model, loss or config; a
+    UserWarning when it was configured for another number of epochs (the lr schedule follows the new one)."""
+    dist_info = run.dist_info
+    if ckpt_file is None:
         _seed_everything(config.seed + dist_info.rank)
-
-    train_model: nn.Module = model
-    if dist_info.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+        return
+    state = load_checkpoint(ckpt_file)  # on CPU: RNG states must stay CPU tensors
+    check_resumable(state, run.model, run.loss_fn, config, ckpt_file)
+    run.model.load_state_dict(state["model"])
+    run.loss_fn.load_state_dict(state["loss"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.start_epoch, run.global_step, run.history = state["epoch"], state["step"], state["history"]
+    if state["config"].get("epochs") != config.epochs and dist_info.main:
+        warnings.warn(
+            f"resuming a run configured for {state['config'].get('epochs')} epochs with epochs="
+            f"{config.epochs}: the lr schedule now follows {config.epochs} epochs",
+            stacklevel=4,  # the caller of fit (_restore <- _fit <- fit <- caller)
         )
-    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
-    all_params = [p for g in optimizer.param_groups for p in g["params"]]
-    sampler = _RankSlice(batch_sampler, dist_info.rank, dist_info.world_size)
+    # the schedule is a function of the CURRENT total: re-derive the lr of the next step from it
+    for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
+        group["lr"] = base * lr_factor(run.global_step, run.total_steps, run.warmup)
+    rngs = state["rng"]
+    _set_rng_state(rngs[dist_info.rank] if dist_info.rank < len(rngs) else rngs[0])
 
-    for epoch in range(start_epoch, config.epochs):
-        if hasattr(batch_sampler, "set_epoch"):
-            batch_sampler.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, dist_info.rank))
-        loader = DataLoader(
-            train_dataset,
-            batch_sampler=sampler,
-            num_workers=config.num_workers,
-            generator=generator,
-            pin_memory=device.type == "cuda",
-        )
-        model.train()
-        loss_fn.train()
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not (progress and dist_info.main),
-            leave=True,
-            dynamic_ncols=True,
-        )
-        loss_sum, n_steps = 0.0, 0
-        for step, (images, targets, _rows) in enumerate(loader):
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            loss = batch_loss(train_model, loss_fn, images, targets, amp=amp)
-            value = loss.detach().float()
-            if dist_info.enabled:  # every rank computes the same loss; agree anyway before deciding
-                flag = (~torch.isfinite(value)).float()
-                dist.all_reduce(flag)
-                finite = flag.item() == 0
-            else:
-                finite = bool(torch.isfinite(value))
-            if not finite:
-                bar.close()
-                good = f"{ckpt_path} (after epoch {epoch})" if epoch > 0 else "none (failed in the first epoch)"
-                raise NonFiniteLossError(
-                    f"non-finite loss ({value.item()}) at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}"
-                    f" (global step {global_step + 1}); last good checkpoint: {good}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            average_loss_grads(loss_params)
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(all_params, config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            global_step += 1
-            loss_sum += value.item()
-            n_steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / n_steps:.4f}", lr=f"{lr:.2e}")
 
-        row: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / max(1, n_steps), "lr": lr}
-        is_last = epoch + 1 == config.epochs
-        due = config.eval_every > 0 and (epoch + 1) % config.eval_every == 0
-        if eval_fn is not None and (due or is_last):
-            metrics = _evaluate(eval_fn, model, dist_info)
-            row.update(metrics)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", **{k: _short(v) for k, v in metrics.items()})
-        bar.close()
-        _record(history, row)
+def _wrap_distributed(model: nn.Module, dist_info: _Dist, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel under torchrun, ``model`` itself in one process."""
+    if not dist_info.enabled:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-        if not _all_finite([model, loss_fn]):
+
+def _epoch_loader(
+    train_dataset: Dataset, batch_sampler: Any, sampler: _RankSlice, config: TrainConfig, epoch: int, run: _Run
+) -> DataLoader:
+    """The DataLoader of one epoch: sampler told ``set_epoch(epoch)``, workers seeded from (seed, epoch, rank)."""
+    if hasattr(batch_sampler, "set_epoch"):
+        batch_sampler.set_epoch(epoch)
+    generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch, run.dist_info.rank))
+    return DataLoader(
+        train_dataset,
+        batch_sampler=sampler,
+        num_workers=config.num_workers,
+        generator=generator,
+        pin_memory=run.device.type == "cuda",
+    )
+
+
+def _train_epoch(run: _Run, loader: DataLoader, bar: Any, epoch: int, config: TrainConfig) -> dict[str, Any]:
+    """One epoch of optimiser steps over ``loader``; returns the history row {"epoch", "loss" (mean), "lr"}.
+
+    ``lr`` is the learning rate of the epoch's last step. NonFiniteLossError (bar closed) at the first step
+    whose loss is NaN or infinite, naming the epoch, the step and the last good checkpoint."""
+    loss_params = [p for p in run.loss_fn.parameters() if p.requires_grad]
+    all_params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    loss_sum, n_steps = 0.0, 0
+    for step, (images, targets, _rows) in enumerate(loader):
+        images = images.to(run.device, non_blocking=True)
+        targets = targets.to(run.device, non_blocking=True)
+        loss = batch_loss(run.train_model, run.loss_fn, images, targets, amp=run.amp)
+        value = loss.detach().float()
+        if not _loss_is_finite(value, run.dist_info):
+            bar.close()
+            good = f"{run.ckpt_path} (after epoch {epoch})" if epoch > 0 else "none (failed in the first epoch)"
             raise NonFiniteLossError(
-                f"non-finite weights after epoch {epoch + 1}; last good checkpoint {ckpt_path} kept"
+                f"non-finite loss ({value.item()}) at epoch {epoch + 1}, step {step + 1}/{run.steps_per_epoch}"
+                f" (global step {run.global_step + 1}); last good checkpoint: {good}"
             )
-        rngs = [_rng_state()]
-        if dist_info.enabled:
-            gathered: list[Any] = [None] * dist_info.world_size
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        if dist_info.main:
-            _atomic_save(
-                {
-                    "model": model.state_dict(),
-                    "loss": loss_fn.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch + 1,
-                    "step": global_step,
-                    "sampler_epoch": epoch,
-                    "history": history,
-                    "rng": rngs,
-                    "config": dataclasses.asdict(config),
-                    "world_size": dist_info.world_size,
-                },
-                ckpt_path,
-            )
-        if dist_info.enabled:
-            dist.barrier()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, history)
-    return history
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        average_loss_grads(loss_params)
+        if config.grad_clip is not None:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(all_params, config.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        lr = run.optimizer.param_groups[0]["lr"]
+        run.scheduler.step()
+        run.global_step += 1
+        loss_sum += value.item()
+        n_steps += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / n_steps:.4f}", lr=f"{lr:.2e}")
+    return {"epoch": epoch + 1, "loss": loss_sum / max(1, n_steps), "lr": lr}
+
+
+def _loss_is_finite(value: torch.Tensor, dist_info: _Dist) -> bool:
+    """Whether the step's loss is finite; under torchrun every rank agrees (all-reduce) before deciding."""
+    if dist_info.enabled:  # every rank computes the same loss; agree anyway before deciding
+        flag = (~torch.isfinite(value)).float()
+        dist.all_reduce(flag)
+        return flag.item() == 0
+    return bool(torch.isfinite(value))
+
+
+def _evaluate_epoch(
+    row: dict[str, Any],
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None,
+    run: _Run,
+    bar: Any,
+    epoch: int,
+    config: TrainConfig,
+) -> None:
+    """Add ``eval_fn``'s metrics to ``row`` every ``config.eval_every`` epochs and after the last epoch."""
+    is_last = epoch + 1 == config.epochs
+    due = config.eval_every > 0 and (epoch + 1) % config.eval_every == 0
+    if eval_fn is not None and (due or is_last):
+        metrics = _evaluate(eval_fn, run.model, run.dist_info)
+        row.update(metrics)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", **{k: _short(v) for k, v in metrics.items()})
+
+
+def _save_checkpoint(run: _Run, config: TrainConfig, epoch: int) -> None:
+    """Write ``run.ckpt_path`` after ``epoch`` (0-based) on rank 0, atomically, with every rank's RNG state.
+
+    NonFiniteLossError, writing nothing, when a weight of the model or the loss is NaN or infinite (the last
+    good checkpoint is kept)."""
+    if not _all_finite([run.model, run.loss_fn]):
+        raise NonFiniteLossError(
+            f"non-finite weights after epoch {epoch + 1}; last good checkpoint {run.ckpt_path} kept"
+        )
+    rngs = [_rng_state()]
+    if run.dist_info.enabled:
+        gathered: list[Any] = [None] * run.dist_info.world_size
+        dist.all_gather_object(gathered, rngs[0])
+        rngs = gathered
+    if run.dist_info.main:
+        _atomic_save(
+            {
+                "model": run.model.state_dict(),
+                "loss": run.loss_fn.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "epoch": epoch + 1,
+                "step": run.global_step,
+                "sampler_epoch": epoch,
+                "history": run.history,
+                "rng": rngs,
+                "config": dataclasses.asdict(config),
+                "world_size": run.dist_info.world_size,
+            },
+            run.ckpt_path,
+        )
 
 
 def _short(value: Any) -> Any:
