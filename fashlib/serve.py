@@ -101,17 +101,79 @@ def _form(k: int) -> str:
     )
 
 
+class _Refused(Exception):
+    """An upload the search page refuses: the HTTP status and the sentence shown to the user."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status, self.text = status, text
+
+
+def _decode_upload(upload: Any, max_pixels: int) -> Image.Image:
+    """The uploaded photo in RGB (EXIF orientation, transparency on white), as the catalogue photos are read.
+
+    `upload` is the werkzeug FileStorage of the form field "photo", or None. Raises _Refused(400) when no file
+    was sent or PIL cannot read it, _Refused(413) above `max_pixels` (width x height, from the header, before
+    any decoding: decompression bombs)."""
+    from .saved_model import open_rgb
+
+    if upload is None or upload.filename == "":
+        raise _Refused(400, "No photo received: choose an image file (JPEG, PNG or WebP).")
+    not_image = f"{upload.filename!r} is not an image this server can read (JPEG, PNG or WebP)."
+    try:
+        image = Image.open(io.BytesIO(upload.read()))
+    except Exception:  # noqa: BLE001 - anything PIL cannot identify is "not an image"
+        raise _Refused(400, not_image) from None
+    if image.width * image.height > max_pixels:
+        raise _Refused(
+            413,
+            f"{upload.filename!r} is {image.width} x {image.height} pixels, more than the limit "
+            f"of {max_pixels / 1e6:g} megapixels; choose a smaller photo.",
+        )
+    try:
+        image.load()
+        return open_rgb(image)  # EXIF orientation, transparency on white: as the catalogue photos
+    except Exception:  # noqa: BLE001 - anything PIL cannot decode is "not an image"
+        raise _Refused(400, not_image) from None
+
+
+def _results_grid(image: Image.Image, filename: str, results: Sequence[dict]) -> str:
+    """HTML grid of the query photo (inlined) followed by its top-k results (thumbnails served by /thumb/<id>)."""
+    cells = [figure(data_uri(thumbnail_jpeg(image)), f"your photo: {filename}", "query")]
+    cells += [
+        figure(f"/thumb/{r['id']}", f"#{r['rank']} {r['score']:.3f} {r['path']}" + (STALE_NOTE if r["stale"] else ""))
+        for r in results
+    ]
+    return f'<div class="grid" id="results">{"".join(cells)}</div>'
+
+
+def _thumb_response(index: Any, item: int) -> Any:
+    """The JPEG thumbnail of catalogue row `item`: 404 for no such row or an unreadable file, 403 for a manifest
+    path resolving outside the catalogue folder."""
+    from flask import Response, abort
+
+    try:
+        path = index.file_path(item)
+    except IndexError:
+        abort(404)
+    except PermissionError:
+        abort(403)
+    try:
+        return Response(thumbnail_jpeg(path), mimetype="image/jpeg")
+    except OSError:
+        abort(404)
+
+
 def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0, max_pixels: int = MAX_UPLOAD_PIXELS):
     """Flask app over an opened CatalogueIndex (fashlib.index.open_index); see the module docstring.
 
     Uploads above `max_upload_mb` megabytes or `max_pixels` pixels (width x height, read from the header before
     any decoding: decompression bombs) are refused with 413 and a message.
     """
-    from flask import Flask, Response, abort, jsonify, request
+    from flask import Flask, Response, jsonify, request
     from werkzeug.exceptions import RequestEntityTooLarge
 
     from .index import CatalogueIndexError
-    from .saved_model import open_rgb
 
     app = Flask("fashlib.serve")
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
@@ -141,50 +203,21 @@ def create_app(index: Any, k: int = 10, max_upload_mb: float = 10.0, max_pixels:
     @app.post("/search")
     def search():
         upload = request.files.get("photo")
-        if upload is None or upload.filename == "":
-            return message(400, "No photo received: choose an image file (JPEG, PNG or WebP).")
         try:
-            image = Image.open(io.BytesIO(upload.read()))
-        except Exception:  # noqa: BLE001 - anything PIL cannot identify is "not an image"
-            return message(400, f"{upload.filename!r} is not an image this server can read (JPEG, PNG or WebP).")
-        if image.width * image.height > max_pixels:
-            return message(
-                413,
-                f"{upload.filename!r} is {image.width} x {image.height} pixels, more than the limit "
-                f"of {max_pixels / 1e6:g} megapixels; choose a smaller photo.",
-            )
-        try:
-            image.load()
-            image = open_rgb(image)  # EXIF orientation, transparency on white: as the catalogue photos
-        except Exception:  # noqa: BLE001 - anything PIL cannot decode is "not an image"
-            return message(400, f"{upload.filename!r} is not an image this server can read (JPEG, PNG or WebP).")
+            image = _decode_upload(upload, max_pixels)
+        except _Refused as refused:
+            return message(refused.status, refused.text)
         try:
             results = index.query([image], k=k)[0]
         except CatalogueIndexError as err:  # e.g. an empty index: say so, not "not an image"
             return message(500, str(err))
         if request.args.get("format") == "json":
             return jsonify(results=results)
-        cells = [figure(data_uri(thumbnail_jpeg(image)), f"your photo: {upload.filename}", "query")]
-        cells += [
-            figure(
-                f"/thumb/{r['id']}", f"#{r['rank']} {r['score']:.3f} {r['path']}" + (STALE_NOTE if r["stale"] else "")
-            )
-            for r in results
-        ]
-        grid = f'<div class="grid" id="results">{"".join(cells)}</div>'
+        grid = _results_grid(image, upload.filename, results)
         return Response(page("fashlib search results", header + _form(k) + grid, SCRIPT), mimetype="text/html")
 
     @app.get("/thumb/<int:item>")
     def thumb(item: int):
-        try:
-            path = index.file_path(item)
-        except IndexError:
-            abort(404)
-        except PermissionError:
-            abort(403)
-        try:
-            return Response(thumbnail_jpeg(path), mimetype="image/jpeg")
-        except OSError:
-            abort(404)
+        return _thumb_response(index, item)
 
     return app
