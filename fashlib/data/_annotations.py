@@ -126,6 +126,87 @@ def _malformed(path: Path, line_no: int, text: str, why: str) -> ValueError:
     return ValueError(f"{path}, line {line_no}: {why}: {text.rstrip()!r}")
 
 
+def _read_count_and_header(path: Path, lines: list[str], columns: list[str]) -> int:
+    """The record count declared on line 1, after checking that line 2 names len(columns) columns.
+
+    ValueError naming the file and line for an empty file, a line 1 that is not an integer, or a missing or
+    mis-sized header."""
+    if not lines:
+        raise ValueError(f"{path}, line 1: empty annotation file, expected a record count")
+    try:
+        declared = int(lines[0].strip())
+    except ValueError:
+        raise _malformed(path, 1, lines[0], "line 1 must be the record count") from None
+    if len(lines) < 2:
+        raise ValueError(f"{path}, line 2: missing header line (expected columns {' '.join(columns)})")
+    header = lines[1].split()
+    if len(header) != len(columns):
+        raise _malformed(path, 2, lines[1], f"header should name {len(columns)} columns ({' '.join(columns)})")
+    return declared
+
+
+def _parse_record(
+    path: Path,
+    line_no: int,
+    text: str,
+    fields: list[str],
+    columns: list[str],
+    merge_at: int | None,
+    converters: Mapping[str, Callable[[str], object]],
+    allowed: Mapping[str, set[str]],
+) -> list[object]:
+    """One record's values in column order: extra fields joined into column `merge_at`, choices checked,
+    converters applied. ValueError naming file, line number and text for a wrong field count or value."""
+    n_cols = len(columns)
+    if len(fields) != n_cols:
+        if merge_at is None or len(fields) < n_cols:
+            raise _malformed(path, line_no, text, f"expected {n_cols} fields ({' '.join(columns)}), got {len(fields)}")
+        extra = len(fields) - n_cols
+        fields = fields[:merge_at] + [" ".join(fields[merge_at : merge_at + extra + 1])] + fields[merge_at + extra + 1 :]
+    row: list[object] = []
+    for name, value in zip(columns, fields):
+        if name in allowed and value not in allowed[name]:
+            raise _malformed(path, line_no, text, f"{name} must be one of {sorted(allowed[name])}, got {value!r}")
+        if name in converters:
+            try:
+                value = converters[name](value)
+            except (TypeError, ValueError):
+                raise _malformed(path, line_no, text, f"cannot read {name} from {value!r}") from None
+        row.append(value)
+    return row
+
+
+def _read_records(
+    path: Path,
+    lines: list[str],
+    columns: list[str],
+    merge_at: int | None,
+    converters: Mapping[str, Callable[[str], object]],
+    allowed: Mapping[str, set[str]],
+    line_column: str | None,
+) -> tuple[list[list[object]], int, list[tuple[int, int]]]:
+    """Parse the record lines (line 3 on): (records, number of non-blank record lines, duplicates).
+
+    Blank lines are skipped; an exact repeat of an earlier line is left out and listed in duplicates as
+    (line, the earlier line it repeats); each record ends with its line number when `line_column` is set."""
+    records: list[list[object]] = []
+    first_seen: dict[tuple[str, ...], int] = {}
+    duplicates: list[tuple[int, int]] = []  # (line, the earlier line it repeats)
+    n_lines = 0
+    for line_no, text in enumerate(lines[2:], start=3):
+        fields = text.split()
+        if not fields:
+            continue  # blank lines (trailing newlines) carry no record
+        n_lines += 1
+        if tuple(fields) in first_seen:
+            duplicates.append((line_no, first_seen[tuple(fields)]))
+            continue
+        first_seen[tuple(fields)] = line_no
+        row = _parse_record(path, line_no, text, fields, columns, merge_at, converters, allowed)
+        records.append(row + [line_no] if line_column else row)
+    return records, n_lines, duplicates
+
+
 def read_annotation(
     path: str | os.PathLike,
     columns: Sequence[str],
@@ -152,50 +233,10 @@ def read_annotation(
     converters = dict(converters or {})
     allowed = {k: set(v) for k, v in (choices or {}).items()}
     merge_at = columns.index(merge_extra_into) if merge_extra_into is not None else None
-    n_cols = len(columns)
 
     lines = text_lines(read_text(path))
-    if not lines:
-        raise ValueError(f"{path}, line 1: empty annotation file, expected a record count")
-    try:
-        declared = int(lines[0].strip())
-    except ValueError:
-        raise _malformed(path, 1, lines[0], "line 1 must be the record count") from None
-    if len(lines) < 2:
-        raise ValueError(f"{path}, line 2: missing header line (expected columns {' '.join(columns)})")
-    header = lines[1].split()
-    if len(header) != n_cols:
-        raise _malformed(path, 2, lines[1], f"header should name {n_cols} columns ({' '.join(columns)})")
-
-    records: list[list[object]] = []
-    first_seen: dict[tuple[str, ...], int] = {}
-    duplicates: list[tuple[int, int]] = []  # (line, the earlier line it repeats)
-    n_lines = 0
-    for line_no, text in enumerate(lines[2:], start=3):
-        fields = text.split()
-        if not fields:
-            continue  # blank lines (trailing newlines) carry no record
-        n_lines += 1
-        if tuple(fields) in first_seen:
-            duplicates.append((line_no, first_seen[tuple(fields)]))
-            continue
-        first_seen[tuple(fields)] = line_no
-        if len(fields) != n_cols:
-            if merge_at is None or len(fields) < n_cols:
-                raise _malformed(path, line_no, text, f"expected {n_cols} fields ({' '.join(columns)}), got {len(fields)}")
-            extra = len(fields) - n_cols
-            fields = fields[:merge_at] + [" ".join(fields[merge_at : merge_at + extra + 1])] + fields[merge_at + extra + 1 :]
-        row: list[object] = []
-        for name, value in zip(columns, fields):
-            if name in allowed and value not in allowed[name]:
-                raise _malformed(path, line_no, text, f"{name} must be one of {sorted(allowed[name])}, got {value!r}")
-            if name in converters:
-                try:
-                    value = converters[name](value)
-                except (TypeError, ValueError):
-                    raise _malformed(path, line_no, text, f"cannot read {name} from {value!r}") from None
-            row.append(value)
-        records.append(row + [line_no] if line_column else row)
+    declared = _read_count_and_header(path, lines, columns)
+    records, n_lines, duplicates = _read_records(path, lines, columns, merge_at, converters, allowed, line_column)
 
     if declared != n_lines:
         warnings.warn(
