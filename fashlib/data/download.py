@@ -157,6 +157,49 @@ def _content_root(extracted: Path, source: Source) -> Path:
     )
 
 
+def _fetch_checked(
+    name: str, source: Source, url: str, archive: Path, target: Path, sha256: str | None, progress: bool, timeout: float
+) -> None:
+    """Stream `url` into `archive` and compare its sha256 with `sha256` (when given).
+
+    DownloadError when the download fails (with the offline hint for `target`) or the sha256 differs."""
+    try:
+        got = _fetch(url, archive, progress, timeout)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise DownloadError(
+            f"could not download {name!r} from {url}: {reason}. {_offline_hint(source, url, target)}"
+        ) from err
+    if sha256 is not None and got.lower() != sha256.lower():
+        raise DownloadError(
+            f"sha256 mismatch for {url}: expected {sha256}, got {got}; "
+            "the download is corrupt or the source changed. Nothing was kept."
+        )
+
+
+def _extract_checked(
+    name: str, source: Source, url: str, archive: Path, extracted: Path, tree_sha256: str | None
+) -> Path:
+    """Extract `archive` into `extracted`; return the dataset folder inside, its content digest checked.
+
+    DownloadError for an invalid or unsafe zip, a missing top folder, or a content digest other than
+    `tree_sha256` (when given)."""
+    try:
+        _safe_extract(archive, extracted)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as err:
+        raise DownloadError(f"{url} is not a valid zip archive ({err}). Nothing was kept.") from err
+    content = _content_root(extracted, source)
+    if tree_sha256 is not None:
+        digest = tree_digest(content, source.patterns)
+        if digest != tree_sha256:
+            raise DownloadError(
+                f"content digest mismatch for {name!r} from {url}: expected {tree_sha256}, "
+                f"got {digest} over {len(dataset_files(content, source.patterns))} files. "
+                "Nothing was kept."
+            )
+    return content
+
+
 def download(
     name: str,
     root: str | os.PathLike | None = None,
@@ -196,31 +239,8 @@ def download(
     archive = Path(tmp_name)
     extracted = Path(tempfile.mkdtemp(prefix=f".{source.folder}-extract-", dir=base))
     try:
-        try:
-            got = _fetch(url, archive, progress, timeout)
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
-            reason = getattr(err, "reason", err)
-            raise DownloadError(
-                f"could not download {name!r} from {url}: {reason}. {_offline_hint(source, url, target)}"
-            ) from err
-        if sha256 is not None and got.lower() != sha256.lower():
-            raise DownloadError(
-                f"sha256 mismatch for {url}: expected {sha256}, got {got}; "
-                "the download is corrupt or the source changed. Nothing was kept."
-            )
-        try:
-            _safe_extract(archive, extracted)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as err:
-            raise DownloadError(f"{url} is not a valid zip archive ({err}). Nothing was kept.") from err
-        content = _content_root(extracted, source)
-        if tree_sha256 is not None:
-            digest = tree_digest(content, source.patterns)
-            if digest != tree_sha256:
-                raise DownloadError(
-                    f"content digest mismatch for {name!r} from {url}: expected {tree_sha256}, "
-                    f"got {digest} over {len(dataset_files(content, source.patterns))} files. "
-                    "Nothing was kept."
-                )
+        _fetch_checked(name, source, url, archive, target, sha256, progress, timeout)
+        content = _extract_checked(name, source, url, archive, extracted, tree_sha256)
         try:
             os.rename(content, target)  # atomic on one filesystem; fails if target appeared meanwhile
         except OSError as err:
