@@ -125,6 +125,67 @@ def read_images_csv(csv: Path) -> pd.DataFrame:
     return raw.drop(columns="line").reset_index(drop=True)
 
 
+def _clothing_csv(
+    dataset_dir: str | os.PathLike | None, eval_split: str, fractions: Sequence[float], gallery_fraction: float
+) -> tuple[Path, Path]:
+    """(dataset folder, its images.csv) after checking read_clothing's arguments.
+
+    ValueError for an `eval_split`, `fractions` or `gallery_fraction` out of range; FileNotFoundError (with
+    the download hint) when the folder or its images.csv is missing."""
+    if eval_split not in ("test", "val"):
+        raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
+    if len(fractions) != 3:
+        raise ValueError(f"fractions must be (train, val, test), got {tuple(fractions)}")
+    if not 0.0 < gallery_fraction < 1.0:
+        raise ValueError(f"gallery_fraction must be in (0, 1), got {gallery_fraction}")
+    folder = Path(dataset_dir).expanduser().resolve() if dataset_dir is not None else data_root() / FOLDER
+    if not folder.is_dir():
+        raise _missing(folder, "dataset folder")
+    csv = folder / "images.csv"
+    if not csv.is_file():
+        raise _missing(csv, "annotation file images.csv")
+    return folder, csv
+
+
+def _clothing_table(raw: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """The contract columns for images.csv rows that have an image, a label and a sender (split still empty)."""
+    raw = raw.dropna(subset=["image", "label", "sender_id"])
+    return pd.DataFrame(
+        {
+            "path": [str(folder / "images" / f"{image}.jpg") for image in raw["image"]],
+            "item_id": raw["image"].astype(str).to_numpy(),
+            "label": raw["label"].astype(str).to_numpy(),
+            "category": raw["label"].astype(str).to_numpy(),
+            "domain": "consumer",
+            "split": "",
+            "x1": np.nan,
+            "y1": np.nan,
+            "x2": np.nan,
+            "y2": np.nan,
+            "sender_id": raw["sender_id"].astype(np.int64).to_numpy(),
+            "kids": raw["kids"].astype(str).str.lower().eq("true").to_numpy(),
+        }
+    )
+
+
+def _assign_splits(
+    table: pd.DataFrame, fractions: Sequence[float], seed: int, eval_split: str, gallery_fraction: float
+) -> pd.DataFrame:
+    """Fill ``split``: contributors to train/val/test by `fractions`, then the `eval_split` contributors into
+    query and gallery (`gallery_fraction` of the images); columns in contract order."""
+    part = group_split(table["sender_id"], table["label"], fractions, seed=seed)
+    split = np.asarray(_SPLIT_NAMES, dtype=object)[part]
+    in_eval = split == eval_split
+    if in_eval.any():
+        gallery = _query_gallery(table.loc[in_eval].reset_index(drop=True), gallery_fraction, seed)
+        split[np.flatnonzero(in_eval)] = np.where(gallery, "gallery", "query")
+    table["split"] = split
+    for col in ("x1", "y1", "x2", "y2"):
+        table[col] = table[col].astype(np.float64)
+    rest = [c for c in table.columns if c not in BASE_COLUMNS]
+    return table[BASE_COLUMNS + rest]
+
+
 def read_clothing(
     dataset_dir: str | os.PathLike | None = None,
     seed: int = 0,
@@ -141,51 +202,11 @@ def read_clothing(
     `eval_split` contributors, split by contributor with `gallery_fraction` of the images in the gallery.
     Rows whose image is missing are dropped with one warning; images without a csv row are ignored.
     """
-    if eval_split not in ("test", "val"):
-        raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
-    if len(fractions) != 3:
-        raise ValueError(f"fractions must be (train, val, test), got {tuple(fractions)}")
-    if not 0.0 < gallery_fraction < 1.0:
-        raise ValueError(f"gallery_fraction must be in (0, 1), got {gallery_fraction}")
-    folder = Path(dataset_dir).expanduser().resolve() if dataset_dir is not None else data_root() / FOLDER
-    if not folder.is_dir():
-        raise _missing(folder, "dataset folder")
-    csv = folder / "images.csv"
-    if not csv.is_file():
-        raise _missing(csv, "annotation file images.csv")
-
-    raw = read_images_csv(csv)
-    raw = raw.dropna(subset=["image", "label", "sender_id"])
-    table = pd.DataFrame(
-        {
-            "path": [str(folder / "images" / f"{image}.jpg") for image in raw["image"]],
-            "item_id": raw["image"].astype(str).to_numpy(),
-            "label": raw["label"].astype(str).to_numpy(),
-            "category": raw["label"].astype(str).to_numpy(),
-            "domain": "consumer",
-            "split": "",
-            "x1": np.nan,
-            "y1": np.nan,
-            "x2": np.nan,
-            "y2": np.nan,
-            "sender_id": raw["sender_id"].astype(np.int64).to_numpy(),
-            "kids": raw["kids"].astype(str).str.lower().eq("true").to_numpy(),
-        }
-    )
+    folder, csv = _clothing_csv(dataset_dir, eval_split, fractions, gallery_fraction)
+    table = _clothing_table(read_images_csv(csv), folder)
     if check_images:
-        table = drop_missing_images(table, "clothing")
+        table = drop_missing_images(table, "clothing")  # called here: its warning names our caller
     table = table.loc[~table["label"].isin(list(exclude_labels))].reset_index(drop=True)
     if table.empty:
         raise ValueError(f"{csv}: no rows left after dropping missing images and labels {list(exclude_labels)}")
-
-    part = group_split(table["sender_id"], table["label"], fractions, seed=seed)
-    split = np.asarray(_SPLIT_NAMES, dtype=object)[part]
-    in_eval = split == eval_split
-    if in_eval.any():
-        gallery = _query_gallery(table.loc[in_eval].reset_index(drop=True), gallery_fraction, seed)
-        split[np.flatnonzero(in_eval)] = np.where(gallery, "gallery", "query")
-    table["split"] = split
-    for col in ("x1", "y1", "x2", "y2"):
-        table[col] = table[col].astype(np.float64)
-    rest = [c for c in table.columns if c not in BASE_COLUMNS]
-    return table[BASE_COLUMNS + rest]
+    return _assign_splits(table, fractions, seed, eval_split, gallery_fraction)
