@@ -533,6 +533,77 @@ def run_notebook(
     return time.perf_counter() - start, ignored
 
 
+def _select_notebooks(
+    params: Mapping, notebooks_dir: Path, only: Sequence[str] | None, allow_missing: bool
+) -> tuple[list[str], list[str], list[str]]:
+    """(notebooks to run in book order, those left out by `only`, those to run without a source file).
+
+    KeyError for an `only` name the parameter file does not list; FileNotFoundError for missing sources
+    unless allow_missing."""
+    names = list(params.get("notebooks", {}))
+    left_out = [n for n in names if only and n not in only]
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise KeyError(f"--only {', '.join(unknown)}: not listed in the parameter file ({', '.join(names)})")
+        names = [n for n in names if n in only]
+    missing = [n for n in names if not (notebooks_dir / f"{n}.ipynb").exists()]
+    if missing and not allow_missing:
+        raise FileNotFoundError(
+            f"notebooks listed in the parameter file but not found in {notebooks_dir}: {', '.join(missing)}"
+        )
+    return names, left_out, missing
+
+
+def _validate_received(
+    params: Mapping, names: Sequence[str], missing: Sequence[str], notebooks_dir: Path, root: Path
+) -> None:
+    """Check what every notebook would receive (fashlib.params.validate) before anything runs.
+
+    ParameterError prefixed with the notebook's name."""
+    for name in names:
+        if name not in missing:
+            received = _received(params, name, notebooks_dir, root)[0]
+            try:
+                nb_params.validate(received)
+            except nb_params.ParameterError as err:
+                raise nb_params.ParameterError(f"{name}: {err}") from None
+
+
+def _run_or_skip(
+    params: Mapping,
+    name: str,
+    prefix: str,
+    paths: tuple[Path, Path, Path, Path],
+    library: str,
+    force: bool,
+    dry_run: bool,
+    progress_bar: bool,
+    log,
+) -> NotebookRun:
+    """One notebook's step of run_notebooks: skip it when its stamp is current (unless force), report it
+    (dry_run), or execute it (run_notebook) and write its stamp. `paths`: (notebooks_dir, output_dir, root,
+    work_dir). NotebookFailed from run_notebook stops the build."""
+    notebooks_dir, output_dir, root, work_dir = paths
+    source = notebooks_dir / f"{name}.ipynb"
+    out = output_dir / f"{name}.ipynb"
+    parameters, ignored = _received(params, name, notebooks_dir, root)
+    # what the notebook would actually receive, and what it reads: its data and recorded runs
+    stamp = make_stamp(source, parameters, library, input_fingerprints(parameters, root))
+    if not force and is_up_to_date(out, stamp):
+        log(f"{prefix}: unchanged, skipped ({out})")
+        return NotebookRun(name, "skipped", out, 0.0, parameters, ignored)
+    if dry_run:
+        log(f"{prefix}: would execute with {json.dumps(parameters, default=str)}")
+        return NotebookRun(name, "planned", out, 0.0, parameters, ignored)
+    stamp_path(out).unlink(missing_ok=True)
+    log(f"{prefix}: executing ...")
+    seconds, _ = run_notebook(source, out, parameters, cwd=root, progress_bar=progress_bar, work_dir=work_dir)
+    write_stamp(out, stamp, seconds)
+    log(f"{prefix}: done in {seconds:.1f} s -> {out}")
+    return NotebookRun(name, "executed", out, seconds, parameters, ignored)
+
+
 def run_notebooks(
     params: Mapping,
     notebooks_dir: str | os.PathLike = PROJECT_ROOT / "notebooks",
@@ -556,53 +627,19 @@ def run_notebooks(
     Stops at the first failing notebook with NotebookFailed. Listed notebooks without a source file raise
     FileNotFoundError unless allow_missing (then they are reported as "missing")."""
     notebooks_dir, output_dir, root = Path(notebooks_dir), Path(output_dir), Path(root)
-    names = list(params.get("notebooks", {}))
-    left_out = [n for n in names if only and n not in only]
-    if only:
-        unknown = [n for n in only if n not in names]
-        if unknown:
-            raise KeyError(f"--only {', '.join(unknown)}: not listed in the parameter file ({', '.join(names)})")
-        names = [n for n in names if n in only]
-    missing = [n for n in names if not (notebooks_dir / f"{n}.ipynb").exists()]
-    if missing and not allow_missing:
-        raise FileNotFoundError(
-            f"notebooks listed in the parameter file but not found in {notebooks_dir}: {', '.join(missing)}"
-        )
+    names, left_out, missing = _select_notebooks(params, notebooks_dir, only, allow_missing)
     library = library_hash or f"{fashlib_hash()} {packages_hash()}"
     work_dir = Path(work_dir) if work_dir is not None else root / "_build"
-    for name in names:  # every value checked before anything runs
-        if name not in missing:
-            received = _received(params, name, notebooks_dir, root)[0]
-            try:
-                nb_params.validate(received)
-            except nb_params.ParameterError as err:
-                raise nb_params.ParameterError(f"{name}: {err}") from None
+    _validate_received(params, names, missing, notebooks_dir, root)  # every value checked before anything runs
     runs: list[NotebookRun] = []
     for i, name in enumerate(names, 1):
-        source = notebooks_dir / f"{name}.ipynb"
-        out = output_dir / f"{name}.ipynb"
         prefix = f"[{i}/{len(names)}] {name}"
         if name in missing:
-            log(f"{prefix}: MISSING ({source} does not exist), left out")
+            log(f"{prefix}: MISSING ({notebooks_dir / f'{name}.ipynb'} does not exist), left out")
             runs.append(NotebookRun(name, "missing"))
             continue
-        parameters, ignored = _received(params, name, notebooks_dir, root)
-        # what the notebook would actually receive, and what it reads: its data and recorded runs
-        stamp = make_stamp(source, parameters, library, input_fingerprints(parameters, root))
-        if not force and is_up_to_date(out, stamp):
-            log(f"{prefix}: unchanged, skipped ({out})")
-            runs.append(NotebookRun(name, "skipped", out, 0.0, parameters, ignored))
-            continue
-        if dry_run:
-            log(f"{prefix}: would execute with {json.dumps(parameters, default=str)}")
-            runs.append(NotebookRun(name, "planned", out, 0.0, parameters, ignored))
-            continue
-        stamp_path(out).unlink(missing_ok=True)
-        log(f"{prefix}: executing ...")
-        seconds, _ = run_notebook(source, out, parameters, cwd=root, progress_bar=progress_bar, work_dir=work_dir)
-        write_stamp(out, stamp, seconds)
-        log(f"{prefix}: done in {seconds:.1f} s -> {out}")
-        runs.append(NotebookRun(name, "executed", out, seconds, parameters, ignored))
+        paths = (notebooks_dir, output_dir, root, work_dir)
+        runs.append(_run_or_skip(params, name, prefix, paths, library, force, dry_run, progress_bar, log))
     return runs + _stale(params, left_out, notebooks_dir, output_dir, root, library, log)
 
 
@@ -762,6 +799,38 @@ def prepare_site(output_dir: str | os.PathLike, root: str | os.PathLike = PROJEC
 # --------------------------------------------------------------------------- CLI
 
 
+def _site_root(output_dir: str | os.PathLike | None, root: Path, dry_run: bool) -> Path:
+    """Where the book is built: root itself, or output_dir holding a copy of the sources (prepare_site; only
+    named, not written, in a dry run)."""
+    if output_dir and dry_run:
+        return Path(output_dir).resolve()
+    return prepare_site(output_dir, root) if output_dir else root
+
+
+def _publish(runs: Sequence[NotebookRun], site: Path, allow_missing: bool, log) -> BuildResult:
+    """Build the HTML of `site` (build_html) and log its warnings.
+
+    RuntimeError when a notebook is stale (left out by --only with changed inputs) or jupyter-book fails."""
+    stale = [r.name for r in runs if r.status == "stale"]
+    if stale:
+        raise RuntimeError(
+            f"not publishing stale results: {', '.join(stale)} ran with other inputs (data, parameters, "
+            "library or recorded runs) than this build's; add them to --only, build without --only, "
+            "or pass --skip-html to execute only"
+        )
+    log("jupyter-book build ...")
+    result = build_html(site, allow_missing=allow_missing)
+    if result.returncode != 0:
+        log(result.log[-4000:])
+        raise RuntimeError(f"jupyter-book build failed (exit {result.returncode}); log above")
+    for line in result.warning_lines:
+        log(f"  {line}")
+    if result.dropped:
+        log(f"left out of the toc (missing): {', '.join(result.dropped)}")
+    log(f"book built: {result.warnings} Sphinx warning(s); open {result.index_html}")
+    return result
+
+
 def build(
     config: str | os.PathLike = DEFAULT_CONFIG,
     overrides: Sequence[str] = (),
@@ -780,11 +849,7 @@ def build(
     root = Path(root).resolve()
     config = Path(config)
     params = apply_overrides(load_params(config if config.is_absolute() else root / config), overrides)
-    site = (
-        Path(output_dir).resolve()
-        if output_dir and dry_run
-        else (prepare_site(output_dir, root) if output_dir else root)
-    )
+    site = _site_root(output_dir, root, dry_run)
     t0 = time.perf_counter()
     runs = run_notebooks(
         params,
@@ -811,24 +876,7 @@ def build(
     )
     if skip_html:
         return runs, None
-    stale = [r.name for r in runs if r.status == "stale"]
-    if stale:
-        raise RuntimeError(
-            f"not publishing stale results: {', '.join(stale)} ran with other inputs (data, parameters, "
-            "library or recorded runs) than this build's; add them to --only, build without --only, "
-            "or pass --skip-html to execute only"
-        )
-    log("jupyter-book build ...")
-    result = build_html(site, allow_missing=allow_missing)
-    if result.returncode != 0:
-        log(result.log[-4000:])
-        raise RuntimeError(f"jupyter-book build failed (exit {result.returncode}); log above")
-    for line in result.warning_lines:
-        log(f"  {line}")
-    if result.dropped:
-        log(f"left out of the toc (missing): {', '.join(result.dropped)}")
-    log(f"book built: {result.warnings} Sphinx warning(s); open {result.index_html}")
-    return runs, result
+    return runs, _publish(runs, site, allow_missing, log)
 
 
 def main(argv: Sequence[str] | None = None, root: str | os.PathLike = PROJECT_ROOT) -> int:
