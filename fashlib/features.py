@@ -17,6 +17,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,30 +167,48 @@ def _array_digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+def _load_verified(npy: Path, meta: Path, check: Callable[[dict, np.ndarray | None], None]) -> np.ndarray:
+    """The float32 array in `npy` after `check(info, None)` on its json record and `check(info, array)` on
+    the loaded array, with its sha256 equal to the recorded one; raises (ValueError, OSError, ...) otherwise."""
+    info = json.loads(meta.read_text())
+    check(info, None)
+    array = np.load(npy, allow_pickle=False)
+    if array.dtype != np.float32:
+        raise ValueError(f"dtype {array.dtype}, expected float32")
+    check(info, array)
+    if _array_digest(array) != info.get("sha256"):
+        raise ValueError("content digest differs from the stored one")
+    return array
+
+
+def _read_verified(
+    npy: Path, meta: Path, check: Callable[[dict, np.ndarray | None], None], what: str, stacklevel: int
+) -> np.ndarray | None:
+    """_load_verified, or None with a FeatureCacheWarning naming `what` when the entry is broken."""
+    try:
+        return _load_verified(npy, meta, check)
+    except Exception as err:  # noqa: BLE001 - any broken entry is rebuilt, never used
+        warnings.warn(
+            f"{what} unusable ({type(err).__name__}: {err}); rebuilding it",
+            FeatureCacheWarning,
+            stacklevel=stacklevel + 1,
+        )
+        return None
+
+
 def _read_cache(npy: Path, meta: Path, key: str, n_rows: int) -> np.ndarray | None:
     """The cached array if it is complete and matches `key`; None (with a warning if broken) otherwise."""
     if not npy.exists() and not meta.exists():
         return None
-    try:
-        info = json.loads(meta.read_text())
+
+    def check(info: dict, array: np.ndarray | None) -> None:
         if info.get("key") != key:
             raise ValueError(f"stored key {str(info.get('key'))[:12]}... differs from {key[:12]}...")
-        array = np.load(npy, allow_pickle=False)
         shape = tuple(info["shape"])
-        if array.shape != shape or shape[0] != n_rows:
+        if array is not None and (array.shape != shape or shape[0] != n_rows):
             raise ValueError(f"shape {array.shape} vs stored {shape} for {n_rows} rows")
-        if array.dtype != np.float32:
-            raise ValueError(f"dtype {array.dtype}, expected float32")
-        if _array_digest(array) != info.get("sha256"):
-            raise ValueError("content digest differs from the stored one")
-        return array
-    except Exception as err:  # noqa: BLE001 - any broken entry is rebuilt, never used
-        warnings.warn(
-            f"feature cache {npy.name} unusable ({type(err).__name__}: {err}); rebuilding it",
-            FeatureCacheWarning,
-            stacklevel=3,
-        )
-        return None
+
+    return _read_verified(npy, meta, check, f"feature cache {npy.name}", stacklevel=3)
 
 
 def _write_cache(npy: Path, meta: Path, key: str, array: np.ndarray, model: Any, fn: str) -> None:
@@ -224,23 +243,14 @@ def _read_shard(folder: Path, index: int, key: str, rows: tuple[int, int]) -> np
     npy, meta = _shard_files(folder, index)
     if not meta.exists():
         return None
-    try:
-        info = json.loads(meta.read_text())
+
+    def check(info: dict, array: np.ndarray | None) -> None:
         if info.get("key") != key or tuple(info.get("rows", ())) != tuple(rows):
             raise ValueError(f"stored key/rows {str(info.get('key'))[:12]}... {info.get('rows')} differ")
-        array = np.load(npy, allow_pickle=False)
-        if array.dtype != np.float32 or array.shape[0] != rows[1] - rows[0]:
+        if array is not None and array.shape[0] != rows[1] - rows[0]:
             raise ValueError(f"array {array.dtype} {array.shape} for rows {rows}")
-        if _array_digest(array) != info.get("sha256"):
-            raise ValueError("content digest differs from the stored one")
-        return array
-    except Exception as err:  # noqa: BLE001 - a broken shard is recomputed, never used
-        warnings.warn(
-            f"feature shard {folder.name}/{npy.name} unusable ({type(err).__name__}: {err}); rebuilding it",
-            FeatureCacheWarning,
-            stacklevel=4,
-        )
-        return None
+
+    return _read_verified(npy, meta, check, f"feature shard {folder.name}/{npy.name}", stacklevel=4)
 
 
 def _write_shard(folder: Path, index: int, key: str, rows: tuple[int, int], array: np.ndarray) -> None:
@@ -314,11 +324,16 @@ def _distributed() -> tuple[int, int]:
 def draft_size(transform: Any) -> tuple[int, int] | None:
     """(w, h) no smaller than the first torchvision Resize of `transform`: the JPEG draft target; None if none."""
     from torchvision import transforms as T
+    from torchvision.transforms import v2
 
     for step in getattr(transform, "transforms", [transform]):
-        if isinstance(step, T.Resize):
+        if isinstance(step, (T.Resize, v2.Resize)):
             size = step.size if isinstance(step.size, int) else max(step.size)
             return int(size), int(size)
+        if hasattr(step, "transforms"):  # a Compose inside a Compose (e.g. the mirror view's)
+            found = draft_size(step)
+            if found is not None:
+                return found
     return None
 
 
@@ -433,87 +448,137 @@ def extract(
 ) -> np.ndarray:
     """Features (len(table), D) float32 in table order: pooled backbone vectors or embeddings.
 
-    Engine (fashlib.engine.create_engine): "auto" = ONNX Runtime on the CPU when installed (exported once
-    per weights and input size, parity-checked against PyTorch), PyTorch on a GPU or as the fallback;
-    `threads` = the engine's intra-op threads (default torch.get_num_threads()); `channels_last` applies
-    to PyTorch. `fn="pooled"` gives model.pooled_features, `fn="embedding"` model(x); a plain nn.Module
-    or function is simply called. The model's mode and memory format are left as they were.
-    Decoding runs ahead of the engine in `decode_threads` threads (default min(4, CPUs)), or in
-    `num_workers` DataLoader processes when > 0; JPEGs larger than the transform's Resize decode in
-    PIL draft mode (at 1/2..1/8 scale) unless boxes are cropped.
-    With `cache_dir` the array is cached under cache_key, written in shards of `shard_size` rows as
-    they finish: an interrupted run resumes at the missing shards (finished ones are verified by digest
-    and never recomputed; a corrupted one is rebuilt with a FeatureCacheWarning; an entry begun with
-    another shard_size is finished with that one). A cache_dir that cannot be written is still read
-    (entry, shards); what is missing is computed and not stored, with a FeatureCacheWarning. `on_shard(index)` is
-    called after each shard is stored. Under torch.distributed (e.g. torchrun), each rank extracts the
-    shards index % world_size == rank and rank 0 assembles the entry (every rank must call extract, with a
-    cache_dir all of them can read; without cache_dir every rank extracts every row, independently);
-    every rank returns the whole array.
+    `fn="pooled"`: model.pooled_features; `fn="embedding"`: model(x); a plain module or function is called.
+    Engine (fashlib.engine.create_engine): "auto" = ONNX Runtime on the CPU (exported once, parity-checked),
+    PyTorch on a GPU or as the fallback; `threads`: its intra-op threads (default torch.get_num_threads()).
+    Decoding runs ahead of it in `decode_threads` threads (default min(4, CPUs)) or `num_workers` DataLoader
+    processes; JPEGs larger than the transform's Resize decode in PIL draft mode unless boxes are cropped.
+    With `cache_dir` the array is cached under cache_key in shards of `shard_size` rows as they finish: a
+    rerun resumes at the missing shards (finished ones are digest-checked, a corrupted one is rebuilt with a
+    FeatureCacheWarning; an entry begun with another shard_size keeps it); an unwritable cache_dir is read,
+    and what is missing computed but not stored (warned). `on_shard(index)` runs after each shard is stored.
+    Under torch.distributed (torchrun) rank r extracts the shards index % world == r and rank 0 assembles
+    the entry (every rank calls extract with a shared cache_dir); every rank returns the whole array. The
+    model's mode and memory format are left as they were. Raises ValueError for an unknown `fn`.
     """
-    from .engine import DEFAULT_BATCH_SIZE
-
     if fn not in OUTPUTS:
         raise ValueError(f"unknown output {fn!r}; choose one of {sorted(OUTPUTS)}")
-    if cache_dir is not None:
-        key = cache_key(
-            model, table, transform=transform, crop_boxes=crop_boxes, margin=margin, fn=fn, key_extra=key_extra
-        )
-        npy, meta = cache_paths(cache_dir, model, fn, key)
-        cached = _read_cache(npy, meta, key, len(table))
-        if cached is not None:
-            return cached
-    rank, world = _distributed() if cache_dir is not None else (0, 1)
-    folder = shard_folder(npy) if cache_dir is not None else None
-    writable = cache_dir is not None and _writable(Path(cache_dir), world, len(table))
-    n, step = len(table), max(1, int(shard_size)) if cache_dir is not None else max(1, len(table))
-    step = _stored_step(folder, key, step) if folder is not None else step
-    shards = [(i, start, min(start + step, n)) for i, start in enumerate(range(0, n, step))]
-    arrays: dict[int, np.ndarray] = {}
-    mine = [s for s in shards if s[0] % world == rank]
-    if folder is not None:
-        for index, start, stop in mine:
-            found = _read_shard(folder, index, key, (start, stop))
-            if found is not None:
-                arrays[index] = found
-    todo = [s for s in mine if s[0] not in arrays]
+    plan = _plan_cache(model, table, cache_dir, shard_size, transform, crop_boxes, margin, fn, key_extra)
+    if plan.cached is not None:
+        return plan.cached
+    arrays = _finished_shards(plan)
+    cpu = torch.device(device).type == "cpu"
+    _compute_shards(
+        model,
+        _make_dataset(table, transform, crop_boxes, margin),
+        [s for s in plan.mine if s[0] not in arrays],
+        batch_size=batch_size,
+        engine_options=_engine_options(engine, fn, device, threads, channels_last, batch_size, plan),
+        loader_options=dict(num_workers=num_workers, decode_threads=decode_threads, pin=not cpu),
+        store=_storer(plan, arrays, on_shard),
+        progress=progress,
+        desc=f"extract {fn}",
+    )
+    return _finish(plan, arrays, model, fn)
+
+
+@dataclass
+class _CachePlan:
+    """Where one extraction's cache entry lives and how its rows are cut into shards (see extract)."""
+
+    shards: list[tuple[int, int, int]]  # (index, start, stop) of every shard
+    rank: int = 0
+    world: int = 1
+    key: str = ""
+    npy: Path | None = None
+    meta: Path | None = None
+    folder: Path | None = None
+    writable: bool = False
+    cached: np.ndarray | None = None
+
+    @property
+    def mine(self) -> list[tuple[int, int, int]]:
+        """The shards this rank extracts (index % world == rank)."""
+        return [s for s in self.shards if s[0] % self.world == self.rank]
+
+
+def _cut(n: int, step: int) -> list[tuple[int, int, int]]:
+    return [(i, start, min(start + step, n)) for i, start in enumerate(range(0, n, step))]
+
+
+def _plan_cache(
+    model: Any, table: pd.DataFrame, cache_dir: Any, shard_size: int, transform: Any, *key_args: Any
+) -> _CachePlan:
+    """The cache plan of an extraction: the finished entry if cached, else its shards (a run already begun
+    keeps its own shard size), this process's rank, and whether the cache can be written."""
+    if cache_dir is None:
+        return _CachePlan(shards=_cut(len(table), max(1, len(table))))
+    crop_boxes, margin, fn, key_extra = key_args
+    key = cache_key(model, table, transform=transform, crop_boxes=crop_boxes, margin=margin, fn=fn, key_extra=key_extra)
+    npy, meta = cache_paths(cache_dir, model, fn, key)
+    cached = _read_cache(npy, meta, key, len(table))
+    if cached is not None:
+        return _CachePlan(shards=[], key=key, cached=cached)
+    rank, world = _distributed()
+    folder = shard_folder(npy)
+    step = _stored_step(folder, key, max(1, int(shard_size)))
+    writable = _writable(Path(cache_dir), world, len(table))
+    return _CachePlan(_cut(len(table), step), rank, world, key, npy, meta, folder, writable)
+
+
+def _finished_shards(plan: _CachePlan) -> dict[int, np.ndarray]:
+    """This rank's shards already stored and intact (a broken one is warned about and left to recompute)."""
+    if plan.folder is None:
+        return {}
+    found = {index: _read_shard(plan.folder, index, plan.key, (start, stop)) for index, start, stop in plan.mine}
+    return {index: array for index, array in found.items() if array is not None}
+
+
+def _storer(
+    plan: _CachePlan, arrays: dict[int, np.ndarray], on_shard: Callable[[int], None] | None
+) -> Callable[[int, np.ndarray], None]:
+    """store(index, array): keep a computed shard in `arrays`, write it (when the cache is writable), then
+    call on_shard(index)."""
 
     def store(index: int, array: np.ndarray) -> None:
         arrays[index] = array
-        if writable:
-            _write_shard(folder, index, key, shards[index][1:], array)
+        if plan.writable:
+            _write_shard(plan.folder, index, plan.key, plan.shards[index][1:], array)
         if on_shard is not None:
             on_shard(index)
 
-    dataset = _make_dataset(table, transform, crop_boxes, margin)
+    return store
+
+
+def _engine_options(
+    engine: str, fn: str, device: Any, threads: int | None, channels_last: bool, batch_size: int, plan: _CachePlan
+) -> dict:
+    """create_engine options of an extraction: on the CPU the engine runs batches of at most DEFAULT_BATCH_SIZE
+    (measured fastest, see fashlib.engine); its export is cached beside the features when they are."""
+    from .engine import DEFAULT_BATCH_SIZE
+
     cpu = torch.device(device).type == "cpu"
-    engine_options = dict(
+    return dict(
         engine=engine,
         fn=fn,
         device=device,
         threads=threads,
         channels_last=channels_last,
-        cache_dir=Path(cache_dir) / "engines" if writable else None,
+        cache_dir=Path(plan.npy.parent) / "engines" if plan.writable else None,
         batch_size=min(batch_size, DEFAULT_BATCH_SIZE) if cpu else batch_size,
     )
-    loader_options = dict(num_workers=num_workers, decode_threads=decode_threads, pin=not cpu)
-    _compute_shards(
-        model,
-        dataset,
-        todo,
-        batch_size=batch_size,
-        engine_options=engine_options,
-        loader_options=loader_options,
-        store=store,
-        progress=progress,
-        desc=f"extract {fn}",
-    )
-    if world > 1:
-        return _assemble_distributed(npy, meta, key, folder, shards, rank, model, fn)
-    out = np.concatenate([arrays[i] for i, _, _ in shards]) if shards else np.empty((0, 0), dtype=np.float32)
-    if writable:
-        _write_cache(npy, meta, key, out, model, fn)
-        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _finish(plan: _CachePlan, arrays: dict[int, np.ndarray], model: Any, fn: str) -> np.ndarray:
+    """The whole array: assembled across ranks, or concatenated here and stored as the entry (shards removed)."""
+    if plan.world > 1:
+        return _assemble_distributed(plan.npy, plan.meta, plan.key, plan.folder, plan.shards, plan.rank, model, fn)
+    if not plan.shards:
+        return np.empty((0, 0), dtype=np.float32)
+    out = np.concatenate([arrays[i] for i, _, _ in plan.shards])
+    if plan.writable:
+        _write_cache(plan.npy, plan.meta, plan.key, out, model, fn)
+        shutil.rmtree(plan.folder, ignore_errors=True)
     return out
 
 
@@ -700,17 +765,30 @@ def train_head(
         loss_fn.train()
         for epoch in tqdm(range(epochs), disable=not progress, desc=f"train head ({loss})", unit="epoch"):
             batches.set_epoch(epoch)
-            total, count = 0.0, 0
-            for batch in batches:
-                index = torch.as_tensor(batch)
-                value = loss_fn(head(x_all[index].to(device)), y_all[index].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                value.backward()
-                optimizer.step()
-                total, count = total + float(value.detach()), count + 1
-            history.append(total / max(count, 1))
+            history.append(_head_epoch(head, loss_fn, optimizer, batches, x_all, y_all, device))
     head.eval()
     return head, history
+
+
+def _head_epoch(
+    head: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Any,
+    x_all: torch.Tensor,
+    y_all: torch.Tensor,
+    device: str | torch.device,
+) -> float:
+    """One epoch of head training over the sampler's batches of row indices; returns the mean batch loss."""
+    total, count = 0.0, 0
+    for batch in batches:
+        index = torch.as_tensor(batch)
+        value = loss_fn(head(x_all[index].to(device)), y_all[index].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        total, count = total + float(value.detach()), count + 1
+    return total / max(count, 1)
 
 
 def embed_features(

@@ -36,7 +36,7 @@ WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 KINDS = ("features+head", "network")
 # The course's evaluation transform (data.build_transforms(train=False)): resize the shorter side to
 # round(size / crop_pct) with this interpolation, centre-crop size x size, scale to [0, 1], normalise.
-EVAL_INTERPOLATION, EVAL_CROP_PCT = "bicubic", 1 / 1.14
+EVAL_INTERPOLATION, EVAL_CROP_PCT, EVAL_RESAMPLER = "bicubic", 1 / 1.14, "tensor"
 CROP_POLICY = "resize shorter side to round(size / crop_pct), centre crop size x size"
 # what load_embedder needs from config.json (an edited file lacking one is refused with a message)
 REQUIRED_KEYS = ("kind", "backbones", "head", "flip_average", "weights_sha256", "digest")
@@ -57,6 +57,7 @@ def preprocessing(embedder: nn.Module, image_size: int | None = None) -> dict:
         "crop_pct": EVAL_CROP_PCT,
         "crop": CROP_POLICY,
         "colour": "RGB",
+        "resampler": EVAL_RESAMPLER,
     }
 
 
@@ -71,6 +72,7 @@ def build_transform(prep: dict):
         std=tuple(prep["std"]),
         interpolation=prep["interpolation"],
         crop_pct=prep["crop_pct"],
+        resampler=prep.get("resampler", "pil"),  # models saved before the tensor resampler resized in PIL
     )
 
 

@@ -400,14 +400,48 @@ def test_build_transforms_shapes_and_normalisation():
     ev = build_transforms(False, image_size=224)
     x = ev(img)
     assert x.shape == (3, 224, 224) and torch.allclose(x, torch.ones_like(x))  # (1 - 0.5) / 0.5
-    resize = ev.transforms[0]
-    assert resize.size == round(224 * 1.14)
+    resize = ev.transforms[1]  # after PILToTensor: the tensor resampler
+    assert type(resize).__name__ == "Resize" and resize.size == [round(224 * 1.14)] and resize.antialias
+    assert x.dtype == torch.float32
     torch.manual_seed(0)
     tr = build_transforms(True, image_size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     assert tr(img).shape == (3, 64, 64)
     assert type(tr.transforms[0]).__name__ == "RandomResizedCrop" and tr.transforms[0].scale == (0.6, 1.0)
     with pytest.raises(ValueError, match="interpolation"):
         build_transforms(False, interpolation="cubic-ish")
+    with pytest.raises(ValueError, match="resampler must be one of"):
+        build_transforms(False, resampler="opencv")
+
+
+def _photo(size: tuple[int, int]) -> Image.Image:
+    """A smooth photo-like image (gradients + a few blobs): resampling differences show as in real photos."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    channels = [128 + 100 * np.sin(xx / (17 + 5 * c)) * np.cos(yy / (23 + 3 * c)) for c in range(3)]
+    return Image.fromarray(np.clip(np.stack(channels, axis=2), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(400, 533), (533, 400), (1200, 900), (150, 120)])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_tensor_resampler_matches_pil_within_two_grey_levels(size, interpolation):
+    img = _photo(size)
+    options = dict(image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation=interpolation)
+    fast, slow = (build_transforms(False, resampler=r, **options)(img) for r in ("tensor", "pil"))
+    assert fast.shape == slow.shape == (3, 224, 224) and fast.dtype == slow.dtype == torch.float32
+    # one grey level of 255 is 2/255 after (x - 0.5) / 0.5; downscaling and upscaling (150 x 120) alike
+    assert float((fast - slow).abs().max()) <= 4 / 255 + 1e-6
+    assert float((fast - slow).abs().mean()) < 2e-3
+
+
+def test_lanczos_has_no_tensor_kernel_and_resizes_in_pil():
+    img = _photo((300, 200))
+    ev = build_transforms(False, image_size=64, interpolation="lanczos")
+    assert type(ev.transforms[0]).__name__ == "Resize" and ev.transforms[0].__module__.startswith(
+        "torchvision.transforms.transforms"
+    )
+    torch.testing.assert_close(
+        ev(img), build_transforms(False, image_size=64, interpolation="lanczos", resampler="pil")(img)
+    )
 
 
 # ----------------------------------------------------------------------------- PKSampler

@@ -418,6 +418,11 @@ def test_large_jpegs_decode_in_draft_mode_no_smaller_than_the_resize(tmp_path):
     assert draft_size(transform) == (72, 72)
     assert draft_size(T.Compose([T.Resize((40, 90)), T.ToTensor()])) == (90, 90)
     assert draft_size(T.ToTensor()) is None
+    from fashlib.data import build_transforms
+
+    fast = build_transforms(False, image_size=64, crop_pct=64 / 72)  # torchvision.transforms.v2 Resize
+    assert draft_size(fast) == (72, 72)
+    assert draft_size(T.Compose([T.RandomHorizontalFlip(p=1.0), fast])) == (72, 72)  # the mirror view's
     path = tmp_path / "large.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 640, 3), dtype=np.uint8)).save(path)
     table = pd.DataFrame(

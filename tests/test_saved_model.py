@@ -188,3 +188,17 @@ def test_an_mlp_head_on_features_saves_and_reloads(table, tmp_path):
     assert config["head"] == {"type": "MLPHead", "in_dim": 512, "embedding_dim": 16, "bnneck": True, "hidden_dim": 32}
     np.testing.assert_array_equal(emb, model.embed(table["path"]))
     np.testing.assert_allclose(emb, fx.embed_features(head, feats), atol=2e-5)
+
+
+def test_preprocessing_records_the_resampler_and_old_models_keep_pil():
+    from torchvision import transforms as T
+    from torchvision.transforms import v2
+
+    from fashlib.saved_model import build_transform, preprocessing
+
+    prep = preprocessing(models.create_embedder("tf_efficientnet_lite0", embedding_dim=None, pretrained=False), 64)
+    assert prep["resampler"] == "tensor"
+    assert any(isinstance(t, v2.Resize) for t in build_transform(prep).transforms)
+    old = {key: value for key, value in prep.items() if key != "resampler"}  # saved before the field existed
+    steps = build_transform(old).transforms
+    assert any(isinstance(t, T.Resize) for t in steps) and not any(isinstance(t, v2.Resize) for t in steps)

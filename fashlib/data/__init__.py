@@ -1,4 +1,5 @@
-"""Dataset readers behind one call, load(name, root), each returning the contract table (see ARCHITECTURE.md, "The table contract").
+"""Dataset readers behind one call, load(name, root), each returning the contract table
+(see ARCHITECTURE.md, "The table contract").
 
 Readers are registered in DATASETS (name -> function(dataset_dir, **options) -> DataFrame). The torch
 side (ImageTableDataset, build_transforms, PKSampler) is re-exported lazily so that reading a table
@@ -41,7 +42,9 @@ DATASETS: dict[str, Callable[..., pd.DataFrame]] = {
 }
 
 
-def load(name: str, root: str | os.PathLike | None = None, path: str | os.PathLike | None = None, **options: Any) -> pd.DataFrame:
+def load(
+    name: str, root: str | os.PathLike | None = None, path: str | os.PathLike | None = None, **options: Any
+) -> pd.DataFrame:
     """Read dataset `name` from <data root>/<subfolder> (or straight from `path`) into the contract table.
 
     root: data root (else $FASHLIB_DATA, else ./data); options go to the reader, e.g.
@@ -73,9 +76,30 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "load", "DATASETS", "SUBFOLDERS", "DOWNLOAD_PAGES", "BASE_COLUMNS", "dataset_dir",
-    "read_inshop", "read_consumer2shop", "read_deepfashion2", "read_attributes", "read_attribute_names",
-    "read_clothing", "read_annotation", "read_annotation_matrix", "drop_missing_images", "summarize_missing",
-    "MissingImagesWarning", "AnnotationCountWarning", "download", "drop_undecodable", "decode_errors",
-    "UndecodableImagesWarning", "UndecodableImageError", "open_rgb", "oriented_size", *_LAZY,
+    "load",
+    "DATASETS",
+    "SUBFOLDERS",
+    "DOWNLOAD_PAGES",
+    "BASE_COLUMNS",
+    "dataset_dir",
+    "read_inshop",
+    "read_consumer2shop",
+    "read_deepfashion2",
+    "read_attributes",
+    "read_attribute_names",
+    "read_clothing",
+    "read_annotation",
+    "read_annotation_matrix",
+    "drop_missing_images",
+    "summarize_missing",
+    "MissingImagesWarning",
+    "AnnotationCountWarning",
+    "download",
+    "drop_undecodable",
+    "decode_errors",
+    "UndecodableImagesWarning",
+    "UndecodableImageError",
+    "open_rgb",
+    "oriented_size",
+    *_LAZY,
 ]

@@ -17,10 +17,7 @@ from ..paths import ENV_VAR
 
 DEEPFASHION_URL = "http://mmlab.ie.cuhk.edu.hk/projects/DeepFashion.html"
 DEEPFASHION2_URL = "https://github.com/switchablenorms/DeepFashion2"
-CLOTHING_URL = (
-    "https://github.com/alexeygrigorev/clothing-dataset/archive/"
-    "7ed86a9cc56763b6acb35e41cb35184e43a5d218.zip"
-)
+CLOTHING_URL = "https://github.com/alexeygrigorev/clothing-dataset/archive/7ed86a9cc56763b6acb35e41cb35184e43a5d218.zip"
 
 # dataset name -> official download page, quoted in every "missing file" error
 DOWNLOAD_PAGES: dict[str, str] = {
@@ -48,8 +45,9 @@ class DuplicateLinesWarning(UserWarning):
     """Exact duplicate record lines were dropped from an annotation file."""
 
 
-def encoding_error(path: str | os.PathLike, data: bytes, err: UnicodeDecodeError,
-                   offset: int = 0, lines_before: int = 0) -> ValueError:
+def encoding_error(
+    path: str | os.PathLike, data: bytes, err: UnicodeDecodeError, offset: int = 0, lines_before: int = 0
+) -> ValueError:
     """ValueError naming the file, the undecodable bytes, their byte offset and line, and the fix.
 
     `data` is the decoded buffer, starting `offset` bytes (and `lines_before` newlines) into the file.
@@ -91,7 +89,7 @@ def check_utf8(path: str | os.PathLike, chunk: int = 1 << 24) -> None:
                 carry = b""
             except UnicodeDecodeError as err:
                 if block and err.reason == "unexpected end of data" and err.end == len(data):
-                    carry = data[err.start:]  # a character split across two blocks: decode with the next
+                    carry = data[err.start :]  # a character split across two blocks: decode with the next
                     data = data[: err.start]
                 else:
                     raise encoding_error(path, data, err, offset, lines) from None
@@ -105,7 +103,11 @@ def missing_path_error(path: str | os.PathLike, dataset: str, what: str = "file"
     """Build the FileNotFoundError readers raise: expected path, download page, and $FASHLIB_DATA."""
     title = _TITLES.get(dataset, dataset)
     url = DOWNLOAD_PAGES.get(dataset, DEEPFASHION_URL)
-    fetch = 'run fashlib.data.download("clothing", root) or download it from' if dataset == "clothing" else "Download the dataset from its official page"
+    fetch = (
+        'run fashlib.data.download("clothing", root) or download it from'
+        if dataset == "clothing"
+        else "Download the dataset from its official page"
+    )
     return FileNotFoundError(
         f"{title}: expected {what} not found: {Path(path)}\n"
         f"{fetch} {url} and unpack it there, "
@@ -162,7 +164,9 @@ def _parse_record(
         if merge_at is None or len(fields) < n_cols:
             raise _malformed(path, line_no, text, f"expected {n_cols} fields ({' '.join(columns)}), got {len(fields)}")
         extra = len(fields) - n_cols
-        fields = fields[:merge_at] + [" ".join(fields[merge_at : merge_at + extra + 1])] + fields[merge_at + extra + 1 :]
+        fields = (
+            fields[:merge_at] + [" ".join(fields[merge_at : merge_at + extra + 1])] + fields[merge_at + extra + 1 :]
+        )
     row: list[object] = []
     for name, value in zip(columns, fields):
         if name in allowed and value not in allowed[name]:
@@ -247,13 +251,17 @@ def read_annotation(
     if duplicates:
         listed = ", ".join(f"line {a} repeats line {b}" for a, b in duplicates[:5])
         more = " ..." if len(duplicates) > 5 else ""
-        warnings.warn(f"{path}: {len(duplicates)} exact duplicate record line(s) dropped ({listed}{more})",
-                      DuplicateLinesWarning, stacklevel=2)
+        warnings.warn(
+            f"{path}: {len(duplicates)} exact duplicate record line(s) dropped ({listed}{more})",
+            DuplicateLinesWarning,
+            stacklevel=2,
+        )
     return pd.DataFrame(records, columns=columns + ([line_column] if line_column else []))
 
 
-def require_unique(table: pd.DataFrame, key: str, path: str | os.PathLike, rule: str,
-                   line_column: str = "line") -> None:
+def require_unique(
+    table: pd.DataFrame, key: str, path: str | os.PathLike, rule: str, line_column: str = "line"
+) -> None:
     """ValueError naming `path` and the two lines of the first `key` listed twice (after exact duplicates went)."""
     clash = conflicting_rows(table, key, line_column)
     if clash is not None:
@@ -305,9 +313,16 @@ def read_annotation_matrix(path: str | os.PathLike, dataset: str = "attributes",
     if n_values > 0:
         try:
             reader = pd.read_csv(
-                path, sep=r"\s+", header=None, skiprows=2, chunksize=chunksize, engine="c",
-                names=["image_name", *range(n_values)], dtype={"image_name": str},
-                skip_blank_lines=True, encoding="utf-8-sig",
+                path,
+                sep=r"\s+",
+                header=None,
+                skiprows=2,
+                chunksize=chunksize,
+                engine="c",
+                names=["image_name", *range(n_values)],
+                dtype={"image_name": str},
+                skip_blank_lines=True,
+                encoding="utf-8-sig",
             )
             for chunk in reader:
                 values = chunk.iloc[:, 1:]
@@ -342,7 +357,9 @@ def _locate_matrix_error(path: Path, n_values: int) -> None:
             if not fields:
                 continue
             if len(fields) != n_values + 1:
-                raise _malformed(path, line_no, text, f"expected image_name and {n_values} values, got {len(fields) - 1} values")
+                raise _malformed(
+                    path, line_no, text, f"expected image_name and {n_values} values, got {len(fields) - 1} values"
+                )
             try:
                 [int(v) for v in fields[1:]]
             except ValueError:

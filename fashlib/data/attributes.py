@@ -19,15 +19,19 @@ ATTRIBUTE_TYPES = {1: "texture", 2: "fabric", 3: "shape", 4: "part", 5: "style"}
 def read_attribute_names(dataset_dir: str | os.PathLike) -> pd.DataFrame:
     """Anno/list_attr_cloth.txt as a frame (attribute_name, attribute_type, group); names may hold spaces."""
     names = read_annotation(
-        Path(dataset_dir) / "Anno" / "list_attr_cloth.txt", ["attribute_name", "attribute_type"],
-        converters={"attribute_type": int}, merge_extra_into="attribute_name", dataset="attributes",
+        Path(dataset_dir) / "Anno" / "list_attr_cloth.txt",
+        ["attribute_name", "attribute_type"],
+        converters={"attribute_type": int},
+        merge_extra_into="attribute_name",
+        dataset="attributes",
     )
     names["group"] = names["attribute_type"].map(ATTRIBUTE_TYPES)
     return names
 
 
-def attribute_tuples(wanted: pd.Series, images: np.ndarray, matrix: np.ndarray, names: np.ndarray,
-                     path: str | os.PathLike) -> list[tuple[str, ...]]:
+def attribute_tuples(
+    wanted: pd.Series, images: np.ndarray, matrix: np.ndarray, names: np.ndarray, path: str | os.PathLike
+) -> list[tuple[str, ...]]:
     """Per wanted image, the names of its attributes marked 1 in `matrix` (rows named by `images`).
 
     ValueError naming `path` when a wanted image has no row (it used to read as "no attribute at all") or
@@ -39,16 +43,16 @@ def attribute_tuples(wanted: pd.Series, images: np.ndarray, matrix: np.ndarray, 
         raise ValueError(f"{path}: image {name!r} has two rows with different attribute values; keep the right one")
     missing = sorted(set(wanted) - set(images.tolist()))
     if missing:
-        raise ValueError(f"{path}: {len(missing)} image(s) of the partition have no attribute row (e.g. "
-                         f"{missing[0]!r}); an absent row is not 'no attributes': fix the file or pass "
-                         "attributes=False")
+        raise ValueError(
+            f"{path}: {len(missing)} image(s) of the partition have no attribute row (e.g. "
+            f"{missing[0]!r}); an absent row is not 'no attributes': fix the file or pass "
+            "attributes=False"
+        )
     index = {n: i for i, n in enumerate(images.tolist())}
     return [tuple(names[np.flatnonzero(matrix[index[n]] == 1)]) for n in wanted]
 
 
-def read_attributes(
-    dataset_dir: str | os.PathLike, attributes: bool = True, check_images: bool = True
-) -> pd.DataFrame:
+def read_attributes(dataset_dir: str | os.PathLike, attributes: bool = True, check_images: bool = True) -> pd.DataFrame:
     """Read Category-Attribute: categories (1-based labels), train/val/test partition, attributes, boxes.
 
     label = category; domain 'shop'; item_id = the image's folder (a product title, e.g.
@@ -58,24 +62,43 @@ def read_attributes(
     """
     folder = Path(dataset_dir)
     anno = folder / "Anno"
-    cats = read_annotation(anno / "list_category_cloth.txt", ["category_name", "category_type"],
-                           converters={"category_type": int}, merge_extra_into="category_name", dataset="attributes")
-    labels = read_annotation(anno / "list_category_img.txt", ["image_name", "category_label"],
-                             converters={"category_label": int}, dataset="attributes", line_column="line")
+    cats = read_annotation(
+        anno / "list_category_cloth.txt",
+        ["category_name", "category_type"],
+        converters={"category_type": int},
+        merge_extra_into="category_name",
+        dataset="attributes",
+    )
+    labels = read_annotation(
+        anno / "list_category_img.txt",
+        ["image_name", "category_label"],
+        converters={"category_label": int},
+        dataset="attributes",
+        line_column="line",
+    )
     require_unique(labels, "image_name", anno / "list_category_img.txt", "an image must have one category")
-    part = read_annotation(folder / "Eval" / "list_eval_partition.txt", ["image_name", "evaluation_status"],
-                           choices={"evaluation_status": STATUSES}, dataset="attributes", line_column="line")
+    part = read_annotation(
+        folder / "Eval" / "list_eval_partition.txt",
+        ["image_name", "evaluation_status"],
+        choices={"evaluation_status": STATUSES},
+        dataset="attributes",
+        line_column="line",
+    )
     require_unique(part, "image_name", folder / "Eval" / "list_eval_partition.txt", "an image must have one split")
     labels, part = labels.drop(columns="line"), part.drop(columns="line")
     bad = labels.loc[(labels["category_label"] < 1) | (labels["category_label"] > len(cats))]
     if len(bad):
-        raise ValueError(f"{anno / 'list_category_img.txt'}: category_label must be 1..{len(cats)} "
-                         f"(list_category_cloth.txt), got {int(bad['category_label'].iloc[0])} for {bad['image_name'].iloc[0]}")
+        raise ValueError(
+            f"{anno / 'list_category_img.txt'}: category_label must be 1..{len(cats)} "
+            f"(list_category_cloth.txt), got {int(bad['category_label'].iloc[0])} for {bad['image_name'].iloc[0]}"
+        )
     base = image_base(folder, "attributes")
     table = part.merge(labels, on="image_name", how="inner", validate="one_to_one")
     if len(table) != len(part) or len(table) != len(labels):
-        raise ValueError(f"{folder}: Eval/list_eval_partition.txt lists {len(part)} images and "
-                         f"Anno/list_category_img.txt {len(labels)}; {len(table)} in both")
+        raise ValueError(
+            f"{folder}: Eval/list_eval_partition.txt lists {len(part)} images and "
+            f"Anno/list_category_img.txt {len(labels)}; {len(table)} in both"
+        )
     index = table["category_label"].to_numpy() - 1
     table["category"] = cats["category_name"].to_numpy()[index]
     table["category_type"] = cats["category_type"].to_numpy()[index]
@@ -86,20 +109,44 @@ def read_attributes(
     table["path"] = [str(base / n) for n in table["image_name"]]
     bbox_file = anno / "list_bbox.txt"
     if bbox_file.exists():
-        box = read_annotation(bbox_file, ["image_name", "x1", "y1", "x2", "y2"],
-                              converters={c: float for c in ("x1", "y1", "x2", "y2")}, dataset="attributes",
-                              line_column="line")
+        box = read_annotation(
+            bbox_file,
+            ["image_name", "x1", "y1", "x2", "y2"],
+            converters={c: float for c in ("x1", "y1", "x2", "y2")},
+            dataset="attributes",
+            line_column="line",
+        )
         require_unique(box, "image_name", bbox_file, "an image must have one box")
         table = table.merge(box.drop(columns="line"), on="image_name", how="left")
     else:
         table[["x1", "y1", "x2", "y2"]] = np.nan
     if attributes:
         names = read_attribute_names(folder)["attribute_name"].to_numpy()
-        images, matrix = read_annotation_matrix(require_path(anno / "list_attr_img.txt", "attributes", "annotation file"))
+        images, matrix = read_annotation_matrix(
+            require_path(anno / "list_attr_img.txt", "attributes", "annotation file")
+        )
         if matrix.shape[1] != len(names):
-            raise ValueError(f"{anno / 'list_attr_img.txt'}: {matrix.shape[1]} values per image but "
-                             f"list_attr_cloth.txt names {len(names)} attributes")
+            raise ValueError(
+                f"{anno / 'list_attr_img.txt'}: {matrix.shape[1]} values per image but "
+                f"list_attr_cloth.txt names {len(names)} attributes"
+            )
         table["attributes"] = attribute_tuples(table["image_name"], images, matrix, names, anno / "list_attr_img.txt")
-    table = table[["path", "item_id", "label", "category", "domain", "split", "x1", "y1", "x2", "y2",
-                   "image_name", "category_label", "category_type"] + (["attributes"] if attributes else [])]
+    table = table[
+        [
+            "path",
+            "item_id",
+            "label",
+            "category",
+            "domain",
+            "split",
+            "x1",
+            "y1",
+            "x2",
+            "y2",
+            "image_name",
+            "category_label",
+            "category_type",
+        ]
+        + (["attributes"] if attributes else [])
+    ]
     return finish_table(table, "attributes", check_images)

@@ -31,7 +31,7 @@ _SPLIT_NAMES = ("train", "val", "test")
 def _missing(path: Path, what: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"Clothing dataset (CC0): expected {what} not found: {path}\n"
-        f"Fix: run fashlib.data.download(\"clothing\", root) to fetch it into <root>/{FOLDER}, "
+        f'Fix: run fashlib.data.download("clothing", root) to fetch it into <root>/{FOLDER}, '
         f"or point the data root at a folder holding {FOLDER}/ with the environment variable {ENV_VAR} "
         f"(or pass the dataset folder itself)."
     )
@@ -44,9 +44,7 @@ def _greedy_cost(added: np.ndarray, current: np.ndarray, target: np.ndarray, sca
     return after - before
 
 
-def group_split(
-    groups: Sequence, labels: Sequence, fractions: Sequence[float], seed: int = 0
-) -> np.ndarray:
+def group_split(groups: Sequence, labels: Sequence, fractions: Sequence[float], seed: int = 0) -> np.ndarray:
     """Assign whole groups (e.g. contributors) to len(fractions) parts; return the part of each row.
 
     Greedy: groups in order of decreasing size (ties in a seeded random order) each join the part
@@ -118,8 +116,11 @@ def read_images_csv(csv: Path) -> pd.DataFrame:
     exact = raw.drop(columns="line").duplicated()
     if exact.any():
         lines = raw.loc[exact, "line"].tolist()
-        warnings.warn(f"{csv}: {len(lines)} exact duplicate row(s) dropped (lines {lines[:5]}{' ...' if len(lines) > 5 else ''})",
-                      DuplicateLinesWarning, stacklevel=3)
+        warnings.warn(
+            f"{csv}: {len(lines)} exact duplicate row(s) dropped (lines {lines[:5]}{' ...' if len(lines) > 5 else ''})",
+            DuplicateLinesWarning,
+            stacklevel=3,
+        )
         raw = raw.loc[~exact]
     require_unique(raw.dropna(subset=["image"]), "image", csv, "an image has one label and one sender")
     return raw.drop(columns="line").reset_index(drop=True)

@@ -26,14 +26,24 @@ def assign_consumer2shop_splits(pairs: pd.DataFrame, eval_split: str = "test") -
     other = "val" if eval_split == "test" else "test"
     consumer_split = {"train": "train", eval_split: "query", other: other}
     shop_split = {"train": "train", "val": "gallery", "test": "gallery"}
-    consumer = pd.DataFrame({
-        "image_name": pairs["consumer"], "item_id": pairs["item_id"], "domain": "consumer",
-        "split": pairs["evaluation_status"].map(consumer_split), "status": pairs["evaluation_status"],
-    })
-    shop = pd.DataFrame({
-        "image_name": pairs["shop"], "item_id": pairs["item_id"], "domain": "shop",
-        "split": pairs["evaluation_status"].map(shop_split), "status": pairs["evaluation_status"],
-    })
+    consumer = pd.DataFrame(
+        {
+            "image_name": pairs["consumer"],
+            "item_id": pairs["item_id"],
+            "domain": "consumer",
+            "split": pairs["evaluation_status"].map(consumer_split),
+            "status": pairs["evaluation_status"],
+        }
+    )
+    shop = pd.DataFrame(
+        {
+            "image_name": pairs["shop"],
+            "item_id": pairs["item_id"],
+            "domain": "shop",
+            "split": pairs["evaluation_status"].map(shop_split),
+            "status": pairs["evaluation_status"],
+        }
+    )
     rows = pd.concat([consumer, shop], ignore_index=True)
     n_pairs = rows.groupby(["image_name", "domain", "split"], sort=False)["item_id"].transform("size")
     rows = rows.assign(n_pairs=n_pairs).drop_duplicates(["image_name", "domain", "split"]).reset_index(drop=True)
@@ -51,17 +61,28 @@ def check_pair_roles(pairs: pd.DataFrame, path: str | os.PathLike) -> None:
     if both:
         a = int(pairs.loc[pairs["consumer"] == both[0], "line"].iloc[0])
         b = int(pairs.loc[pairs["shop"] == both[0], "line"].iloc[0])
-        raise ValueError(f"{path}: image {both[0]!r} is a consumer photo on line {a} and a shop photo on line {b} "
-                         f"({len(both)} such images); an image must keep one role. Fix the file.")
+        raise ValueError(
+            f"{path}: image {both[0]!r} is a consumer photo on line {a} and a shop photo on line {b} "
+            f"({len(both)} such images); an image must keep one role. Fix the file."
+        )
     for role in ("consumer", "shop"):
-        per_image = pairs[[role, "item_id", "evaluation_status", "line"]].drop_duplicates([role, "item_id", "evaluation_status"])
+        per_image = pairs[[role, "item_id", "evaluation_status", "line"]].drop_duplicates(
+            [role, "item_id", "evaluation_status"]
+        )
         require_unique(per_image, role, path, f"a {role} image belongs to one item and one partition (train/val/test)")
     per_item = pairs[["item_id", "evaluation_status", "line"]].drop_duplicates(["item_id", "evaluation_status"])
-    require_unique(per_item, "item_id", path, "an item belongs to one partition (train, val or test): trained on, "
-                   "it would be found by its own query photos (an inflated Recall@K)")
+    require_unique(
+        per_item,
+        "item_id",
+        path,
+        "an item belongs to one partition (train, val or test): trained on, "
+        "it would be found by its own query photos (an inflated Recall@K)",
+    )
 
 
-def read_consumer2shop(dataset_dir: str | os.PathLike, eval_split: str = "test", check_images: bool = True) -> pd.DataFrame:
+def read_consumer2shop(
+    dataset_dir: str | os.PathLike, eval_split: str = "test", check_images: bool = True
+) -> pd.DataFrame:
     """Read Consumer-to-shop: Eval/list_eval_partition.txt pairs + Anno/list_bbox_consumer2shop.txt.
 
     label = item_id; domain shop/consumer; category 'CLOTHING/Blouse' (img/<CATEGORY>/<SUB>/id/...);
@@ -101,7 +122,24 @@ def read_consumer2shop(dataset_dir: str | os.PathLike, eval_split: str = "test",
     table["clothes_type"] = table["clothes_type"].astype("Int64")
     table["source_type"] = table["source_type"].astype("Int64")
     table = table[
-        ["path", "item_id", "label", "category", "domain", "split", "x1", "y1", "x2", "y2", "image_name",
-         "group", "subcategory", "status", "n_pairs", "clothes_type", "source_type"]
+        [
+            "path",
+            "item_id",
+            "label",
+            "category",
+            "domain",
+            "split",
+            "x1",
+            "y1",
+            "x2",
+            "y2",
+            "image_name",
+            "group",
+            "subcategory",
+            "status",
+            "n_pairs",
+            "clothes_type",
+            "source_type",
+        ]
     ]
     return finish_table(table, "consumer2shop", check_images)

@@ -73,8 +73,9 @@ def _decode_error(path: str) -> str | None:
     return None
 
 
-def decode_errors(paths: Iterable[str], cache_dir: str | os.PathLike | None = None,
-                  progress: bool = True) -> dict[str, str | None]:
+def decode_errors(
+    paths: Iterable[str], cache_dir: str | os.PathLike | None = None, progress: bool = True
+) -> dict[str, str | None]:
     """Decode each distinct path once: path -> None (decodes) or the reason it does not.
 
     With `cache_dir`, results are reused for files whose absolute path, size and mtime are unchanged.
@@ -101,9 +102,14 @@ def decode_errors(paths: Iterable[str], cache_dir: str | os.PathLike | None = No
     return result
 
 
-def drop_undecodable(table: pd.DataFrame, dataset: str = "table", column: str = "path",
-                     cache_dir: str | os.PathLike | None = None, progress: bool = True,
-                     limit: int = 5) -> pd.DataFrame:
+def drop_undecodable(
+    table: pd.DataFrame,
+    dataset: str = "table",
+    column: str = "path",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    limit: int = 5,
+) -> pd.DataFrame:
     """`table` without the rows whose image (table[column]) cannot be decoded; warns once if any.
 
     Counts per split (column "split", else "all") are stored in result.attrs["undecodable"]
@@ -127,7 +133,8 @@ def drop_undecodable(table: pd.DataFrame, dataset: str = "table", column: str = 
     warnings.warn(
         f"{dataset}: {int(bad.sum())} of {len(table)} rows dropped because their image cannot be decoded "
         f"({per_split}); metrics are computed on the rest. Files: {examples}{more}",
-        UndecodableImagesWarning, stacklevel=2,
+        UndecodableImagesWarning,
+        stacklevel=2,
     )
     out = table.loc[~bad].reset_index(drop=True)
     out.attrs.update(undecodable=counts, undecodable_paths=bad_paths)

@@ -46,13 +46,24 @@ def read_df2_annotation(json_path: Path) -> list[dict[str, object]]:
         box = item["bounding_box"]
         if not (isinstance(box, (list, tuple)) and len(box) == 4):
             raise ValueError(f"{json_path}: {key}.bounding_box must be [x1, y1, x2, y2], got {box!r}")
-        items.append({
-            "item": key, "source": anno["source"], "pair_id": int(anno["pair_id"]),
-            "category_id": int(item["category_id"]), "category": str(item["category_name"]),
-            "style": int(item["style"]), "x1": float(box[0]), "y1": float(box[1]),
-            "x2": float(box[2]), "y2": float(box[3]), "scale": item["scale"], "occlusion": item["occlusion"],
-            "zoom_in": item["zoom_in"], "viewpoint": item["viewpoint"],
-        })
+        items.append(
+            {
+                "item": key,
+                "source": anno["source"],
+                "pair_id": int(anno["pair_id"]),
+                "category_id": int(item["category_id"]),
+                "category": str(item["category_name"]),
+                "style": int(item["style"]),
+                "x1": float(box[0]),
+                "y1": float(box[1]),
+                "x2": float(box[2]),
+                "y2": float(box[3]),
+                "scale": item["scale"],
+                "occlusion": item["occlusion"],
+                "zoom_in": item["zoom_in"],
+                "viewpoint": item["viewpoint"],
+            }
+        )
     return items
 
 
@@ -99,19 +110,61 @@ def read_deepfashion2(dataset_dir: str | os.PathLike, check_images: bool = True)
         if (folder / "annos").is_dir():
             parts = [(folder, "flat", "eval")]
         else:
-            raise missing_path_error(folder / "validation" / "annos", "deepfashion2",
-                                     "annotation folder (<df2>/validation/annos, <df2>/train/annos or <df2>/annos)")
+            raise missing_path_error(
+                folder / "validation" / "annos",
+                "deepfashion2",
+                "annotation folder (<df2>/validation/annos, <df2>/train/annos or <df2>/annos)",
+            )
     frames = []
     for part_dir, part, role in parts:
         frame = _read_part(part_dir, part)
         if len(frame):
             frames.append(frame.assign(role=role))
-    columns = ["path", "item", "source", "pair_id", "category_id", "category", "style", "x1", "y1", "x2", "y2",
-               "scale", "occlusion", "zoom_in", "viewpoint", "image_id", "part", "role"]
+    columns = [
+        "path",
+        "item",
+        "source",
+        "pair_id",
+        "category_id",
+        "category",
+        "style",
+        "x1",
+        "y1",
+        "x2",
+        "y2",
+        "scale",
+        "occlusion",
+        "zoom_in",
+        "viewpoint",
+        "image_id",
+        "part",
+        "role",
+    ]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     table = df2_splits(table).drop(columns="role")
     table = table[
-        ["path", "item_id", "label", "category", "domain", "split", "x1", "y1", "x2", "y2", "category_id",
-         "style", "pair_id", "source", "occlusion", "viewpoint", "zoom_in", "scale", "image_id", "item", "part"]
+        [
+            "path",
+            "item_id",
+            "label",
+            "category",
+            "domain",
+            "split",
+            "x1",
+            "y1",
+            "x2",
+            "y2",
+            "category_id",
+            "style",
+            "pair_id",
+            "source",
+            "occlusion",
+            "viewpoint",
+            "zoom_in",
+            "scale",
+            "image_id",
+            "item",
+            "part",
+        ]
     ]
     return finish_table(table, "deepfashion2", check_images)

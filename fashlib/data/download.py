@@ -17,9 +17,9 @@ import urllib.error
 import urllib.request
 import warnings
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable
 
 from tqdm.auto import tqdm
 
@@ -75,18 +75,11 @@ def _sha256_file(path: Path) -> str:
 def dataset_files(folder: str | os.PathLike, patterns: Iterable[str]) -> list[str]:
     """Sorted POSIX relative paths of the plain files under `folder` matching any of `patterns`."""
     folder = Path(folder)
-    found = {
-        p.relative_to(folder).as_posix()
-        for pattern in patterns
-        for p in folder.glob(pattern)
-        if p.is_file()
-    }
+    found = {p.relative_to(folder).as_posix() for pattern in patterns for p in folder.glob(pattern) if p.is_file()}
     return sorted(found)
 
 
-def tree_digest(
-    folder: str | os.PathLike, patterns: Iterable[str] = SOURCES["clothing"].patterns
-) -> str:
+def tree_digest(folder: str | os.PathLike, patterns: Iterable[str] = SOURCES["clothing"].patterns) -> str:
     """Content digest of a dataset folder: sha256 over the sorted lines "<relpath>\\t<sha256 of file>\\n".
 
     Independent of archive packing (zip metadata, timestamps), so it pins what a dataset holds.
@@ -94,7 +87,7 @@ def tree_digest(
     folder = Path(folder)
     h = hashlib.sha256()
     for rel in dataset_files(folder, patterns):
-        h.update(f"{rel}\t{_sha256_file(folder / rel)}\n".encode("utf-8"))
+        h.update(f"{rel}\t{_sha256_file(folder / rel)}\n".encode())
     return h.hexdigest()
 
 

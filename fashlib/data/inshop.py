@@ -44,7 +44,8 @@ def check_items_stay_in_their_split(part: pd.DataFrame, path: str | os.PathLike)
     raise ValueError(
         f"{path}: item {first['item_id']!r} is {first['role']} on line {clash[0]} and {second['role']} on line "
         f"{clash[1]}; an item is either trained on or evaluated, never both (the model would have seen the "
-        "query's garment). Fix the file.")
+        "query's garment). Fix the file."
+    )
 
 
 def read_inshop(dataset_dir: str | os.PathLike, check_images: bool = True) -> pd.DataFrame:
@@ -88,7 +89,24 @@ def read_inshop(dataset_dir: str | os.PathLike, check_images: bool = True) -> pd
     table["clothes_type"] = table["clothes_type"].astype("Int64")
     table["pose_type"] = table["pose_type"].astype("Int64")
     table = table[
-        ["path", "item_id", "label", "category", "domain", "split", "x1", "y1", "x2", "y2", "image_name",
-         "gender", "subcategory", "clothes_type", "pose_type", "pose", "view"]
+        [
+            "path",
+            "item_id",
+            "label",
+            "category",
+            "domain",
+            "split",
+            "x1",
+            "y1",
+            "x2",
+            "y2",
+            "image_name",
+            "gender",
+            "subcategory",
+            "clothes_type",
+            "pose_type",
+            "pose",
+            "view",
+        ]
     ]
     return finish_table(table, "inshop", check_images)

@@ -19,9 +19,9 @@ class PKSampler:
     """Batch sampler yielding lists of p*k row indices: p distinct labels x k images of each.
 
     Labels are visited in shuffled rounds (every eligible label once per round) and images of a label
-    in shuffled cycles without repeats inside a batch, so coverage is even; a label with fewer than k images repeats some (all its
-    images first). Labels with fewer than `min_per_label` images (default 2: a single image gives no
-    positive pair, only k copies of itself) are never sampled. `batches_per_epoch` defaults to
+    in shuffled cycles without repeats inside a batch, so coverage is even; a label with fewer than k
+    images repeats some (all its images first). Labels with fewer than `min_per_label` images (default 2:
+    a single image gives no positive pair, only k copies of itself) are never sampled. `batches_per_epoch` defaults to
     len(labels) // (p * k * world_size). Call set_epoch(e) before each epoch for a new, reproducible order.
     """
 

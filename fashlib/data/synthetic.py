@@ -23,25 +23,111 @@ from ._common import SUBFOLDERS
 SHAPES = ("ellipse", "rectangle", "triangle", "diamond")
 MANIFEST = "SYNTHETIC.json"
 
-INSHOP_CATEGORIES = (("WOMEN", "Dresses", 3), ("WOMEN", "Blouses_Shirts", 1), ("MEN", "Denim", 2), ("MEN", "Tees_Tanks", 1))
+INSHOP_CATEGORIES = (
+    ("WOMEN", "Dresses", 3),
+    ("WOMEN", "Blouses_Shirts", 1),
+    ("MEN", "Denim", 2),
+    ("MEN", "Tees_Tanks", 1),
+)
 INSHOP_POSES = ((1, "front", 1), (2, "side", 2), (3, "back", 3), (4, "full", 4), (7, "additional", 5), (6, "flat", 6))
 C2S_CATEGORIES = (("CLOTHING", "Blouse", 1), ("DRESSES", "Dress", 3), ("TOPS", "T_Shirt", 1), ("TROUSERS", "Pants", 2))
 DF2_CATEGORIES = (
-    "short sleeve top", "long sleeve top", "short sleeve outwear", "long sleeve outwear", "vest", "sling",
-    "shorts", "trousers", "skirt", "short sleeve dress", "long sleeve dress", "vest dress", "sling dress",
+    "short sleeve top",
+    "long sleeve top",
+    "short sleeve outwear",
+    "long sleeve outwear",
+    "vest",
+    "sling",
+    "shorts",
+    "trousers",
+    "skirt",
+    "short sleeve dress",
+    "long sleeve dress",
+    "vest dress",
+    "sling dress",
 )
 # the 50 categories of Category-Attribute Prediction, with type 1 upper, 2 lower, 3 full body
 ATTRIBUTE_CATEGORIES = tuple(
-    [(n, 1) for n in ("Anorak Blazer Blouse Bomber Button-Down Cardigan Flannel Halter Henley Hoodie Jacket Jersey "
-                      "Parka Peacoat Poncho Sweater Tank Tee Top Turtleneck").split()]
-    + [(n, 2) for n in ("Capris Chinos Culottes Cutoffs Gauchos Jeans Jeggings Jodhpurs Joggers Leggings Sarong "
-                        "Shorts Skirt Sweatpants Sweatshorts Trunks").split()]
-    + [(n, 3) for n in ("Caftan Cape Coat Coverup Dress Jumpsuit Kaftan Kimono Nightdress Onesie Robe Romper "
-                        "Shirtdress Sundress").split()]
+    [
+        (n, 1)
+        for n in [
+            "Anorak",
+            "Blazer",
+            "Blouse",
+            "Bomber",
+            "Button-Down",
+            "Cardigan",
+            "Flannel",
+            "Halter",
+            "Henley",
+            "Hoodie",
+            "Jacket",
+            "Jersey",
+            "Parka",
+            "Peacoat",
+            "Poncho",
+            "Sweater",
+            "Tank",
+            "Tee",
+            "Top",
+            "Turtleneck",
+        ]
+    ]
+    + [
+        (n, 2)
+        for n in [
+            "Capris",
+            "Chinos",
+            "Culottes",
+            "Cutoffs",
+            "Gauchos",
+            "Jeans",
+            "Jeggings",
+            "Jodhpurs",
+            "Joggers",
+            "Leggings",
+            "Sarong",
+            "Shorts",
+            "Skirt",
+            "Sweatpants",
+            "Sweatshorts",
+            "Trunks",
+        ]
+    ]
+    + [
+        (n, 3)
+        for n in [
+            "Caftan",
+            "Cape",
+            "Coat",
+            "Coverup",
+            "Dress",
+            "Jumpsuit",
+            "Kaftan",
+            "Kimono",
+            "Nightdress",
+            "Onesie",
+            "Robe",
+            "Romper",
+            "Shirtdress",
+            "Sundress",
+        ]
+    ]
 )
 ATTRIBUTE_NAMES = (
-    ("abstract print", 1), ("floral print", 1), ("striped", 1), ("denim", 2), ("lace", 2), ("cotton knit", 2),
-    ("a-line", 3), ("maxi", 3), ("fit and flare", 3), ("pocket", 4), ("v-neck", 4), ("boho", 5), ("summer", 5),
+    ("abstract print", 1),
+    ("floral print", 1),
+    ("striped", 1),
+    ("denim", 2),
+    ("lace", 2),
+    ("cotton knit", 2),
+    ("a-line", 3),
+    ("maxi", 3),
+    ("fit and flare", 3),
+    ("pocket", 4),
+    ("v-neck", 4),
+    ("boho", 5),
+    ("summer", 5),
 )
 
 
@@ -78,7 +164,9 @@ def draw_garment(
     elif shape == "triangle":
         draw.polygon([((x1 + x2) // 2, y1), (x2, y2), (x1, y2)], fill=fill)
     else:
-        draw.polygon([((x1 + x2) // 2, y1), (x2, (y1 + y2) // 2), ((x1 + x2) // 2, y2), (x1, (y1 + y2) // 2)], fill=fill)
+        draw.polygon(
+            [((x1 + x2) // 2, y1), (x2, (y1 + y2) // 2), ((x1 + x2) // 2, y2), (x1, (y1 + y2) // 2)], fill=fill
+        )
     return img, (x1, y1, x2, y2)
 
 
@@ -87,7 +175,9 @@ def _save(img: Image.Image, path: Path) -> None:
     img.save(path, "JPEG", quality=85)
 
 
-def write_annotation(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]], count: int | None = None) -> None:
+def write_annotation(
+    path: Path, header: Sequence[str], rows: Sequence[Sequence[object]], count: int | None = None
+) -> None:
     """Write a DeepFashion-style file: count, header, then rows with space-padded aligned columns."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     body = cells[1:] if rows and len(rows[0]) != len(header) else cells  # variadic rows: header sets no widths
@@ -148,17 +238,26 @@ def make_inshop(
             counts[split] += 1
             partition.append((name, item_id, split))
             boxes.append((name, clothes_type, pose_type, *box))
-    write_annotation(folder / "Eval" / "list_eval_partition.txt", ["image_name", "item_id", "evaluation_status"], partition)
-    write_annotation(folder / "Anno" / "list_bbox_inshop.txt",
-                     ["image_name", "clothes_type", "pose_type", "x_1", "y_1", "x_2", "y_2"], boxes)
+    write_annotation(
+        folder / "Eval" / "list_eval_partition.txt", ["image_name", "item_id", "evaluation_status"], partition
+    )
+    write_annotation(
+        folder / "Anno" / "list_bbox_inshop.txt",
+        ["image_name", "clothes_type", "pose_type", "x_1", "y_1", "x_2", "y_2"],
+        boxes,
+    )
     (folder / "Anno" / "list_item_inshop.txt").write_text("\n".join([str(n_items), *ids]) + "\n", encoding="utf-8")
     _manifest(folder, {"images": counts, "items": {"train": int((~test).sum()), "test": int(test.sum())}})
     return folder
 
 
 def make_consumer2shop(
-    root: str | os.PathLike, n_items: int = 12, consumer_per_item: int = 2, shop_per_item: int = 2,
-    seed: int = 0, image_size: int = 64,
+    root: str | os.PathLike,
+    n_items: int = 12,
+    consumer_per_item: int = 2,
+    shop_per_item: int = 2,
+    seed: int = 0,
+    image_size: int = 64,
 ) -> Path:
     """Write a miniature Consumer-to-shop tree under <root>/consumer2shop; return that folder.
 
@@ -174,7 +273,10 @@ def make_consumer2shop(
     for i, item_id in enumerate(ids):
         group, sub, clothes_type = C2S_CATEGORIES[i % len(C2S_CATEGORIES)]
         consumer, shop = [], []
-        for role, n, source_type, names in (("comsumer", consumer_per_item, 2, consumer), ("shop", shop_per_item, 1, shop)):
+        for role, n, source_type, names in (
+            ("comsumer", consumer_per_item, 2, consumer),
+            ("shop", shop_per_item, 1, shop),
+        ):
             for k in range(n):  # 'comsumer_01.jpg' is how the release spells it
                 name = f"img/{group}/{sub}/{item_id}/{role}_{k + 1:02d}.jpg"
                 img, box = draw_garment(size, item_color(i), SHAPES[i % len(SHAPES)], rng, clutter=source_type == 2)
@@ -182,23 +284,37 @@ def make_consumer2shop(
                 boxes.append((name, clothes_type, source_type, *box))
                 names.append(name)
         pairs += [(c, s, item_id, status[i]) for c in consumer for s in shop]
-    write_annotation(folder / "Eval" / "list_eval_partition.txt",
-                     ["image_pair_name_1", "image_pair_name_2", "item_id", "evaluation_status"], pairs)
-    write_annotation(folder / "Anno" / "list_bbox_consumer2shop.txt",
-                     ["image_name", "clothes_type", "source_type", "x_1", "y_1", "x_2", "y_2"], boxes)
+    write_annotation(
+        folder / "Eval" / "list_eval_partition.txt",
+        ["image_pair_name_1", "image_pair_name_2", "item_id", "evaluation_status"],
+        pairs,
+    )
+    write_annotation(
+        folder / "Anno" / "list_bbox_consumer2shop.txt",
+        ["image_name", "clothes_type", "source_type", "x_1", "y_1", "x_2", "y_2"],
+        boxes,
+    )
     items = {s: int((status == s).sum()) for s in ("train", "val", "test")}
-    _manifest(folder, {"items": items, "consumer_per_item": consumer_per_item, "shop_per_item": shop_per_item,
-                       "pairs": len(pairs)})
+    _manifest(
+        folder,
+        {"items": items, "consumer_per_item": consumer_per_item, "shop_per_item": shop_per_item, "pairs": len(pairs)},
+    )
     return folder
 
 
 def _df2_item(category_id: int, style: int, box: tuple[int, int, int, int], rng: np.random.Generator) -> dict:
     x1, y1, x2, y2 = box
     return {
-        "category_id": category_id, "category_name": DF2_CATEGORIES[category_id - 1], "style": style,
-        "bounding_box": [x1, y1, x2, y2], "landmarks": [int((x1 + x2) / 2), y1, 2],
-        "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]], "scale": int(rng.integers(1, 4)),
-        "occlusion": int(rng.integers(1, 4)), "zoom_in": int(rng.integers(1, 4)), "viewpoint": int(rng.integers(1, 4)),
+        "category_id": category_id,
+        "category_name": DF2_CATEGORIES[category_id - 1],
+        "style": style,
+        "bounding_box": [x1, y1, x2, y2],
+        "landmarks": [int((x1 + x2) / 2), y1, 2],
+        "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
+        "scale": int(rng.integers(1, 4)),
+        "occlusion": int(rng.integers(1, 4)),
+        "zoom_in": int(rng.integers(1, 4)),
+        "viewpoint": int(rng.integers(1, 4)),
     }
 
 
@@ -215,7 +331,9 @@ def make_deepfashion2(
         raise ValueError(f"layout must be 'release' or 'flat', got {layout!r}")
     rng = np.random.default_rng(seed)
     folder = _folder(root, "deepfashion2")
-    parts = {"train": folder / "train", "validation": folder / "validation"} if layout == "release" else {"flat": folder}
+    parts = (
+        {"train": folder / "train", "validation": folder / "validation"} if layout == "release" else {"flat": folder}
+    )
     plan = (("shop", (1, 0)), ("shop", (2,)), ("user", (1,)), ("user", (2, 0)))
     counts: dict[str, dict[str, int]] = {}
     for p, (part, part_dir) in enumerate(parts.items()):
@@ -229,8 +347,13 @@ def make_deepfashion2(
                 canvas = None
                 for k, style in enumerate(styles):
                     key = pair_id * 3 + style if style else int(rng.integers(0, 10_000))
-                    img, box = draw_garment((image_size, image_size), item_color(key), SHAPES[key % len(SHAPES)],
-                                            rng, clutter=source == "user")
+                    img, box = draw_garment(
+                        (image_size, image_size),
+                        item_color(key),
+                        SHAPES[key % len(SHAPES)],
+                        rng,
+                        clutter=source == "user",
+                    )
                     if canvas is None:
                         canvas = img
                     else:  # second item: pasted into the lower-right corner, box scaled
@@ -255,8 +378,12 @@ def make_deepfashion2(
 
 
 def make_attributes(
-    root: str | os.PathLike, n_products: int = 12, images_per_product: int = 3, n_categories: int = 6,
-    seed: int = 0, image_size: int = 64,
+    root: str | os.PathLike,
+    n_products: int = 12,
+    images_per_product: int = 3,
+    n_categories: int = 6,
+    seed: int = 0,
+    image_size: int = 64,
 ) -> Path:
     """Write a miniature Category-Attribute tree (img/, Anno/, Eval/) under <root>/attributes; return it.
 
@@ -272,7 +399,9 @@ def make_attributes(
         c = int(used[p % n_categories])
         cat_name = ATTRIBUTE_CATEGORIES[c][0]
         active = rng.random(len(ATTRIBUTE_NAMES)) < 0.25
-        title = "_".join([ATTRIBUTE_NAMES[a][0].title().replace(" ", "_") for a in np.flatnonzero(active)][:2] + [cat_name])
+        title = "_".join(
+            [ATTRIBUTE_NAMES[a][0].title().replace(" ", "_") for a in np.flatnonzero(active)][:2] + [cat_name]
+        )
         for _ in range(images_per_product):
             number += 1
             name = f"img/{title}/img_{number:08d}.jpg"
@@ -283,7 +412,9 @@ def make_attributes(
             counts[str(status[p])] += 1
             boxes.append((name, *box))
             attrs.append((name, *np.where(active, 1, -1)))
-    write_annotation(folder / "Anno" / "list_category_cloth.txt", ["category_name", "category_type"], ATTRIBUTE_CATEGORIES)
+    write_annotation(
+        folder / "Anno" / "list_category_cloth.txt", ["category_name", "category_type"], ATTRIBUTE_CATEGORIES
+    )
     write_annotation(folder / "Anno" / "list_category_img.txt", ["image_name", "category_label"], labels)
     write_annotation(folder / "Anno" / "list_attr_cloth.txt", ["attribute_name", "attribute_type"], ATTRIBUTE_NAMES)
     write_annotation(folder / "Anno" / "list_attr_img.txt", ["image_name", "attribute_labels"], attrs)
