@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -148,42 +149,83 @@ def read_photo(root: Path, rel: str) -> tuple[dict, Any]:
     return entry, open_rgb(io.BytesIO(raw))
 
 
-def _reason(err: BaseException) -> str:
+def _reason(err: BaseException, path: str = "") -> str:
+    """`Type: message` of why a file was skipped (at most 300 characters), an in-memory file named by `path`."""
     cause = err.__cause__ or err
-    return f"{type(cause).__name__}: {cause}"[:300]
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", path or "the file", str(cause))
+    return f"{type(cause).__name__}: {text}"[:300]
+
+
+ENGINE_MIN_PHOTOS = 64  # fewer photos: exporting each backbone to ONNX costs more than it saves
 
 
 def embed_files(
-    model: Any, root: Path, paths: Sequence[str], batch_size: int = 16, progress: bool = True
+    model: Any,
+    root: Path,
+    paths: Sequence[str],
+    batch_size: int = 16,
+    progress: bool = True,
+    engine: str = "auto",
 ) -> tuple[np.ndarray, list[dict], list[dict]]:
     """Embed root/path for every path.
 
-    Returns (float32 (N, D) embeddings of the decodable photos, their manifest entries [{path, size, mtime_ns,
-    sha256}] in the same order, skipped [{path, reason}]).
+    Photos are read, hashed, decoded and preprocessed in threads ahead of the model (at most 4 batches
+    ahead); the model runs through `model.engines(engine)` ("auto": ONNX Runtime on the CPU, parity-checked;
+    "torch": PyTorch) when there are at least ENGINE_MIN_PHOTOS photos. Returns (float32 (N, D) embeddings of
+    the decodable photos, their manifest entries [{path, size, mtime_ns, sha256}] in the same order, skipped
+    [{path, reason}]).
     """
+    from contextlib import nullcontext
+
+    import torch
     from tqdm.auto import tqdm
 
-    out, kept, skipped, batch, entries = [], [], [], [], []
+    out, kept, skipped, batch = [], [], [], []
 
     def flush() -> None:
         if batch:
-            out.append(embed_images(model, batch))
-            kept.extend(entries)
+            out.append(model(model.collate([views for _, views in batch])).float().numpy())
+            kept.extend(entry for entry, _ in batch)
             batch.clear()
-            entries.clear()
 
-    for rel in tqdm(paths, disable=not progress, desc="index photos", unit="photo"):
-        try:
-            entry, image = read_photo(root, rel)
-            batch.append(image)
-            entries.append(entry)
-        except Exception as err:  # noqa: BLE001 - any decoding failure skips the file, listed with its reason
-            skipped.append({"path": rel, "reason": _reason(err)})
-        if len(batch) >= batch_size:
-            flush()
-    flush()
+    fast = engine != "torch" and len(paths) >= ENGINE_MIN_PHOTOS and hasattr(model, "engines")
+    with model.engines(engine) if fast else nullcontext(model), torch.inference_mode():
+        reads = _read_ahead(model, root, paths, ahead=4 * batch_size)
+        for rel, result in tqdm(reads, total=len(paths), disable=not progress, desc="index photos", unit="photo"):
+            if isinstance(result, BaseException):  # any decoding failure skips the file, listed with its reason
+                skipped.append({"path": rel, "reason": _reason(result, rel)})
+                continue
+            batch.append(result)
+            if len(batch) >= batch_size:
+                flush()
+        flush()
     dim = model.embedding_dim
     return (np.concatenate(out) if out else np.empty((0, dim), np.float32)), kept, skipped
+
+
+def _read_ahead(model: Any, root: Path, paths: Sequence[str], ahead: int):
+    """(path, (manifest entry, model.prepare views) or the exception) for every path, in order, computed by a
+    thread pool at most `ahead` photos before they are used."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def task(rel: str) -> tuple[dict, list] | BaseException:
+        try:
+            entry, image = read_photo(root, rel)
+            return entry, model.prepare(image)
+        except Exception as err:  # noqa: BLE001 - returned, so the caller lists the file as skipped
+            return err
+
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="fashlib-index") as pool:
+        for rel in paths:
+            pending.append((rel, pool.submit(task, rel)))
+            if len(pending) > ahead:
+                rel_done, future = pending.popleft()
+                yield rel_done, future.result()
+        while pending:
+            rel_done, future = pending.popleft()
+            yield rel_done, future.result()
 
 
 def embed_images(model: Any, images: Sequence[Any]) -> np.ndarray:

@@ -304,3 +304,24 @@ def test_an_index_kept_inside_its_catalogue_is_not_catalogued(catalogue, model_d
     idx, report = ci.update(out, progress=False)
     assert report == {"added": 0, "changed": 0, "removed": 0, "unchanged": 12, "skipped": 2}
     assert not any(p.startswith("index/") for p in idx.paths + [s["path"] for s in idx.manifest["skipped"]])
+
+
+def test_engine_path_embeds_as_pytorch_and_skips_the_same_files(catalogue, model_dir, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    model = models.load_embedder(model_dir)
+    paths = sorted(str(p.relative_to(catalogue)) for p in catalogue.rglob("*") if p.is_file())
+    slow = ci.embed_files(model, catalogue, paths, batch_size=5, progress=False, engine="torch")
+    monkeypatch.setattr(ci, "ENGINE_MIN_PHOTOS", 1)
+    made = []
+    real = type(model).engines
+
+    def spy(self, engine="auto", **kw):
+        made.append(engine)
+        return real(self, engine, **kw)
+
+    monkeypatch.setattr(type(model), "engines", spy)
+    fast = ci.embed_files(model, catalogue, paths, batch_size=5, progress=False, engine="onnx")
+    assert made == ["onnx"]
+    np.testing.assert_allclose(fast[0], slow[0], atol=1e-4)
+    assert fast[1] == slow[1] and fast[2] == slow[2]  # same manifest entries and skipped files, same order
+    assert {s["path"] for s in fast[2]} >= {"broken.jpg"}

@@ -202,3 +202,22 @@ def test_preprocessing_records_the_resampler_and_old_models_keep_pil():
     old = {key: value for key, value in prep.items() if key != "resampler"}  # saved before the field existed
     steps = build_transform(old).transforms
     assert any(isinstance(t, T.Resize) for t in steps) and not any(isinstance(t, v2.Resize) for t in steps)
+
+
+def test_engines_give_the_pytorch_embeddings_for_an_ensemble_with_flips_and_a_network(table):
+    pytest.importorskip("onnxruntime")
+    from fashlib.saved_model import features_embedder, network_embedder
+
+    torch.manual_seed(4)
+    names = ["tf_efficientnet_lite0", "resnet10t"]
+    head = models.EmbeddingHead(1280 + 512, 16).eval()
+    ensemble = features_embedder(names, head, pretrained=False, image_size=SIZE, flip_average=True, seed=0)
+    network = models.create_embedder("resnet10t", embedding_dim=8, pretrained=False, allow_random=True).eval()
+    for model in (ensemble, network_embedder(network, image_size=SIZE)):
+        expected = model.embed(table["path"], batch_size=4)
+        with model.engines("onnx") as fast:
+            got = fast.embed(table["path"], batch_size=4)
+            assert sorted(e.name for e in fast._engines["made"].values()) == ["onnx"] * len(model.branches)
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        assert model._engines is None  # closed on exit: PyTorch again
+        np.testing.assert_array_equal(model.embed(table["path"], batch_size=4), expected)
