@@ -1,9 +1,10 @@
 """Embeddings of a table's rows: frozen backbone features (cached on disk), an ensemble of several
 backbones' features, a head trained on cached features, and a whole network's embeddings.
 
-Every function returns an (N, D) float32 array in table order, rows L2-normalised; the images go through
-the backbone's evaluation transform (`eval_transform`). Feature extraction and head training are
-fashlib.features' (extract, train_head); this module only chooses what to extract and how to combine it.
+The embeddings returned are (N, D) float32 arrays in table order (one row per table row), rows
+L2-normalised; images go through the backbone's evaluation transform (`eval_transform`). Feature
+extraction and head training are fashlib.features' (extract, train_head); this module only chooses what
+to extract and how to combine it.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ def finetune(
 
     Evaluates query against gallery every `eval_every` epochs, checkpoints every epoch under
     `out_dir` (a stopped run resumes with resume="auto"), and returns (history, model); embed any
-    table with `embed_images`. The loss's own parameters (proxies, class weights) train with the model.
+    table with fashlib.embeddings.embed_images. The loss's own parameters (proxies, class weights) train with the model.
     `out_dir` is claimed for this run first (claim_run_folder: every setting that changes the result, the
     table's rows and `run_config`); a folder holding another run raises RunConfigMismatch before anything
     is built or written. With resume=False an existing folder is refused as well.
@@ -115,7 +115,9 @@ def _training_dataset(table: pd.DataFrame, data_config: dict[str, Any], size: in
     return ImageTableDataset(train_table, transform=build_transforms(True, image_size=size, mean=mean, std=std))
 
 
-def _monitor(table: pd.DataFrame, size: int, device: str, num_workers: int) -> Any:
+def _monitor(
+    table: pd.DataFrame, size: int, device: str, num_workers: int
+) -> Callable[[torch.nn.Module], dict[str, float]]:
     """The evaluation `fit` runs every eval_every epochs: Recall@1/5/10 and mAP@R of the table's queries."""
     query, gallery = eval_rows(table)
     eval_table = table.iloc[np.concatenate([query, gallery])].reset_index(drop=True)
