@@ -3,8 +3,8 @@
     FASHLIB_DATA=/work/shared/data nice -n 10 python3 benchmarks/quality_sweep.py \
         --cache-dir /work/wt/featcache --out runs/quality_sweep
 
-1. Cached pooled features of each backbone (experiments.backbone_features; extracted once, then read back),
-   plus their ensemble (experiments.ensemble_features) and, with --flip, flip-averaged features.
+1. Cached pooled features of each backbone (embeddings.backbone_features; extracted once, then read back),
+   plus their ensemble (embeddings.ensemble_features) and, with --flip, flip-averaged features.
 2. Every head configuration is trained with --seeds seeds on the TRAINING rows and scored on the VALIDATION
    protocol (mean and std over seeds, 95% bootstrap interval over queries); a "seed ensemble" candidate
    concatenates the embeddings of the seeds' heads.
@@ -29,7 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fashlib import experiments, stats, study
+from fashlib import postprocess, stats, study
+from fashlib.data.protocols import load_protocols
+from fashlib.embeddings import backbone_features, ensemble_features, train_head_on_features
 
 BACKBONES = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 BASELINE = {"loss": "triplet", "head_type": "linear", "sampler": "pk", "p": 16, "k": 4, "epochs": 30}
@@ -41,11 +43,11 @@ def load_features(args, table: pd.DataFrame) -> dict[str, np.ndarray]:
     feats = {}
     for name in args.backbones:
         short = name.replace("tf_efficientnet_", "")
-        feats[short] = experiments.backbone_features(
+        feats[short] = backbone_features(
             name, table, cache_dir=args.cache_dir, batch_size=16, flip_average=args.flip, progress=True
         )
     if len(args.backbones) > 1:
-        feats["ens"] = experiments.ensemble_features([feats[n.replace("tf_efficientnet_", "")] for n in args.backbones])
+        feats["ens"] = ensemble_features([feats[n.replace("tf_efficientnet_", "")] for n in args.backbones])
     return feats
 
 
@@ -72,7 +74,7 @@ def train_embed(features: dict, table: pd.DataFrame, config: dict, seeds, refit_
     out = []
     for seed in seeds:
         if refit_from is None:
-            emb, _, _ = experiments.train_head_on_features(
+            emb, _, _ = train_head_on_features(
                 features[config["features"]], table, seed=seed, progress=False, **options
             )
         else:
@@ -91,7 +93,7 @@ def validation_stage(features, val, configs, seeds) -> tuple[pd.DataFrame, dict]
         per_seed = [study.query_scores(val, e) for e in embs]
         r1 = [s["recall@1"].mean() for s in per_seed]
         mapr = [s["ap@r"].mean() for s in per_seed]
-        ens = experiments.l2_normalize(np.concatenate(embs, axis=1))
+        ens = postprocess.l2_normalize(np.concatenate(embs, axis=1))
         ens_scores = study.query_scores(val, ens)
         embeddings[name] = embs
         row = {
@@ -133,7 +135,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    val, test, note = experiments.load_protocols("clothing")
+    val, test, note = load_protocols("clothing")
     print(note, flush=True)
     features = load_features(args, val)
     configs = candidates(list(features))
@@ -147,7 +149,7 @@ def main() -> None:
     best = table["val recall@1 mean"].idxmax()
     use_seed_ens = table.loc[best, "seed-ens recall@1"] > table.loc[best, "val recall@1 mean"]
     best_emb = (
-        experiments.l2_normalize(np.concatenate(embeddings[best], axis=1)) if use_seed_ens else embeddings[best][0]
+        postprocess.l2_normalize(np.concatenate(embeddings[best], axis=1)) if use_seed_ens else embeddings[best][0]
     )
     post = study.postprocessing_sweep(val, best_emb)
     post.to_csv(out / "postprocessing_val.csv", index=False)
@@ -172,7 +174,7 @@ def main() -> None:
     )
     seeds = args.seeds if use_seed_ens else [args.seeds[0]]
     refit = train_embed(features, test, configs[best], seeds, refit_from=val)
-    chosen_emb = experiments.l2_normalize(np.concatenate(refit, axis=1))
+    chosen_emb = postprocess.l2_normalize(np.concatenate(refit, axis=1))
     plain = study.query_scores(test, chosen_emb)
     test_rows.append({"system": f"chosen: {best}, refit train+val, seeds {seeds}", **study.intervals_row(plain)})
     final = study.postprocessed_scores(test, chosen_emb, chosen_post["method"], **params)

@@ -236,7 +236,7 @@ def retrieval_examples(
     `title_column`) and query_titles.
     """
     from . import metrics
-    from .experiments import eval_rows
+    from .data.protocols import eval_rows
 
     _, gallery = eval_rows(table)
     labels = table["label"].to_numpy().astype(str)

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import index as catalogue
-from .models import PretrainedWeightsError, SavedModelError
+from .models import PretrainedWeightsError
+from .saved_model import SavedModelError
 
 MODEL_HELP = (
-    "a saved model folder (fashlib.models.save_embedder; chapter 05 writes "
+    "a saved model folder (fashlib.saved_model.save_embedder; chapter 05 writes "
     "runs/book/05_recall_at_k_results/model) or a timm backbone name with offline weights, e.g. "
     "tf_efficientnet_lite0 (frozen ImageNet features)"
 )

@@ -1,6 +1,7 @@
 """Metric-learning losses in pytorch-metric-learning (PML) style: ``loss(embeddings, labels) -> scalar``.
 
-Build one with ``create(name, **options)``; ``LOSSES`` maps names to classes.
+Build one with ``create(name, **options)``; ``LOSSES`` maps names to classes; ``loss_variants()`` names
+every loss once per triplet mining (the names the notebooks take), ``loss_spec(name)`` turns one back.
 Conventions (chosen to agree with PML defaults, so values can be cross-checked):
 - pair/triplet losses use Euclidean distance between L2-normalised embeddings
   (PML ``LpDistance(normalize_embeddings=True)``); multi-similarity and the proxy/classifier
@@ -332,3 +333,26 @@ class ProxyAnchorLoss(nn.Module):
         neg_term = _log1p_sum_exp(self.alpha * (cos + self.margin), ~pos, dim=0)
         with_pos = pos.any(0).sum()
         return pos_term.sum() / with_pos + neg_term.sum() / self.num_classes
+
+
+# ------------------------------------------------------------------------------------------ variant names
+def loss_variants() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every loss of fashlib.losses as name -> (loss, options); triplet once per mining (triplet_batch_hard, ...)."""
+    variants: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name in LOSSES:
+        if name == "triplet":
+            variants.update({f"triplet_{mining}": ("triplet", {"mining": mining}) for mining in TRIPLET_MINERS})
+        else:
+            variants[name] = (name, {})
+    return variants
+
+
+def loss_spec(name: str) -> tuple[str, dict[str, Any]]:
+    """(loss name, loss options) of a variant name from loss_variants() or a plain fashlib.losses name."""
+    variants = loss_variants()
+    if name in variants:
+        loss, options = variants[name]
+        return loss, dict(options)
+    if name in LOSSES:
+        return name, {}
+    raise ValueError(f"unknown loss {name!r}; known: {sorted(set(variants) | set(LOSSES))}")

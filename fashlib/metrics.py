@@ -198,9 +198,6 @@ class ExactIP:
         return scores, indices
 
 
-NumpyFlatIP = ExactIP  # former name
-
-
 class IncompleteSearchWarning(UserWarning):
     """An approximate index returned fewer than k gallery rows for some queries (ids -1)."""
 

@@ -420,25 +420,3 @@ def backbone_info(name: str, image_size: int | None = None) -> dict:
         "default_input_size": tuple(cfg["input_size"]),
         "offline_weights": name in OFFLINE_WEIGHTS,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Saving and loading a trained embedder (the code lives in fashlib.saved_model)
-# --------------------------------------------------------------------------------------------
-from .saved_model import (  # noqa: E402  (re-exported here: models is where users look for them)
-    SavedEmbedder,
-    SavedModelError,
-    features_embedder,
-    load_embedder,
-    network_embedder,
-    save_embedder,
-)
-
-__all__ += [
-    "SavedEmbedder",
-    "SavedModelError",
-    "features_embedder",
-    "network_embedder",
-    "save_embedder",
-    "load_embedder",
-]

@@ -142,10 +142,9 @@ def _datasets() -> list[str]:
 
 
 def _losses() -> list[str]:
-    from . import losses
-    from .experiments import loss_variants
+    from .losses import LOSSES, loss_variants
 
-    return sorted(set(loss_variants()) | set(losses.LOSSES))
+    return sorted(set(loss_variants()) | set(LOSSES))
 
 
 def _backbones() -> list[str]:
@@ -160,7 +159,7 @@ def _model_name(name: str) -> str:
 
 
 def _metrics() -> list[str]:
-    from .experiments import KS
+    from .evaluation import KS
 
     return [f"recall@{k}" for k in KS] + ["map@r"]
 

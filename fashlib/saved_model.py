@@ -8,9 +8,9 @@ Folder layout (format "fashlib-embedder", version 1):
 
 Three kinds of model, one class (`SavedEmbedder`):
     "features+head"  frozen pooled features of one or several backbones (each L2-normalised, concatenated and
-                     normalised again, as experiments.ensemble_features), then an optional head trained on them
+                     normalised again, as embeddings.ensemble_features), then an optional head trained on them
                      (features.train_head); `flip_average` averages each backbone's features of the image and
-                     its mirror image first (experiments.backbone_features).
+                     its mirror image first (embeddings.backbone_features).
     "network"        a whole models.Embedder (e.g. fine-tuned end to end: GeM, BNNeck, projection).
 Both give float32 (N, D) L2-normalised embeddings for images or image paths (`SavedEmbedder.embed`).
 """
@@ -48,7 +48,7 @@ class SavedModelError(RuntimeError):
 
 
 def preprocessing(embedder: nn.Module, image_size: int | None = None) -> dict:
-    """The evaluation preprocessing of a models.Embedder (as experiments.eval_transform) as plain data."""
+    """The evaluation preprocessing of a models.Embedder (as embeddings.eval_transform) as plain data."""
     config = embedder.data_config
     return {
         "size": int(image_size or config["input_size"][-1]),
@@ -63,7 +63,7 @@ def preprocessing(embedder: nn.Module, image_size: int | None = None) -> dict:
 
 
 def build_transform(prep: dict):
-    """torchvision transform of a preprocessing dict (identical to experiments.eval_transform)."""
+    """torchvision transform of a preprocessing dict (identical to embeddings.eval_transform)."""
     from .data import build_transforms
 
     return build_transforms(
@@ -223,7 +223,7 @@ class SavedEmbedder(nn.Module):
     def prepare(self, image: Image.Image) -> list[torch.Tensor]:
         """One PIL RGB image -> per branch a float32 (V, 3, H, W) tensor of its views (each branch's own size
         and normalisation; V = 2 with flip_average: the image, then its mirror, flipped before resizing as
-        experiments.eval_transform(flip=True) does). Safe to call from several threads."""
+        embeddings.eval_transform(flip=True) does). Safe to call from several threads."""
         views = [image] + ([image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)] if self.flip_average else [])
         return [torch.stack([t(view) for view in views]) for t in self.transforms]
 
@@ -317,9 +317,9 @@ def features_embedder(
 ) -> SavedEmbedder:
     """The course's "frozen features + head" model, assembled from the parts the notebooks use.
 
-    Matches experiments.backbone_features (per backbone: `pooling`, `image_size`, `flip_average`, seed before
-    creating each backbone so random-weight controls are reproduced), experiments.ensemble_features when several
-    backbones are given, and a head from features.train_head / experiments.train_head_on_features (or None).
+    Matches embeddings.backbone_features (per backbone: `pooling`, `image_size`, `flip_average`, seed before
+    creating each backbone so random-weight controls are reproduced), embeddings.ensemble_features when several
+    backbones are given, and a head from features.train_head / embeddings.train_head_on_features (or None).
     Raises models.PretrainedWeightsError when a backbone has no offline weights and `pretrained` is True.
     """
     from .models import create_embedder
@@ -462,7 +462,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise SavedModelError(
-            f"{path} not found: {folder} is not a saved model folder (save one with fashlib.models.save_embedder)"
+            f"{path} not found: {folder} is not a saved model folder (save one with fashlib.saved_model.save_embedder)"
         )
     try:
         config = json.loads(path.read_text())

@@ -5,7 +5,7 @@ Chapter 05's protocol as library functions (the notebook calls each once):
 1. ``candidate_scores``: every candidate (features of a backbone or an ensemble) x loss x head type
    ("none" = the features themselves) x search-time post-processing (none, or average query expansion
    with k in ``qe_ks``, Chum et al. ICCV 2007), scored on the VALIDATION protocol.
-2. ``experiments.pick_best`` on that table (highest Recall@1, then mAP@R).
+2. ``evaluation.pick_best`` on that table (highest Recall@1, then mAP@R).
 3. ``refit``: the chosen head configuration retrained on train + validation rows (study.train_val_table)
    and applied to every row of the test table.
 4. ``test_report``: Recall@K and mAP@R on test with 95% bootstrap intervals over queries, and the paired
@@ -23,7 +23,11 @@ import numpy as np
 import pandas as pd
 
 from . import stats, study
-from .experiments import KS, eval_rows, loss_spec, train_head_on_features, try_call
+from .data.protocols import eval_rows, same_training_rows, train_rows
+from .embeddings import embed_images, train_head_on_features
+from .evaluation import KS, pick_best
+from .losses import loss_spec
+from .study import try_call
 
 __all__ = ["NONE", "post_settings", "parse_post", "candidate_scores", "refit", "test_report", "paired_report"]
 
@@ -68,7 +72,7 @@ def candidate_scores(
     """Score every candidate configuration on `table`'s queries (the validation protocol).
 
     features: name -> (N, D) cached features in table order; losses: fashlib loss variant names
-    (experiments.loss_spec); head_options go to experiments.train_head_on_features (embedding_dim, epochs,
+    (losses.loss_spec); head_options go to embeddings.train_head_on_features (embedding_dim, epochs,
     seed, sampler, p, k, lr, ...). Returns a frame indexed by (candidate, loss, head, post) with Recall@K and
     mAP@R (fractions), `seconds` (head training) and `error` ("" or the message of a head that failed to
     train; such a row has no metrics). Loss and head "none" rows are the frozen features.
@@ -131,7 +135,7 @@ def refit(
     """The chosen (candidate, loss, head, post) refitted on train + validation rows.
 
     features: name -> (N, D) features of the TEST table's rows. When both tables list the same images
-    (experiments.load_protocols without a cap) this is study.refit_on_train_val. Otherwise (capped smoke
+    (data.protocols.load_protocols without a cap) this is study.refit_on_train_val. Otherwise (capped smoke
     tables) the test table's rows that are validation query/gallery rows become training rows, and the
     validation query/gallery rows missing from the test table are appended as training rows with their
     features from `val_features` (required then; ValueError without it). A validation row that is also a test
@@ -212,11 +216,11 @@ def finetune_chosen(
 ) -> tuple[np.ndarray, Any, str, str]:
     """Fine-tune end to end the best single-backbone candidate with a head (by validation Recall@1, then mAP@R).
 
-    Trains on the training rows (experiments.finetune, meant for a GPU), monitored on the validation protocol;
+    Trains on the training rows (finetune.finetune, meant for a GPU), monitored on the validation protocol;
     embeds every row of test_table. Returns (test embeddings, the trained network, backbone, loss label).
     When no such candidate trained, Lite0 with multi-similarity is used and a note is printed.
     """
-    from .experiments import embed_images, finetune, pick_best, same_training_rows, train_rows
+    from .finetune import finetune
 
     ok = validation[(validation["error"] == "") & (validation.index.get_level_values("loss") != NONE)]
     ok = ok[ok.index.get_level_values("candidate").isin(candidate_backbones)]

@@ -1,6 +1,6 @@
 """Studies on cached features that return tables: seeds, intervals, post-processing, train+validation refit.
 
-Each function is one notebook cell's computation: it takes a table (fashlib.experiments layout: a `split`
+Each function is one notebook cell's computation: it takes a table (fashlib.data.protocols layout: a `split`
 column with train / query / gallery rows), feature or embedding arrays in table order, and returns a
 DataFrame. Intervals are percentile bootstraps over queries (fashlib.stats); seeds vary the head's
 initialisation and batch order only (the cached backbone features are fixed).
@@ -15,14 +15,15 @@ import numpy as np
 import pandas as pd
 
 from . import postprocess, stats
-from .experiments import KS, eval_rows, train_head_on_features
+from .data.protocols import eval_rows
+from .embeddings import train_head_on_features
+from .evaluation import KS
 
 __all__ = [
     "train_val_table",
     "refit_on_train_val",
     "query_scores",
     "intervals_row",
-    "seed_study",
     "POSTPROCESSING",
     "postprocessed_scores",
     "postprocessing_sweep",
@@ -30,6 +31,8 @@ __all__ = [
     "seed_comparison",
     "noise_verdicts",
     "noise_prose",
+    "try_call",
+    "relative_history",
 ]
 
 
@@ -38,7 +41,7 @@ def train_val_table(val_table: pd.DataFrame, test_table: pd.DataFrame) -> pd.Dat
     """The test table with every validation query/gallery row turned into a training row.
 
     For refitting the configuration chosen on validation on train + validation before the single test
-    evaluation. Both tables must list the same images in the same order (experiments.load_protocols).
+    evaluation. Both tables must list the same images in the same order (data.protocols.load_protocols).
     Datasets whose validation set was held out of the training rows already train on them in the test
     table, so nothing changes there. Raises ValueError when the tables differ in rows, or when a
     validation row is a test query/gallery row (that would train on the test protocol).
@@ -46,7 +49,7 @@ def train_val_table(val_table: pd.DataFrame, test_table: pd.DataFrame) -> pd.Dat
     if len(val_table) != len(test_table) or not (val_table["path"].to_numpy() == test_table["path"].to_numpy()).all():
         raise ValueError(
             "train_val_table: the validation and test tables list different images; "
-            "build both with experiments.load_protocols"
+            "build both with data.protocols.load_protocols"
         )
     val_rows = np.isin(val_table["split"].to_numpy(), ("query", "gallery"))
     test_split = test_table["split"].to_numpy().astype(object).copy()
@@ -62,7 +65,7 @@ def refit_on_train_val(
 ) -> tuple[np.ndarray, list[float], Any]:
     """Train the chosen head configuration on train + validation rows; embed every row for the test evaluation.
 
-    `config` goes to experiments.train_head_on_features (loss, head_type, sampler, epochs, seed, ...).
+    `config` goes to embeddings.train_head_on_features (loss, head_type, sampler, epochs, seed, ...).
     Returns (embeddings of all rows, per-epoch losses, head).
     """
     return train_head_on_features(features, train_val_table(val_table, test_table), **config)
@@ -90,42 +93,6 @@ def intervals_row(
         ci = stats.bootstrap_ci(scores[_metric_column(metric)].to_numpy(), n_boot=n_boot, seed=seed)
         row.update({metric: ci.value, f"{metric}_low": ci.low, f"{metric}_high": ci.high})
     return row
-
-
-def seed_study(
-    features: Mapping[str, np.ndarray],
-    table: pd.DataFrame,
-    configs: Mapping[str, Mapping[str, Any]],
-    seeds: Sequence[int] = (0, 1, 2),
-    metrics: Sequence[str] = ("recall@1", "map@r"),
-    progress: bool = False,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train every configuration with every seed on cached features; evaluate on the table's queries.
-
-    features: name -> (N, D) array; configs: name -> {"features": features name, plus train_head_on_features
-    options (loss is required)}. Returns (runs: one row per configuration and seed with the metrics,
-    summary: one row per configuration with mean, std over seeds and the 95% bootstrap interval over
-    queries of the seed-0 run).
-    """
-    rows, summary = [], []
-    for name, config in configs.items():
-        options = {k: v for k, v in config.items() if k != "features"}
-        per_seed = []
-        for seed in seeds:
-            emb, _, _ = train_head_on_features(
-                features[config["features"]], table, seed=seed, progress=progress, **options
-            )
-            scores = query_scores(table, emb)
-            per_seed.append(scores)
-            rows.append({"config": name, "seed": seed, **{m: scores[_metric_column(m)].mean() for m in metrics}})
-        runs = pd.DataFrame([r for r in rows if r["config"] == name])
-        entry = {"config": name}
-        for m in metrics:
-            entry.update({f"{m} mean": runs[m].mean(), f"{m} std": runs[m].std(ddof=1) if len(runs) > 1 else 0.0})
-        ci = intervals_row(per_seed[0], metrics)
-        entry.update({f"{m} 95% CI (seed {seeds[0]})": f"{ci[m + '_low']:.3f}-{ci[m + '_high']:.3f}" for m in metrics})
-        summary.append(entry)
-    return pd.DataFrame(rows), pd.DataFrame(summary).set_index("config")
 
 
 # ------------------------------------------------------------------------------------------ post-processing
@@ -238,7 +205,7 @@ def seed_comparison(
     """Every configuration trained with every seed; mean ± std over seeds and a bootstrap interval over queries.
 
     features: name -> (N, D) float array in table order; configs: name -> {"features": a features name, plus
-    experiments.train_head_on_features options (loss is required); {"features": name, "loss": None} scores
+    embeddings.train_head_on_features options (loss is required); {"features": name, "loss": None} scores
     the features themselves (no head, the same for every seed)}. Returns (runs: one row per configuration
     and seed, metrics as fractions; summary: one row per configuration with `<metric>` (mean over seeds),
     `<metric> std` (over seeds, ddof=1) and `<metric> low` / `<metric> high`, the 95% percentile bootstrap
@@ -345,3 +312,25 @@ def noise_prose(verdicts: pd.DataFrame, metric: str = "recall@1") -> str:
     if len(within):
         out.append(f"Within the noise of **{best}** (not separated by these seeds and queries): {listed(within)}.")
     return " ".join(out)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def try_call(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, str | None]:
+    """(fn(*args, **kwargs), None), or (None, "ErrorType: message") when it raises.
+
+    Lets a comparison report a failing entry (weights that cannot be loaded, say) as a table row and go on.
+    """
+    try:
+        return fn(*args, **kwargs), None
+    except Exception as err:  # noqa: BLE001 - the message is the result
+        return None, f"{type(err).__name__}: {err}"
+
+
+def relative_history(history: Sequence[float]) -> pd.DataFrame:
+    """Per-epoch losses as a DataFrame (epoch, loss, relative loss = loss / first epoch's loss).
+
+    Losses live on different scales; dividing by the first epoch lets their curves share one axis.
+    """
+    values = np.asarray(history, dtype=float)
+    first = values[0] if len(values) and values[0] != 0 else 1.0
+    return pd.DataFrame({"epoch": np.arange(1, len(values) + 1), "loss": values, "relative loss": values / first})

@@ -1,8 +1,8 @@
 """The sweeps chapters 02 and 03 run, one call each: backbones (with their cost) and losses, on cached features.
 
-Both train one head per configuration with one seed, evaluate it on the table's queries (experiments.evaluate:
-Recall@K, mAP@R as fractions), save every run folder (experiments.save_run) so it can be rechecked from its
-files alone (experiments.check_run), and turn a configuration that fails into a row carrying its error
+Both train one head per configuration with one seed, evaluate it on the table's queries (evaluation.evaluate:
+Recall@K, mAP@R as fractions), save every run folder (runs.save_run) so it can be rechecked from its
+files alone (runs.check_run), and turn a configuration that fails into a row carrying its error
 message instead of stopping the sweep. Seeds and intervals are study.seed_comparison's job.
 """
 
@@ -15,7 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import experiments
+from .embeddings import backbone_features, train_head_on_features
+from .evaluation import evaluate, recall_curve
+from .losses import loss_spec
+from .runs import run_name, save_run
+from .study import try_call
+from .throughput import engine_throughputs
 
 __all__ = ["backbone_sweep", "loss_run", "loss_sweep"]
 
@@ -32,20 +37,20 @@ def _backbone_runs(
 ) -> dict:
     """Features -> frozen metrics -> trained head -> head metrics for one backbone; saves both runs."""
     start = time.perf_counter()
-    features = experiments.backbone_features(backbone, table, pretrained=pretrained, progress=True, **extract)
+    features = backbone_features(backbone, table, pretrained=pretrained, progress=True, **extract)
     features_s = time.perf_counter() - start
     start = time.perf_counter()
-    embeddings, history, _ = experiments.train_head_on_features(features, table, progress=False, **head)
+    embeddings, history, _ = train_head_on_features(features, table, progress=False, **head)
     head_s = time.perf_counter() - start
     weights = "imagenet" if pretrained else "random"
     config = {**config, "backbone": backbone, "weights": weights}
     out = dict(features_s=features_s, head_s=head_s, runs={})
     for stage, emb, extra in (("frozen", features, {}), ("head", embeddings, {**head, "losses": history})):
-        out[stage] = experiments.evaluate(table, emb)
+        out[stage] = evaluate(table, emb)
         extra = {k: v for k, v in extra.items() if k != "device"}
-        out["runs"][stage] = experiments.save_run(
+        out["runs"][stage] = save_run(
             out_dir,
-            f"{prefix}/{experiments.run_name(backbone, weights, stage)}",
+            f"{prefix}/{run_name(backbone, weights, stage)}",
             table,
             emb,
             out[stage],
@@ -72,10 +77,10 @@ def _backbone_results(backbone, controls, table, development, head, extract, thr
     from .models import backbone_info
 
     image_size = extract.get("image_size")
-    info, info_error = experiments.try_call(backbone_info, backbone, image_size)
+    info, info_error = try_call(backbone_info, backbone, image_size)
     speed = None
     if not info_error:
-        speed, _ = experiments.try_call(experiments.engine_throughputs, backbone, image_size, **throughput)
+        speed, _ = try_call(engine_throughputs, backbone, image_size, **throughput)
     for pretrained in [True, False] if controls else [True]:
         weights = "imagenet" if pretrained else "random"
         cost = _cost(backbone, weights, info, speed, image_size)
@@ -83,9 +88,7 @@ def _backbone_results(backbone, controls, table, development, head, extract, thr
             yield pretrained, weights, cost, None, info_error
             continue
         rows = table if pretrained else development
-        result, error = experiments.try_call(
-            _backbone_runs, backbone, pretrained, rows, head, extract, out_dir, prefix, config
-        )
+        result, error = try_call(_backbone_runs, backbone, pretrained, rows, head, extract, out_dir, prefix, config)
         yield pretrained, weights, cost, result, error
 
 
@@ -103,9 +106,9 @@ def backbone_sweep(
 ) -> tuple[pd.DataFrame, dict]:
     """Chapter 02: every backbone (and its random-weights control) frozen and with a trained head, with its cost.
 
-    head: experiments.train_head_on_features options (loss, embedding_dim, epochs, seed, device, p, k);
-    extract: experiments.backbone_features options (image_size, flip_average, device, cache_dir, seed);
-    throughput: experiments.engine_throughputs options (batch_size, batches, device, seed); config: recorded in
+    head: embeddings.train_head_on_features options (loss, embedding_dim, epochs, seed, device, p, k);
+    extract: embeddings.backbone_features options (image_size, flip_average, device, cache_dir, seed);
+    throughput: throughput.engine_throughputs options (batch_size, batches, device, seed); config: recorded in
     each saved run. Random controls run on the train/query/gallery rows only (the pretrained features cover the
     whole table, so chapters 04 and 05 find them in the cache). Returns (one row per backbone, weights and stage
     with metrics, cost (params_M, gflops, images_per_s*), seconds and error; {(backbone, weights): {stage:
@@ -145,18 +148,18 @@ def loss_run(
     config: dict,
     max_k: int = 50,
 ) -> dict:
-    """Chapter 03: train a head with one loss variant (experiments.loss_spec) at one embedding size; evaluate
+    """Chapter 03: train a head with one loss variant (losses.loss_spec) at one embedding size; evaluate
     and save it. Returns {result, history, seconds, folder, curve (Recall@K for K = 1..max_k)}."""
-    loss, loss_options = experiments.loss_spec(variant)
+    loss, loss_options = loss_spec(variant)
     start = time.perf_counter()
-    embeddings, history, _ = experiments.train_head_on_features(
+    embeddings, history, _ = train_head_on_features(
         features, table, loss=loss, loss_options=loss_options, embedding_dim=dim, progress=False, **head
     )
     seconds = time.perf_counter() - start
-    result = experiments.evaluate(table, embeddings)
-    folder = experiments.save_run(
+    result = evaluate(table, embeddings)
+    folder = save_run(
         out_dir,
-        f"{prefix}/{experiments.run_name(variant, dim)}",
+        f"{prefix}/{run_name(variant, dim)}",
         table,
         embeddings,
         result,
@@ -167,7 +170,7 @@ def loss_run(
         history=history,
         seconds=seconds,
         folder=folder,
-        curve=experiments.recall_curve(table, embeddings, max_k=max_k),
+        curve=recall_curve(table, embeddings, max_k=max_k),
     )
 
 
@@ -187,23 +190,21 @@ def loss_sweep(
 
     Returns (one row per loss with metrics, embedding_dim, seconds and error; {name: loss_run result} with
     the frozen features under "frozen (no head)"). Raises RuntimeError when no loss could be trained."""
-    frozen = experiments.evaluate(table, features)
+    frozen = evaluate(table, features)
     name = "frozen (no head)"
-    folder = experiments.save_run(
-        out_dir, f"{prefix}/{experiments.run_name('frozen', features.shape[1])}", table, features, frozen, config
-    )
+    folder = save_run(out_dir, f"{prefix}/{run_name('frozen', features.shape[1])}", table, features, frozen, config)
     runs = {
         name: dict(
             result=frozen,
             history=[],
             seconds=0.0,
             folder=folder,
-            curve=experiments.recall_curve(table, features, max_k),
+            curve=recall_curve(table, features, max_k),
         )
     }
     rows = [dict(loss=name, embedding_dim=features.shape[1], **frozen, seconds=0.0, error="")]
     for variant in variants:
-        run, error = experiments.try_call(
+        run, error = try_call(
             loss_run,
             features,
             table,

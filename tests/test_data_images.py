@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import ToTensor
 
-from fashlib import analysis, experiments, features, metrics, plots
-from fashlib.data import decodable, drop_undecodable, open_rgb, oriented_size
+from fashlib import analysis, features, metrics, plots
+from fashlib.data import decodable, drop_undecodable, open_rgb, oriented_size, protocols
 from fashlib.data.images import UndecodableImageError, to_rgb
 from fashlib.data.synthetic import make_inshop
 
@@ -238,15 +238,15 @@ def test_clean_table_is_silent(damaged_table):
 
 def test_load_table_drops_undecodable_rows(tmp_path):
     folder = make_inshop(tmp_path, seed=0)
-    table = experiments.load_table("inshop", tmp_path, decode_cache=None)
+    table = protocols.load_table("inshop", tmp_path, decode_cache=None)
     victim = table.loc[table["split"] == "query", "path"].iloc[0]
     Path(victim).write_bytes(Path(victim).read_bytes()[:100])
     with pytest.warns(decodable.UndecodableImagesWarning, match=r"inshop: 1 of \d+ rows .*query: 1"):
-        after = experiments.load_table("inshop", tmp_path, decode_cache=tmp_path / "c")
+        after = protocols.load_table("inshop", tmp_path, decode_cache=tmp_path / "c")
     assert len(after) == len(table) - 1 and victim not in set(after["path"])
     assert after.attrs["undecodable"] == {"query": 1}
     with pytest.warns(decodable.UndecodableImagesWarning):
-        capped = experiments.load_table("inshop", tmp_path, decode_cache=tmp_path / "c", max_images=20)
+        capped = protocols.load_table("inshop", tmp_path, decode_cache=tmp_path / "c", max_images=20)
     assert capped.attrs["undecodable"] == {"query": 1} and victim not in set(capped["path"])
     assert folder.is_dir()
 

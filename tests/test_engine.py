@@ -152,7 +152,7 @@ def test_pytorch_is_the_fallback_without_onnxruntime(tiny, tmp_path, monkeypatch
 
 
 def test_throughput_is_measured_for_every_engine():
-    from fashlib.experiments import engine_throughputs
+    from fashlib.throughput import engine_throughputs
 
     speeds = engine_throughputs("test_efficientnet", 64, batch_size=4, batches=2)
     assert sorted(speeds) == ["onnx", "torch"] and all(v > 0 and np.isfinite(v) for v in speeds.values())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fashlib import experiments, finetune
+from fashlib import finetune, runs
 from fashlib.data import synthetic
 from fashlib.train import CHECKPOINT_NAME, CheckpointMismatchError, TrainConfig, fit
 
@@ -56,7 +56,7 @@ def finished_run(tmp_path_factory, one_thread):
 
 def test_same_command_resumes_the_finished_run_with_the_same_numbers(finished_run):
     root, out, results = finished_run
-    stored = json.loads((out / experiments.RUN_CONFIG_FILE).read_text())
+    stored = json.loads((out / runs.RUN_CONFIG_FILE).read_text())
     assert stored["backbone"] == "tf_efficientnet_lite0" and stored["loss"] == "multi_similarity"
     assert stored["dataset"] == "consumer2shop" and stored["data_root"] == str(root.resolve())
     checkpoint = (out / CHECKPOINT_NAME).stat().st_mtime_ns
@@ -88,8 +88,8 @@ def test_another_run_into_the_same_folder_is_refused_before_touching_it(finished
 
 def test_a_folder_with_a_checkpoint_but_no_run_config_is_refused(tmp_path):
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"old")
-    with pytest.raises(experiments.RunConfigMismatch, match="no run.json"):
-        experiments.claim_run_folder(tmp_path, {"backbone": "b", "loss": "l"})
+    with pytest.raises(runs.RunConfigMismatch, match="no run.json"):
+        runs.claim_run_folder(tmp_path, {"backbone": "b", "loss": "l"})
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == b"old" and not (tmp_path / "run.json").exists()
 
 
@@ -108,8 +108,8 @@ def test_default_output_folder_names_backbone_loss_and_settings_hash(tmp_path):
 
 
 def test_config_hash_ignores_key_order_and_sees_every_value():
-    assert experiments.config_hash({"a": 1, "b": [1, 2]}) == experiments.config_hash({"b": [1, 2], "a": 1})
-    assert experiments.config_hash({"a": 1}) != experiments.config_hash({"a": 1.5})
+    assert runs.config_hash({"a": 1, "b": [1, 2]}) == runs.config_hash({"b": [1, 2], "a": 1})
+    assert runs.config_hash({"a": 1}) != runs.config_hash({"a": 1.5})
 
 
 # ------------------------------------------------------------------------------------------ train.fit

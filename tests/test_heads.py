@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from fashlib import experiments, study
+from fashlib import evaluation, postprocess, study
+from fashlib.data import protocols
 from fashlib.features import MLPHead, MPerClassBatches, build_head, train_head
 from fashlib.models import EmbeddingHead
 
@@ -74,7 +75,7 @@ def _hidden_clusters(n_labels=6, per_label=16, dim=32, seed=0):
 
 
 def _one_nn_accuracy(emb, y):
-    emb = experiments.l2_normalize(emb)
+    emb = postprocess.l2_normalize(emb)
     sims = emb @ emb.T
     np.fill_diagonal(sims, -np.inf)
     return (y[sims.argmax(1)] == y).mean()
@@ -142,7 +143,7 @@ def test_train_val_table_and_refit():
     direct, _ = train_head(x[rows], val["label"].to_numpy()[rows], **options)
     np.testing.assert_allclose(emb, direct(torch.as_tensor(x)).detach().numpy(), atol=1e-6)
     train_only, _ = train_head(
-        x[experiments.train_rows(test)], test["label"].to_numpy()[experiments.train_rows(test)], **options
+        x[protocols.train_rows(test)], test["label"].to_numpy()[protocols.train_rows(test)], **options
     )
     assert not torch.allclose(train_only.mlp[0].weight, head.mlp[0].weight)
     with pytest.raises(ValueError, match="different images"):
@@ -151,26 +152,11 @@ def test_train_val_table_and_refit():
         study.train_val_table(test, test)
 
 
-def test_seed_study_and_postprocessing_tables():
+def test_postprocessing_tables():
     x, val, _ = _protocol_tables()
-    configs = {
-        "mlp": {
-            "features": "toy",
-            "loss": "multi_similarity",
-            "head_type": "mlp",
-            "hidden_dim": 16,
-            "embedding_dim": 8,
-            "epochs": 2,
-            "p": 4,
-            "k": 2,
-        }
-    }
-    runs, summary = study.seed_study({"toy": x}, val, configs, seeds=(0, 1))
-    assert len(runs) == 2 and runs["seed"].tolist() == [0, 1]
-    assert summary.loc["mlp", "recall@1 mean"] == pytest.approx(runs["recall@1"].mean())
-    emb = experiments.l2_normalize(x)
+    emb = postprocess.l2_normalize(x)
     plain = study.postprocessed_scores(val, emb, "none")
-    assert plain["recall@1"].mean() == pytest.approx(experiments.evaluate(val, emb, ks=(1,))["recall@1"])
+    assert plain["recall@1"].mean() == pytest.approx(evaluation.evaluate(val, emb, ks=(1,))["recall@1"])
     sweep = study.postprocessing_sweep(val, emb, [("none", {}), ("qe", {"k": 1}), ("rerank", {"k1": 5, "k2": 2})])
     assert sweep["method"].tolist() == ["none", "qe", "rerank"]
     assert (sweep["recall@1_low"] <= sweep["recall@1"]).all() and (sweep["recall@1"] <= sweep["recall@1_high"]).all()
@@ -178,7 +164,7 @@ def test_seed_study_and_postprocessing_tables():
 
 def test_postprocessing_test_uses_validation_choice():
     x, val, test = _protocol_tables()
-    emb = experiments.l2_normalize(x)
+    emb = postprocess.l2_normalize(x)
     sweep = study.postprocessing_sweep(val, emb, [("none", {}), ("qe", {"k": 1}), ("qe", {"k": 2})])
     sweep.loc[2, "recall@1"] = 2.0  # pretend k=2 won on validation: the test row must use it
     result = study.postprocessing_test(sweep, test, emb, n_boot=200)

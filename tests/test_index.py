@@ -16,7 +16,7 @@ from catalogue_photos import make_catalogue, photo
 from PIL import Image
 
 from fashlib import index as ci
-from fashlib import index_cli, models
+from fashlib import index_cli, saved_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, one_thread) -> Path:
     """Frozen Lite0 ImageNet features (offline weights) at 96 px, saved as a model folder."""
-    model = models.features_embedder("tf_efficientnet_lite0", image_size=96)
-    return models.save_embedder(model, tmp_path_factory.mktemp("model") / "lite0-96")
+    model = saved_model.features_embedder("tf_efficientnet_lite0", image_size=96)
+    return saved_model.save_embedder(model, tmp_path_factory.mktemp("model") / "lite0-96")
 
 
 @pytest.fixture()
@@ -38,7 +38,7 @@ def test_build_lists_skipped_files_and_finds_each_photo(catalogue, model_dir, tm
     assert len(idx) == 12 and idx.manifest["index"]["type"] == "flat"
     assert {s["path"] for s in idx.manifest["skipped"]} == {"broken.jpg", "notes.txt"}
     assert all(not Path(p).is_absolute() for p in idx.paths) and "sub/p01.png" in idx.paths
-    assert idx.manifest["model"]["digest"] == models.load_embedder(model_dir).digest()
+    assert idx.manifest["model"]["digest"] == saved_model.load_embedder(model_dir).digest()
     photos = [catalogue / p for p in idx.paths]
     flipped = [Image.open(p).transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in photos]
     for hits, path in zip(idx.query(photos, k=3), idx.paths):
@@ -67,8 +67,8 @@ def test_update_embeds_only_new_and_changed_files(catalogue, model_dir, tmp_path
 
 def test_another_model_is_refused(catalogue, model_dir, tmp_path):
     ci.build(catalogue, model_dir, tmp_path / "idx", progress=False)
-    other = models.save_embedder(
-        models.features_embedder("resnet10t", pretrained=False, image_size=64), tmp_path / "other"
+    other = saved_model.save_embedder(
+        saved_model.features_embedder("resnet10t", pretrained=False, image_size=64), tmp_path / "other"
     )
     with pytest.raises(ci.ModelMismatchError, match="built with another model.*rebuild it: python3 -m fashlib"):
         ci.open_index(tmp_path / "idx", other)
@@ -308,7 +308,7 @@ def test_an_index_kept_inside_its_catalogue_is_not_catalogued(catalogue, model_d
 
 def test_engine_path_embeds_as_pytorch_and_skips_the_same_files(catalogue, model_dir, monkeypatch):
     pytest.importorskip("onnxruntime")
-    model = models.load_embedder(model_dir)
+    model = saved_model.load_embedder(model_dir)
     paths = sorted(str(p.relative_to(catalogue)) for p in catalogue.rglob("*") if p.is_file())
     slow = ci.embed_files(model, catalogue, paths, batch_size=5, progress=False, engine="torch")
     monkeypatch.setattr(ci, "ENGINE_MIN_PHOTOS", 1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from catalogue_photos import photo
 
-from fashlib import experiments, models
+from fashlib import embeddings, models, saved_model
 from fashlib import features as fx
 from fashlib.saved_model import SavedModelError
 
@@ -30,8 +30,8 @@ def table(tmp_path_factory, one_thread) -> pd.DataFrame:
 
 
 def roundtrip(model, tmp_path, table):
-    folder = models.save_embedder(model, tmp_path / "model", metrics={"recall@1": 0.5}, protocol="toy protocol")
-    loaded = models.load_embedder(folder)
+    folder = saved_model.save_embedder(model, tmp_path / "model", metrics={"recall@1": 0.5}, protocol="toy protocol")
+    loaded = saved_model.load_embedder(folder)
     return folder, loaded, loaded.embed(table["path"])
 
 
@@ -39,11 +39,11 @@ def test_head_on_cached_features_matches_the_course_pipeline(table, tmp_path):
     torch.manual_seed(1)
     head = models.EmbeddingHead(1280, 32, bnneck=True).eval()
     head.bn.running_mean.normal_()  # non-trivial BNNeck statistics must survive the round trip
-    feats = experiments.backbone_features(
+    feats = embeddings.backbone_features(
         "tf_efficientnet_lite0", table, pretrained=False, image_size=SIZE, flip_average=True, seed=3, progress=False
     )
     course = fx.embed_features(head, feats)
-    model = models.features_embedder(
+    model = saved_model.features_embedder(
         "tf_efficientnet_lite0", head, pretrained=False, image_size=SIZE, flip_average=True, seed=3
     )
     folder, loaded, emb = roundtrip(model, tmp_path, table)
@@ -61,13 +61,12 @@ def test_head_on_cached_features_matches_the_course_pipeline(table, tmp_path):
 def test_ensemble_of_backbones_with_a_head(table, tmp_path):
     names = ["tf_efficientnet_lite0", "resnet10t"]
     parts = [
-        experiments.backbone_features(b, table, pretrained=False, image_size=SIZE, seed=0, progress=False)
-        for b in names
+        embeddings.backbone_features(b, table, pretrained=False, image_size=SIZE, seed=0, progress=False) for b in names
     ]
-    ensemble = experiments.ensemble_features(parts)
+    ensemble = embeddings.ensemble_features(parts)
     torch.manual_seed(2)
     head = models.EmbeddingHead(ensemble.shape[1], 16).eval()
-    model = models.features_embedder(names, head, pretrained=False, image_size=SIZE, seed=0)
+    model = saved_model.features_embedder(names, head, pretrained=False, image_size=SIZE, seed=0)
     _, loaded, emb = roundtrip(model, tmp_path, table)
     np.testing.assert_allclose(emb, fx.embed_features(head, ensemble), atol=2e-5)
     assert [b["backbone"] for b in json.loads((tmp_path / "model" / "config.json").read_text())["backbones"]] == names
@@ -81,25 +80,25 @@ def test_fine_tuned_network_gem_bnneck(table, tmp_path):
         net(torch.randn(4, 3, SIZE, SIZE))
         net.pool.p.fill_(2.5)
     net.eval()
-    course = experiments.embed_images(net, table, image_size=SIZE, progress=False)
-    folder = models.save_embedder(net, tmp_path / "net", image_size=SIZE)
-    loaded = models.load_embedder(folder)
+    course = embeddings.embed_images(net, table, image_size=SIZE, progress=False)
+    folder = saved_model.save_embedder(net, tmp_path / "net", image_size=SIZE)
+    loaded = saved_model.load_embedder(folder)
     emb = loaded.embed(table["path"])
     np.testing.assert_allclose(emb, course, atol=2e-5)
     assert loaded.kind == "network" and float(loaded.branches[0].pool.p.detach()) == pytest.approx(2.5)
 
 
 def test_corrupt_or_foreign_folders_are_refused(table, tmp_path):
-    model = models.features_embedder("resnet10t", pretrained=False, image_size=SIZE)
-    folder = models.save_embedder(model, tmp_path / "m")
+    model = saved_model.features_embedder("resnet10t", pretrained=False, image_size=SIZE)
+    folder = saved_model.save_embedder(model, tmp_path / "m")
     weights = folder / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[-10] ^= 0xFF
     weights.write_bytes(bytes(raw))
     with pytest.raises(SavedModelError, match="sha256 differs"):
-        models.load_embedder(folder)
+        saved_model.load_embedder(folder)
     with pytest.raises(SavedModelError, match="not a saved model folder"):
-        models.load_embedder(tmp_path)
+        saved_model.load_embedder(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -113,17 +112,17 @@ def test_corrupt_or_foreign_folders_are_refused(table, tmp_path):
     ],
 )
 def test_edited_config_is_refused_with_a_message(tmp_path, edit, message):
-    folder = models.save_embedder(
-        models.features_embedder("resnet10t", pretrained=False, image_size=SIZE), tmp_path / "m"
+    folder = saved_model.save_embedder(
+        saved_model.features_embedder("resnet10t", pretrained=False, image_size=SIZE), tmp_path / "m"
     )
     config = json.loads((folder / "config.json").read_text())
     edit(config)
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(SavedModelError, match=message):
-        models.load_embedder(folder)
+        saved_model.load_embedder(folder)
     (folder / "config.json").write_text("[]")
     with pytest.raises(SavedModelError, match="not a fashlib model config"):
-        models.load_embedder(folder)
+        saved_model.load_embedder(folder)
 
 
 def test_photos_are_opened_as_the_course_opens_them(tmp_path):
@@ -149,7 +148,7 @@ def test_photos_are_opened_as_the_course_opens_them(tmp_path):
             np.testing.assert_array_equal(np.asarray(open_rgb(img)), course)
     np.testing.assert_array_equal(np.asarray(open_rgb(tmp_path / "phone.png")), np.asarray(upright))
     assert (np.asarray(open_rgb(tmp_path / "clear.png")) == 255).all()
-    model = models.features_embedder("resnet10t", pretrained=False, image_size=SIZE)
+    model = saved_model.features_embedder("resnet10t", pretrained=False, image_size=SIZE)
     emb = model.embed([tmp_path / "upright.png", tmp_path / "phone.png"])
     np.testing.assert_allclose(emb[0], emb[1], atol=1e-6)  # the phone photo embeds as the upright one
 
@@ -181,8 +180,8 @@ def test_an_mlp_head_on_features_saves_and_reloads(table, tmp_path):
     with torch.no_grad():  # non-trivial BatchNorm statistics, so a wrong rebuild shows
         head.mlp[1].running_mean.uniform_(-1, 1)
         head.mlp[1].running_var.uniform_(0.5, 2)
-    feats = experiments.backbone_features("resnet10t", table, pretrained=False, image_size=SIZE, seed=0, progress=False)
-    model = models.features_embedder("resnet10t", head, pretrained=False, image_size=SIZE, seed=0)
+    feats = embeddings.backbone_features("resnet10t", table, pretrained=False, image_size=SIZE, seed=0, progress=False)
+    model = saved_model.features_embedder("resnet10t", head, pretrained=False, image_size=SIZE, seed=0)
     folder, loaded, emb = roundtrip(model, tmp_path, table)
     config = json.loads((folder / "config.json").read_text())
     assert config["head"] == {"type": "MLPHead", "in_dim": 512, "embedding_dim": 16, "bnneck": True, "hidden_dim": 32}

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fashlib import experiments, report, selection, stats, study
+from fashlib import evaluation, postprocess, report, selection, stats, study
 from fashlib.features import train_head
+from fashlib.runs import check_run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,7 +111,7 @@ def test_candidate_scores_cover_every_setting_and_match_evaluate():
     assert len(table) == 3 * 3  # (frozen, linear, mlp) x (none, qe k=1, qe k=2)
     assert set(table.index.get_level_values("head")) == {"none", "linear", "mlp"}
     frozen = table.loc[("toy", "none", "none", "none")]
-    expected = experiments.evaluate(val, experiments.l2_normalize(x), ks=(1, 5))  # cosine, as postprocess ranks
+    expected = evaluation.evaluate(val, postprocess.l2_normalize(x), ks=(1, 5))  # cosine, as postprocess ranks
     assert frozen["recall@1"] == pytest.approx(expected["recall@1"])
     assert frozen["map@r"] == pytest.approx(expected["map@r"])
     qe = table.loc[("toy", "none", "none", "qe k=2")]
@@ -221,11 +222,11 @@ def test_loss_sweep_rows_runs_and_failures(tmp_path):
     assert results["loss"].tolist() == ["frozen (no head)", "multi_similarity", "no_such_loss"]
     assert list(runs) == ["frozen (no head)", "multi_similarity"]
     assert results.loc[2, "error"] and np.isnan(results.loc[2, "seconds"])
-    frozen = experiments.evaluate(val, x)
+    frozen = evaluation.evaluate(val, x)
     assert results.loc[0, "map@r"] == pytest.approx(frozen["map@r"])
     run = runs["multi_similarity"]
     assert len(run["history"]) == 2 and max(run["curve"]) == 5
-    rechecked = experiments.check_run(run["folder"])
+    rechecked = check_run(run["folder"])
     assert all(rechecked[m] == pytest.approx(run["result"][m]) for m in rechecked)
     with pytest.raises(RuntimeError, match="no loss"):
         sweeps.loss_sweep(x, val, ["no_such_loss"], 8, head=head, out_dir=tmp_path, prefix="03b", config={})

@@ -12,7 +12,7 @@ import pytest
 from catalogue_photos import make_catalogue, photo
 
 from fashlib import index as ci
-from fashlib import models
+from fashlib import saved_model
 from fashlib.serve import create_app
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -23,7 +23,8 @@ def built(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("serve")
     catalogue = make_catalogue(root / "catalogue")
     (root / "secret.jpg").write_bytes((catalogue / "p00.jpg").read_bytes())  # outside the catalogue folder
-    model = models.save_embedder(models.features_embedder("tf_efficientnet_lite0", image_size=96), root / "model")
+    embedder = saved_model.features_embedder("tf_efficientnet_lite0", image_size=96)
+    model = saved_model.save_embedder(embedder, root / "model")
     ci.build(catalogue, model, root / "idx", progress=False)
     return root, catalogue
 

@@ -3,7 +3,7 @@
 Images are opened with fashlib.data.images.open_rgb (EXIF orientation applied, every mode to RGB,
 transparency on white). An undecodable image is an error naming the file: never is another row's
 image substituted (that would give a query a gallery photo's features). Clean tables first with
-fashlib.data.drop_undecodable (fashlib.experiments.load_table does).
+fashlib.data.drop_undecodable (fashlib.data.protocols.load_table does).
 """
 
 from __future__ import annotations

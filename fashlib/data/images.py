@@ -80,7 +80,7 @@ def open_rgb(path: str | os.PathLike, draft_size: tuple[int, int] | None = None)
     except DECODE_ERRORS as err:
         raise UndecodableImageError(
             f"cannot decode image {path}: {type(err).__name__}: {err}. Remove such rows before computing with "
-            "fashlib.data.drop_undecodable(table) (fashlib.experiments.load_table does it)."
+            "fashlib.data.drop_undecodable(table) (fashlib.data.protocols.load_table does it)."
         ) from err
 
 

@@ -1,0 +1,157 @@
+"""Embeddings of a table's rows: frozen backbone features (cached on disk), an ensemble of several
+backbones' features, a head trained on cached features, and a whole network's embeddings.
+
+The embeddings returned are (N, D) float32 arrays in table order (one row per table row), rows
+L2-normalised; images go through the backbone's evaluation transform (`eval_transform`). Feature
+extraction and head training are fashlib.features' (extract, train_head); this module only chooses what
+to extract and how to combine it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import data
+from .data.protocols import train_rows
+from .postprocess import l2_normalize
+
+
+def eval_transform(embedder: Any, image_size: int | None = None, flip: bool = False):
+    """The evaluation transform of a backbone, at its own input size unless `image_size` is given."""
+    from torchvision import transforms as T
+
+    config = embedder.data_config
+    size = image_size or int(config["input_size"][-1])
+    transform = data.build_transforms(False, image_size=size, mean=tuple(config["mean"]), std=tuple(config["std"]))
+    if flip:
+        transform = T.Compose([T.RandomHorizontalFlip(p=1.0), transform])
+    return transform
+
+
+def backbone_features(
+    backbone: str,
+    table: pd.DataFrame,
+    *,
+    pretrained: bool = True,
+    image_size: int | None = None,
+    pooling: str = "avg",
+    flip_average: bool = False,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+    engine: str = "auto",
+) -> np.ndarray:
+    """Pooled backbone features of every row (cached on disk), L2-normalised.
+
+    `pretrained=False` gives the random-weights control (seeded, so its cache is reused);
+    `flip_average` averages the features of the image and its mirror image. `engine`: see
+    fashlib.engine.create_engine ("auto": ONNX Runtime on the CPU, PyTorch on a GPU).
+    """
+    from .features import extract
+    from .models import create_embedder
+
+    torch.manual_seed(seed)
+    embedder = create_embedder(
+        backbone, embedding_dim=None, pooling=pooling, pretrained=pretrained, allow_random=not pretrained
+    )
+    views = [False, True] if flip_average else [False]
+    feats = [
+        extract(
+            embedder,
+            table,
+            transform=eval_transform(embedder, image_size, flip),
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            progress=progress,
+            key_extra={"pretrained": pretrained, "image_size": image_size},
+            engine=engine,
+        )
+        for flip in views
+    ]
+    return l2_normalize(np.mean(feats, axis=0))
+
+
+def ensemble_features(features: Sequence[np.ndarray]) -> np.ndarray:
+    """Concatenate several backbones' features of the same rows, each L2-normalised, then re-normalise.
+
+    Normalising each part first gives every backbone the same weight in the cosine similarity, whatever
+    its feature size or scale.
+    """
+    if len(features) == 0:
+        raise ValueError("ensemble_features needs at least one feature array")
+    rows = {len(f) for f in features}
+    if len(rows) != 1:
+        raise ValueError(f"feature arrays cover different numbers of rows: {sorted(rows)}")
+    return l2_normalize(np.concatenate([l2_normalize(np.asarray(f, dtype=np.float32)) for f in features], axis=1))
+
+
+def train_head_on_features(
+    features: np.ndarray,
+    table: pd.DataFrame,
+    *,
+    loss: str,
+    embedding_dim: int = 256,
+    epochs: int = 30,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    **options: Any,
+) -> tuple[np.ndarray, list[float], torch.nn.Module]:
+    """Train an embedding head on the training rows' cached features; embed every row with it.
+
+    Returns (embeddings of all rows, per-epoch losses, the head). Options go to features.train_head:
+    head_type ("linear" | "mlp"), hidden_dim, bnneck, sampler ("pk" | "m_per_class"), p, k, lr,
+    weight_decay, loss_options... To refit a chosen configuration on train + validation rows, pass
+    study.train_val_table(val_table, test_table) as `table` (or call study.refit_on_train_val).
+    """
+    from .features import embed_features, train_head
+
+    rows = train_rows(table)
+    head, history = train_head(
+        features[rows],
+        table["label"].to_numpy()[rows],
+        loss=loss,
+        embedding_dim=embedding_dim,
+        epochs=epochs,
+        seed=seed,
+        device=device,
+        progress=progress,
+        **options,
+    )
+    return embed_features(head, features, device=device), history, head
+
+
+def embed_images(
+    model: Any,
+    table: pd.DataFrame,
+    *,
+    image_size: int | None = None,
+    device: str = "cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
+    """Embeddings of every row of `table` through a whole embedder (no cache: the weights are changing)."""
+    from .features import extract
+
+    return extract(
+        model,
+        table,
+        transform=eval_transform(model, image_size),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        progress=progress,
+        fn="embedding",
+    )
