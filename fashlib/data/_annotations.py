@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..paths import ENV_VAR
@@ -125,6 +126,7 @@ def require_path(path: str | os.PathLike, dataset: str, what: str = "file") -> P
 
 
 def _malformed(path: Path, line_no: int, text: str, why: str) -> ValueError:
+    """ValueError naming the file, the line number, why the line is wrong and its text."""
     return ValueError(f"{path}, line {line_no}: {why}: {text.rstrip()!r}")
 
 
@@ -288,9 +290,23 @@ def read_annotation_matrix(path: str | os.PathLike, dataset: str = "attributes",
     Uses pandas' C parser in chunks; on any irregularity falls back to a line scan that raises
     ValueError naming file, line number and text. Count mismatches warn like read_annotation.
     """
-    import numpy as np
-
     path = require_path(path, dataset, "annotation file")
+    declared, n_values = _read_matrix_head(path)
+    image_names, matrix = _read_matrix_values(path, n_values, chunksize)
+    if declared != len(image_names):
+        warnings.warn(
+            f"{path}: line 1 declares {declared} records but {len(image_names)} were read",
+            AnnotationCountWarning,
+            stacklevel=2,
+        )
+    return image_names, matrix
+
+
+def _read_matrix_head(path: Path) -> tuple[int, int]:
+    """(record count declared on line 1, values per record after the image name on line 3; 0 if line 3 is blank).
+
+    ValueError naming the file (and line) for a non-UTF-8 byte in lines 1-3, a line 1 that is not an integer or a
+    blank line 2 (the header)."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             first = f.readline()
@@ -308,6 +324,15 @@ def read_annotation_matrix(path: str | os.PathLike, dataset: str = "attributes",
     n_values = len(third.split()) - 1
     if not third.split():
         n_values = 0
+    return declared, n_values
+
+
+def _read_matrix_values(path: Path, n_values: int, chunksize: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image names, object array of shape (N,); values, int8 array of shape (N, n_values)) of lines 3 on.
+
+    pandas' C parser reads `chunksize` lines at a time; a missing or non-integer value sends the file to
+    _locate_matrix_error (ValueError naming the line), a non-UTF-8 byte to check_utf8 (ValueError naming it).
+    n_values <= 0 reads nothing: (empty names, (0, 0) matrix)."""
     names: list[np.ndarray] = []
     blocks: list[np.ndarray] = []
     if n_values > 0:
@@ -338,12 +363,6 @@ def read_annotation_matrix(path: str | os.PathLike, dataset: str = "attributes",
             raise  # _locate_matrix_error raises; this is a safety net
     image_names = np.concatenate(names) if names else np.empty(0, dtype=object)
     matrix = np.concatenate(blocks) if blocks else np.zeros((0, max(n_values, 0)), dtype=np.int8)
-    if declared != len(image_names):
-        warnings.warn(
-            f"{path}: line 1 declares {declared} records but {len(image_names)} were read",
-            AnnotationCountWarning,
-            stacklevel=2,
-        )
     return image_names, matrix
 
 

@@ -14,6 +14,22 @@ from ._common import finish_table, image_base
 STATUSES = ("train", "val", "test")
 CATEGORY_TYPES = {1: "upper-body", 2: "lower-body", 3: "full-body"}
 ATTRIBUTE_TYPES = {1: "texture", 2: "fabric", 3: "shape", 4: "part", 5: "style"}
+# the table's columns in order (then `attributes` when read)
+TABLE_COLUMNS = (
+    "path",
+    "item_id",
+    "label",
+    "category",
+    "domain",
+    "split",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "image_name",
+    "category_label",
+    "category_type",
+)
 
 
 def read_attribute_names(dataset_dir: str | os.PathLike) -> pd.DataFrame:
@@ -61,7 +77,19 @@ def read_attributes(dataset_dir: str | os.PathLike, attributes: bool = True, che
     attributes=False skips the 1,000-column file. Boxes come from Anno/list_bbox.txt when present.
     """
     folder = Path(dataset_dir)
-    anno = folder / "Anno"
+    cats, labels = _read_category_files(folder / "Anno")
+    part = _read_partition(folder)
+    table = _join_categories(folder, part, labels, cats)
+    table = _add_boxes(table, folder / "Anno" / "list_bbox.txt")
+    if attributes:
+        table["attributes"] = _image_attributes(folder, table["image_name"])
+    table = table[[*TABLE_COLUMNS, "attributes"] if attributes else [*TABLE_COLUMNS]]
+    return finish_table(table, "attributes", check_images)
+
+
+def _read_category_files(anno: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(list_category_cloth.txt as category_name, category_type; list_category_img.txt as image_name,
+    category_label), both under `anno`. ValueError naming both lines when an image is listed with two categories."""
     cats = read_annotation(
         anno / "list_category_cloth.txt",
         ["category_name", "category_type"],
@@ -77,6 +105,12 @@ def read_attributes(dataset_dir: str | os.PathLike, attributes: bool = True, che
         line_column="line",
     )
     require_unique(labels, "image_name", anno / "list_category_img.txt", "an image must have one category")
+    return cats, labels.drop(columns="line")
+
+
+def _read_partition(folder: Path) -> pd.DataFrame:
+    """Eval/list_eval_partition.txt as (image_name, evaluation_status in STATUSES); ValueError naming both lines
+    when an image is listed in two splits."""
     part = read_annotation(
         folder / "Eval" / "list_eval_partition.txt",
         ["image_name", "evaluation_status"],
@@ -85,7 +119,15 @@ def read_attributes(dataset_dir: str | os.PathLike, attributes: bool = True, che
         line_column="line",
     )
     require_unique(part, "image_name", folder / "Eval" / "list_eval_partition.txt", "an image must have one split")
-    labels, part = labels.drop(columns="line"), part.drop(columns="line")
+    return part.drop(columns="line")
+
+
+def _join_categories(folder: Path, part: pd.DataFrame, labels: pd.DataFrame, cats: pd.DataFrame) -> pd.DataFrame:
+    """One row per image of the partition with its category and the contract's item_id, label, domain, split, path.
+
+    ValueError for a category_label outside 1..len(cats), or when the partition and the category file do not
+    list the same images; FileNotFoundError when the image folder is missing (image_base)."""
+    anno = folder / "Anno"
     bad = labels.loc[(labels["category_label"] < 1) | (labels["category_label"] > len(cats))]
     if len(bad):
         raise ValueError(
@@ -107,7 +149,12 @@ def read_attributes(dataset_dir: str | os.PathLike, attributes: bool = True, che
     table["item_id"] = table["image_name"].str.split("/").str[-2].fillna(table["image_name"])
     table["domain"] = "shop"
     table["path"] = [str(base / n) for n in table["image_name"]]
-    bbox_file = anno / "list_bbox.txt"
+    return table
+
+
+def _add_boxes(table: pd.DataFrame, bbox_file: Path) -> pd.DataFrame:
+    """`table` with x1, y1, x2, y2 (pixels, float64) from `bbox_file` (NaN for images it lacks), or all NaN when
+    the file is absent. ValueError naming both lines when an image has two boxes."""
     if bbox_file.exists():
         box = read_annotation(
             bbox_file,
@@ -120,33 +167,20 @@ def read_attributes(dataset_dir: str | os.PathLike, attributes: bool = True, che
         table = table.merge(box.drop(columns="line"), on="image_name", how="left")
     else:
         table[["x1", "y1", "x2", "y2"]] = np.nan
-    if attributes:
-        names = read_attribute_names(folder)["attribute_name"].to_numpy()
-        images, matrix = read_annotation_matrix(
-            require_path(anno / "list_attr_img.txt", "attributes", "annotation file")
+    return table
+
+
+def _image_attributes(folder: Path, image_names: pd.Series) -> list[tuple[str, ...]]:
+    """Per image name, the tuple of its attribute names marked 1 in Anno/list_attr_img.txt (attribute_tuples).
+
+    FileNotFoundError when the file is missing; ValueError when its values per image differ from the number of
+    names in list_attr_cloth.txt, or as attribute_tuples raises."""
+    anno = folder / "Anno"
+    names = read_attribute_names(folder)["attribute_name"].to_numpy()
+    images, matrix = read_annotation_matrix(require_path(anno / "list_attr_img.txt", "attributes", "annotation file"))
+    if matrix.shape[1] != len(names):
+        raise ValueError(
+            f"{anno / 'list_attr_img.txt'}: {matrix.shape[1]} values per image but "
+            f"list_attr_cloth.txt names {len(names)} attributes"
         )
-        if matrix.shape[1] != len(names):
-            raise ValueError(
-                f"{anno / 'list_attr_img.txt'}: {matrix.shape[1]} values per image but "
-                f"list_attr_cloth.txt names {len(names)} attributes"
-            )
-        table["attributes"] = attribute_tuples(table["image_name"], images, matrix, names, anno / "list_attr_img.txt")
-    table = table[
-        [
-            "path",
-            "item_id",
-            "label",
-            "category",
-            "domain",
-            "split",
-            "x1",
-            "y1",
-            "x2",
-            "y2",
-            "image_name",
-            "category_label",
-            "category_type",
-        ]
-        + (["attributes"] if attributes else [])
-    ]
-    return finish_table(table, "attributes", check_images)
+    return attribute_tuples(image_names, images, matrix, names, anno / "list_attr_img.txt")

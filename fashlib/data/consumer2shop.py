@@ -12,6 +12,26 @@ from ._common import finish_table, image_base
 
 STATUSES = ("train", "val", "test")
 SOURCE_TYPES = {1: "shop", 2: "consumer"}
+# the table's columns in order
+TABLE_COLUMNS = (
+    "path",
+    "item_id",
+    "label",
+    "category",
+    "domain",
+    "split",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "image_name",
+    "group",
+    "subcategory",
+    "status",
+    "n_pairs",
+    "clothes_type",
+    "source_type",
+)
 
 
 def assign_consumer2shop_splits(pairs: pd.DataFrame, eval_split: str = "test") -> pd.DataFrame:
@@ -111,8 +131,16 @@ def read_consumer2shop(
     )
     require_unique(box, "image_name", box_file, "an image must have one box")
     base = image_base(folder, "consumer2shop")
-    table = assign_consumer2shop_splits(pairs.drop(columns="line"), eval_split)
-    table = table.merge(box.drop(columns="line"), on="image_name", how="left")
+    rows = assign_consumer2shop_splits(pairs.drop(columns="line"), eval_split)
+    table = _image_table(rows, box.drop(columns="line"), base)
+    return finish_table(table, "consumer2shop", check_images)
+
+
+def _image_table(rows: pd.DataFrame, box: pd.DataFrame, base: Path) -> pd.DataFrame:
+    """The (image, role) rows of assign_consumer2shop_splits joined with their boxes (NaN / <NA> when absent),
+    with group, subcategory, category from img/<GROUP>/<SUB>/..., path under `base`, label = item_id; columns
+    in TABLE_COLUMNS order."""
+    table = rows.merge(box, on="image_name", how="left")
     parts = table["image_name"].str.split("/")
     table["group"] = parts.str[-4].fillna("")
     table["subcategory"] = parts.str[-3].fillna("")
@@ -121,25 +149,4 @@ def read_consumer2shop(
     table["label"] = table["item_id"]
     table["clothes_type"] = table["clothes_type"].astype("Int64")
     table["source_type"] = table["source_type"].astype("Int64")
-    table = table[
-        [
-            "path",
-            "item_id",
-            "label",
-            "category",
-            "domain",
-            "split",
-            "x1",
-            "y1",
-            "x2",
-            "y2",
-            "image_name",
-            "group",
-            "subcategory",
-            "status",
-            "n_pairs",
-            "clothes_type",
-            "source_type",
-        ]
-    ]
-    return finish_table(table, "consumer2shop", check_images)
+    return table[[*TABLE_COLUMNS]]

@@ -25,6 +25,51 @@ from ._common import finish_table
 # release folder -> its role; a flat <df2>/{image,annos} is read as the evaluation part
 PARTS: dict[str, str] = {"train": "train", "validation": "eval"}
 ITEM_FIELDS = ("category_id", "category_name", "style", "bounding_box", "scale", "occlusion", "zoom_in", "viewpoint")
+# the columns of the items read from the json files (with the part's role), when there is none to read
+ITEM_COLUMNS = (
+    "path",
+    "item",
+    "source",
+    "pair_id",
+    "category_id",
+    "category",
+    "style",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "scale",
+    "occlusion",
+    "zoom_in",
+    "viewpoint",
+    "image_id",
+    "part",
+    "role",
+)
+# the table's columns in order
+TABLE_COLUMNS = (
+    "path",
+    "item_id",
+    "label",
+    "category",
+    "domain",
+    "split",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "category_id",
+    "style",
+    "pair_id",
+    "source",
+    "occlusion",
+    "viewpoint",
+    "zoom_in",
+    "scale",
+    "image_id",
+    "item",
+    "part",
+)
 
 
 def read_df2_annotation(json_path: Path) -> list[dict[str, object]]:
@@ -68,6 +113,7 @@ def read_df2_annotation(json_path: Path) -> list[dict[str, object]]:
 
 
 def _read_part(part_dir: Path, part: str) -> pd.DataFrame:
+    """One row per item of the json files in <part_dir>/annos (file order) with image_id, part and image path."""
     annos = part_dir / "annos"
     images = part_dir / "image"
     rows = []
@@ -103,7 +149,15 @@ def read_deepfashion2(dataset_dir: str | os.PathLike, check_images: bool = True)
     'gallery'. Columns beyond the contract: category_id, style, pair_id, source, occlusion,
     viewpoint, zoom_in, scale, image_id, item ('item1'...), part ('train'/'validation'/'flat').
     """
-    folder = Path(dataset_dir)
+    table = _read_items(_find_parts(Path(dataset_dir)))
+    table = df2_splits(table).drop(columns="role")
+    table = table[[*TABLE_COLUMNS]]
+    return finish_table(table, "deepfashion2", check_images)
+
+
+def _find_parts(folder: Path) -> list[tuple[Path, str, str]]:
+    """(part folder, part name, role) of each part present: train/ and validation/ (PARTS), else a flat
+    <df2>/annos as ('flat', 'eval'). FileNotFoundError naming the expected folders and the download page if none."""
     found = [(name, role) for name, role in PARTS.items() if (folder / name / "annos").is_dir()]
     parts = [(folder / name, name, role) for name, role in found]
     if not parts:
@@ -115,56 +169,15 @@ def read_deepfashion2(dataset_dir: str | os.PathLike, check_images: bool = True)
                 "deepfashion2",
                 "annotation folder (<df2>/validation/annos, <df2>/train/annos or <df2>/annos)",
             )
+    return parts
+
+
+def _read_items(parts: list[tuple[Path, str, str]]) -> pd.DataFrame:
+    """One row per item of every part, in part then file order, with its `role`; an empty frame with
+    ITEM_COLUMNS when no part holds an annotation. ValueError naming the json file for a malformed one."""
     frames = []
     for part_dir, part, role in parts:
         frame = _read_part(part_dir, part)
         if len(frame):
             frames.append(frame.assign(role=role))
-    columns = [
-        "path",
-        "item",
-        "source",
-        "pair_id",
-        "category_id",
-        "category",
-        "style",
-        "x1",
-        "y1",
-        "x2",
-        "y2",
-        "scale",
-        "occlusion",
-        "zoom_in",
-        "viewpoint",
-        "image_id",
-        "part",
-        "role",
-    ]
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
-    table = df2_splits(table).drop(columns="role")
-    table = table[
-        [
-            "path",
-            "item_id",
-            "label",
-            "category",
-            "domain",
-            "split",
-            "x1",
-            "y1",
-            "x2",
-            "y2",
-            "category_id",
-            "style",
-            "pair_id",
-            "source",
-            "occlusion",
-            "viewpoint",
-            "zoom_in",
-            "scale",
-            "image_id",
-            "item",
-            "part",
-        ]
-    ]
-    return finish_table(table, "deepfashion2", check_images)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(ITEM_COLUMNS))

@@ -14,6 +14,26 @@ from ._common import finish_table, image_base
 SPLITS = ("train", "query", "gallery")
 CLOTHES_TYPES = {1: "upper-body", 2: "lower-body", 3: "full-body"}
 POSE_TYPES = {1: "frontal", 2: "side", 3: "back", 4: "zoom-out", 5: "zoom-in", 6: "stand-alone"}
+# the table's columns in order
+TABLE_COLUMNS = (
+    "path",
+    "item_id",
+    "label",
+    "category",
+    "domain",
+    "split",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "image_name",
+    "gender",
+    "subcategory",
+    "clothes_type",
+    "pose_type",
+    "pose",
+    "view",
+)
 
 
 def parse_inshop_name(image_name: str) -> dict[str, object]:
@@ -79,7 +99,15 @@ def read_inshop(dataset_dir: str | os.PathLike, check_images: bool = True) -> pd
     )
     require_unique(box, "image_name", box_file, "an image must have one box")
     base = image_base(folder, "inshop")
-    table = part.drop(columns="line").merge(box.drop(columns="line"), on="image_name", how="left")
+    table = _image_table(part.drop(columns="line"), box.drop(columns="line"), base)
+    return finish_table(table, "inshop", check_images)
+
+
+def _image_table(part: pd.DataFrame, box: pd.DataFrame, base: Path) -> pd.DataFrame:
+    """The partition's images joined with their boxes (NaN / <NA> when absent), with category, gender,
+    subcategory, view, pose from the name (parse_inshop_name), path under `base`, label = item_id, domain 'shop'
+    and split; columns in TABLE_COLUMNS order. ValueError from parse_inshop_name for a malformed name."""
+    table = part.merge(box, on="image_name", how="left")
     names = pd.DataFrame([parse_inshop_name(n) for n in table["image_name"]], index=table.index)
     table = pd.concat([table, names], axis=1)
     table["path"] = [str(base / n) for n in table["image_name"]]
@@ -88,25 +116,4 @@ def read_inshop(dataset_dir: str | os.PathLike, check_images: bool = True) -> pd
     table["split"] = table.pop("evaluation_status")
     table["clothes_type"] = table["clothes_type"].astype("Int64")
     table["pose_type"] = table["pose_type"].astype("Int64")
-    table = table[
-        [
-            "path",
-            "item_id",
-            "label",
-            "category",
-            "domain",
-            "split",
-            "x1",
-            "y1",
-            "x2",
-            "y2",
-            "image_name",
-            "gender",
-            "subcategory",
-            "clothes_type",
-            "pose_type",
-            "pose",
-            "view",
-        ]
-    ]
-    return finish_table(table, "inshop", check_images)
+    return table[[*TABLE_COLUMNS]]
