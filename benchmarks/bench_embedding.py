@@ -137,7 +137,7 @@ def main() -> None:
         warm(decoded[:16])
     runs = []
     for name in engines:
-        for bs in (16, 32):
+        for bs in (4, 16, 32):
             runs.append(
                 (
                     f"forward only, {name} engine, batch {bs}",

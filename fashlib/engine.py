@@ -404,7 +404,7 @@ class OnnxEngine(_Engine):
                 "CenterCrop, keeps every batch on ONNX Runtime",
                 stacklevel=4,
             )
-            self.fallback = TorchEngine(self.model, self.fn, "cpu", batch_size=self.batch_size)
+            self.fallback = TorchEngine(self.model, self.fn, "cpu", batch_size=DEFAULT_BATCH_SIZE)
         return self.fallback(images)
 
     def close(self) -> None:
@@ -502,4 +502,4 @@ def create_engine(
             f"{name} engine unusable for {type(model).__name__} ({type(err).__name__}: {err}); falling back to PyTorch",
             stacklevel=2,
         )
-        return ENGINES["torch"][0](model, **kwargs)
+        return ENGINES["torch"][0](model, **{**kwargs, "batch_size": batch_size or DEFAULT_BATCH_SIZE})

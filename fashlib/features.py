@@ -553,10 +553,9 @@ def _storer(
 def _engine_options(
     engine: str, fn: str, device: Any, threads: int | None, channels_last: bool, batch_size: int, plan: _CachePlan
 ) -> dict:
-    """create_engine options of an extraction: on the CPU the engine runs batches of at most DEFAULT_BATCH_SIZE
-    (measured fastest, see fashlib.engine); its export is cached beside the features when they are."""
-    from .engine import DEFAULT_BATCH_SIZE
-
+    """create_engine options of an extraction: on the CPU each engine runs its own measured best batch size
+    (fashlib.engine: ONNX_BATCH_SIZE, DEFAULT_BATCH_SIZE), on a GPU `batch_size`; its export is cached beside
+    the features when they are."""
     cpu = torch.device(device).type == "cpu"
     return dict(
         engine=engine,
@@ -565,7 +564,7 @@ def _engine_options(
         threads=threads,
         channels_last=channels_last,
         cache_dir=Path(plan.npy.parent) / "engines" if plan.writable else None,
-        batch_size=min(batch_size, DEFAULT_BATCH_SIZE) if cpu else batch_size,
+        batch_size=None if cpu else batch_size,
     )
 
 

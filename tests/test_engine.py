@@ -117,7 +117,17 @@ def test_auto_falls_back_to_torch_when_parity_fails(tiny, monkeypatch):
         pytest.warns(UserWarning, match="falling back to PyTorch"),
         create_engine(tiny, "auto", sample=_images(4, 64)) as engine,
     ):
-        assert engine.name == "torch"
+        assert engine.name == "torch" and engine.batch_size == engines.DEFAULT_BATCH_SIZE  # PyTorch's own best
+
+
+def test_each_engine_runs_its_measured_batch_size_unless_told(tiny):
+    pytest.importorskip("onnxruntime")
+    x = _images(11, 64)
+    with create_engine(tiny, "onnx", sample=x[:4]) as fast, create_engine(tiny, "torch") as slow:
+        assert (fast.batch_size, slow.batch_size) == (engines.ONNX_BATCH_SIZE, engines.DEFAULT_BATCH_SIZE)
+        np.testing.assert_allclose(fast(x), slow(x), atol=1e-4)  # 11 images in chunks of 4 and of 16
+    with create_engine(tiny, "onnx", sample=x[:4], batch_size=7) as told:
+        assert told.batch_size == 7 and told(x).shape == (11, tiny.feature_dim)
 
 
 def test_pytorch_is_the_fallback_without_onnxruntime(tiny, tmp_path, monkeypatch):
