@@ -165,6 +165,38 @@ def glue_markdown(name: str, text: str, display: bool = False) -> str:
     return text
 
 
+RECORDED_COLUMNS = {
+    "backbone": "backbone",
+    "loss": "loss",
+    "epochs": "epochs",
+    "val_recall@1": "val R@1",
+    "test_recall@1": "test R@1",
+    "test_map@r": "test mAP@R",
+    "train_seconds": "train seconds",
+}
+
+
+def recorded_runs_table(recorded: pd.DataFrame) -> tuple[object, str]:
+    """Recorded fine-tuning runs (runs.load_recorded_runs) as a percent table and a Markdown note.
+
+    The table keeps backbone, loss, epochs, validation Recall@1, test Recall@1 and mAP@R (percent, one
+    decimal, best in bold) and training seconds; the note lists each distinct device, command and data note
+    the run files give. Raises ValueError for an empty frame (say there is no recorded run instead)."""
+    if len(recorded) == 0:
+        raise ValueError("no recorded run to show: check len(recorded) first")
+    table = recorded[[c for c in RECORDED_COLUMNS if c in recorded]].rename(columns=RECORDED_COLUMNS)
+    metrics = [c for c in ("val R@1", "test R@1", "test mAP@R") if c in table]
+    table[metrics] = table[metrics].astype(float)
+    title = "Recall@1 and mAP@R (%) of the recorded GPU fine-tuning runs (not executed here). Best value in bold."
+    notes = [
+        f"- **{field.replace('_', ' ')}:** `{value}`"
+        for field in ("device", "command", "data_note")
+        if field in recorded
+        for value in recorded[field].dropna().unique()
+    ]
+    return percent_table(table, title, columns=metrics, hide_index=True), "\n".join(notes)
+
+
 _EXAMPLES = re.compile(r"\s*\(e\.g\.[^)]*\)")
 _ABSOLUTE = re.compile(r"(?<![\w.])(?:/[^\s,;:()'\"]+){2,}")
 

@@ -17,19 +17,39 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from . import stats, study
+from . import report, stats, study
 from .data.protocols import eval_rows, same_training_rows, train_rows
-from .embeddings import embed_images, train_head_on_features
+from .embeddings import backbone_features, embed_images, ensemble_features, train_head_on_features
 from .evaluation import KS, pick_best
 from .losses import loss_spec
 from .study import try_call
 
-__all__ = ["NONE", "post_settings", "parse_post", "candidate_scores", "refit", "test_report", "paired_report"]
+__all__ = [
+    "NONE",
+    "post_settings",
+    "parse_post",
+    "ensemble_name",
+    "frozen_features",
+    "candidate_scores",
+    "validation_table",
+    "protocol_sizes",
+    "choose",
+    "refit",
+    "TestOutcome",
+    "evaluate_on_test",
+    "test_report",
+    "paired_report",
+    "answer_values",
+    "save_test_runs",
+    "recorded_gpu_runs",
+    "keep_model",
+]
 
 NONE = "none"
 INDEX = ["candidate", "loss", "head", "post"]
@@ -58,6 +78,24 @@ def post_scores(table: pd.DataFrame, embeddings: np.ndarray, post: str, ks: Sequ
     """Per-query scores (study.postprocessed_scores) of the table's queries after post-processing `post`."""
     method, params = parse_post(post)
     return study.postprocessed_scores(table, embeddings, method, ks=ks, **params)
+
+
+def ensemble_name(backbones: Sequence[str]) -> str:
+    """The candidate name of the backbones' concatenated features: "ensemble(lite0+lite1+lite2)"."""
+    return "ensemble(" + "+".join(b.replace("tf_efficientnet_", "") for b in backbones) + ")"
+
+
+def frozen_features(
+    table: pd.DataFrame, backbones: Sequence[str], ensemble: bool = True, **feature_options: Any
+) -> dict[str, np.ndarray]:
+    """Cached frozen features of every candidate: name -> (N, D) float32 in table order, one per backbone and,
+    with ensemble and more than one backbone, their ensemble (embeddings.ensemble_features) under
+    ensemble_name(backbones). feature_options go to embeddings.backbone_features (image_size, flip_average,
+    device, cache_dir, seed); extraction shows its progress in the terminal."""
+    out = {b: backbone_features(b, table, progress=True, **feature_options) for b in backbones}
+    if ensemble and len(backbones) > 1:
+        out[ensemble_name(backbones)] = ensemble_features([out[b] for b in backbones])
+    return out
 
 
 def candidate_scores(
@@ -101,6 +139,45 @@ def candidate_scores(
                     continue
                 rows += _post_rows(table, trained[0], base, qe_ks, ks)
     return pd.DataFrame(rows).set_index(INDEX)
+
+
+def validation_table(validation: pd.DataFrame, dataset: str, n_queries: int, n: int = 20):
+    """The n best candidates of candidate_scores by Recall@1 then mAP@R, as a percent table (report.percent_table)
+    captioned with the validation split, the dataset and its number of queries. The error column is shown only
+    when a head failed to train."""
+    shown = validation.sort_values(["recall@1", "map@r"], ascending=False).round({"seconds": 1})
+    if not shown["error"].astype(bool).any():
+        shown = shown.drop(columns="error")
+    title = report.caption(
+        f"Recall@K and mAP@R of the {min(n, len(validation))} best of {len(validation)} candidates",
+        "validation",
+        dataset,
+        queries=n_queries,
+    )
+    columns = [c for c in shown if c.startswith("recall@") or c == "map@r"]
+    styler = report.percent_table(shown.head(n), title, columns=columns)
+    return styler.format("{:.1f}", subset=["seconds"]) if "seconds" in shown else styler
+
+
+def protocol_sizes(val_table: pd.DataFrame, test_table: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Images and labels per split of the validation and the test protocol, side by side (counts, 0 where a
+    protocol has no such split). Raises ValueError when a dataset with a validation protocol
+    (data.protocols.VALIDATION_DATASETS) gives the two protocols different training rows."""
+    from .data.protocols import VALIDATION_DATASETS
+
+    if dataset in VALIDATION_DATASETS and not same_training_rows(val_table, test_table):
+        raise ValueError(f"{dataset}: the validation and test protocols must train on identical rows; they do not")
+    sizes = {
+        name: table.groupby("split").agg(images=("path", "size"), labels=("label", "nunique"))
+        for name, table in (("validation protocol", val_table), ("test protocol", test_table))
+    }
+    return pd.concat(sizes, axis=1).fillna(0).astype(int)
+
+
+def choose(validation: pd.DataFrame) -> tuple[str, str, str, str]:
+    """The (candidate, loss, head, post) of the best candidate that trained: highest validation Recall@1, ties
+    broken by mAP@R (evaluation.pick_best). Raises ValueError when no candidate trained."""
+    return pick_best(validation[validation["error"] == ""], by=("recall@1", "map@r"))
 
 
 def usable_qe_ks(table: pd.DataFrame, qe_ks: Sequence[int]) -> list[int]:
@@ -197,6 +274,202 @@ def paired_report(chosen: pd.DataFrame, baseline: pd.DataFrame, n_boot: int = 20
     ).rename(index={"ap@r": "map@r"})
     diff[["diff", "low", "high"]] *= 100
     return diff.rename(columns={"diff": "points", "low": "low (points)", "high": "high (points)"})
+
+
+@dataclass
+class TestOutcome:
+    """Chapter 05's single evaluation on the test protocol: the chosen configuration and its frozen baseline.
+
+    chosen: (candidate, loss, head, post) as evaluated (fine-tuning replaces the loss label and post "none");
+    embeddings / baseline_embeddings: (N, D) float32 of every test-table row, before post-processing; model:
+    the refitted head (None for loss "none") or the fine-tuned network; scores / baseline_scores: per-query
+    Recall@K and AP@R on the same queries (post-processing applied to the chosen one); results /
+    baseline_results: their means (fractions); report: selection.test_report of both; paired:
+    selection.paired_report (chosen - baseline, points)."""
+
+    chosen: tuple[str, str, str, str]
+    name: str
+    baseline_name: str
+    embeddings: np.ndarray
+    baseline_embeddings: np.ndarray
+    model: Any
+    scores: pd.DataFrame
+    baseline_scores: pd.DataFrame
+    results: dict[str, float]
+    baseline_results: dict[str, float]
+    report: pd.DataFrame
+    paired: pd.DataFrame
+
+
+def evaluate_on_test(
+    chosen: tuple[str, str, str, str],
+    features: Mapping[str, np.ndarray],
+    val_table: pd.DataFrame,
+    test_table: pd.DataFrame,
+    val_features: Mapping[str, np.ndarray] | None = None,
+    ks: Sequence[int] = KS,
+    tuned: tuple[np.ndarray, Any, str, str] | None = None,
+    **head_options: Any,
+) -> TestOutcome:
+    """Evaluate the chosen configuration once on the test protocol, against the frozen features of its candidate.
+
+    features: name -> (N, D) test-table features. Without tuned the chosen head is refitted on train +
+    validation (refit, with head_options); tuned is finetune_chosen's (embeddings, network, backbone, loss)
+    and replaces the refit. The chosen post-processing is applied at search time; the baseline has none.
+    Intervals: 95% bootstrap over queries (test_report), paired difference (paired_report), seed 0."""
+    candidate, loss, head, post = chosen
+    if tuned is None:
+        embeddings, model = refit(features, val_table, test_table, chosen, val_features, **head_options)
+    else:
+        embeddings, model, candidate, loss = tuned
+        post = NONE
+    baseline_embeddings = features[candidate]
+    scores = post_scores(test_table, embeddings, post, ks=ks)
+    baseline_scores = post_scores(test_table, baseline_embeddings, NONE, ks=ks)
+    name = f"{candidate} + {head} head, {loss}, post-processing {post}"
+    baseline_name = f"{candidate} frozen features (baseline)"
+    return TestOutcome(
+        chosen=(candidate, loss, head, post),
+        name=name,
+        baseline_name=baseline_name,
+        embeddings=embeddings,
+        baseline_embeddings=baseline_embeddings,
+        model=model,
+        scores=scores,
+        baseline_scores=baseline_scores,
+        results=_mean_scores(scores),
+        baseline_results=_mean_scores(baseline_scores),
+        report=test_report({name: scores, baseline_name: baseline_scores}),
+        paired=paired_report(scores, baseline_scores),
+    )
+
+
+PERCENT_ANSWER = ("val_r1", "r1", "r1_low", "r1_high", "map", "map_low", "map_high", "base_r1", "target")
+
+
+def answer_values(outcome: TestOutcome, validation: pd.DataFrame, target_recall_at_1: float) -> dict[str, float]:
+    """The numbers of chapter 05's answer: validation and test Recall@1 / mAP@R with their 95% intervals, the
+    baseline's Recall@1 and the target (fractions; the keys in PERCENT_ANSWER), the number of candidates and
+    test queries, and the paired Recall@1 difference in points (one decimal) with its interval and p-value."""
+    row = outcome.report.loc[outcome.name]
+    paired = outcome.paired.loc["recall@1"]
+    chosen_candidate = validation.loc[choose(validation)]
+    return {
+        "val_r1": chosen_candidate["recall@1"],
+        "r1": row["recall@1"],
+        "r1_low": row["recall@1 low"],
+        "r1_high": row["recall@1 high"],
+        "map": row["map@r"],
+        "map_low": row["map@r low"],
+        "map_high": row["map@r high"],
+        "base_r1": outcome.baseline_results["recall@1"],
+        "target": target_recall_at_1,
+        "candidates": len(validation),
+        "diff": round(paired["points"], 1),
+        "diff_low": round(paired["low (points)"], 1),
+        "diff_high": round(paired["high (points)"], 1),
+        "p": round(paired["p_value"], 4),
+        "queries": len(outcome.scores),
+    }
+
+
+def save_test_runs(
+    out_dir: Any, prefix: str, test_table: pd.DataFrame, outcome: TestOutcome, config: dict, ks: Sequence[int] = KS
+) -> tuple[dict[str, float], Any, float]:
+    """Save the chosen and the baseline test embeddings as run folders <out_dir>/<prefix>/best_test and
+    .../frozen_baseline_test (runs.save_run) and recheck the first from its saved files alone
+    (runs.check_run). The saved metrics are those before post-processing; config records the ones with it.
+
+    Returns (metrics before post-processing, the chosen run's folder, the largest |difference| of the recheck).
+    Raises AssertionError when the recheck differs by 1e-6 or more."""
+    from .evaluation import evaluate
+    from .runs import check_run, save_run
+
+    plain = evaluate(test_table, outcome.embeddings, ks=ks)
+    folder = save_run(
+        out_dir, f"{prefix}/best_test", test_table, outcome.embeddings, plain,
+        {**config, "metrics_with_postprocessing": outcome.results},
+    )  # fmt: skip
+    save_run(
+        out_dir, f"{prefix}/frozen_baseline_test", test_table, outcome.baseline_embeddings, outcome.baseline_results,
+        {**config, "loss": NONE, "postprocessing": NONE},
+    )  # fmt: skip
+    rechecked = check_run(folder, ks=ks)
+    gap = max(abs(rechecked[m] - plain[m]) for m in rechecked)
+    assert gap < 1e-6, f"{folder}: check_run gives {rechecked}, the run measured {plain}"
+    return plain, folder, gap
+
+
+def recorded_gpu_runs(folder: Any = None) -> pd.DataFrame:
+    """The recorded GPU fine-tuning runs (runs.load_recorded_runs) of folder, by default the
+    repository's book/gpu-runs; an empty frame when the folder does not exist."""
+    from pathlib import Path
+
+    from .paths import GPU_RUNS_DIR
+    from .runs import load_recorded_runs
+
+    folder = Path(folder) if folder else GPU_RUNS_DIR
+    return load_recorded_runs(folder) if folder.is_dir() else pd.DataFrame()
+
+
+def keep_model(
+    outcome: TestOutcome,
+    backbones: Sequence[str],
+    model_dir: Any,
+    test_table: pd.DataFrame,
+    metrics: Mapping[str, float],
+    protocol: str,
+    *,
+    finetuned: bool = False,
+    image_size: int | None = None,
+    flip_average: bool = False,
+    seed: int = 0,
+) -> str:
+    """Save the chosen model as one folder (saved_model.save_embedder: safetensors weights + config.json), load it back
+    and check that it reproduces outcome.embeddings on 8 test queries (max |difference| < 1e-4, AssertionError
+    otherwise). backbones: the candidate's backbones (all of them for the ensemble); metrics: the test metrics
+    before post-processing; protocol: the note saved with them (the chosen post-processing's metrics are added).
+
+    Returns one sentence for the reader. A model that cannot be saved (e.g. no head for the candidate) leaves no
+    folder behind, so chapter 07 falls back to its backbone; the sentence says so."""
+    import shutil
+    from pathlib import Path
+
+    from . import saved_model
+
+    if finetuned:
+        keep, problem = saved_model.network_embedder(outcome.model, image_size=image_size), None
+    else:
+        keep, problem = try_call(
+            saved_model.features_embedder, list(backbones), outcome.model, image_size=image_size,
+            flip_average=flip_average, seed=seed,
+        )  # fmt: skip
+    post = outcome.chosen[3]
+    post_note = (
+        "none" if post == NONE else f"{post} at search time (fashlib.postprocess.query_expansion); with it test "
+        f"recall@1 {outcome.results['recall@1']:.4f}, map@r {outcome.results['map@r']:.4f}"
+    )  # fmt: skip
+    note = f"{protocol}; post-processing: {post_note}"
+    saved, problem = (
+        (None, problem)
+        if problem
+        else try_call(
+            lambda: saved_model.load_embedder(
+                saved_model.save_embedder(keep, model_dir, metrics=metrics, protocol=note)
+            )
+        )
+    )
+    if problem:
+        shutil.rmtree(model_dir, ignore_errors=True)  # never leave a folder chapter 07 cannot load
+        reason = report.warning_prose([problem.splitlines()[0]])
+        return f"The chosen model is not saved: {reason} Chapter 07 uses its fallback backbone."
+    rows = eval_rows(test_table)[0][:8]
+    gap = float(np.abs(saved.embed(test_table["path"].iloc[rows]) - outcome.embeddings[rows]).max())
+    assert gap < 1e-4, f"the saved model does not reproduce this chapter's embeddings (max difference {gap})"
+    return (
+        f"Saved {saved.describe()} to {report.relative_path(Path(model_dir))}; max |difference| from this chapter's "
+        f"embeddings on {len(rows)} test queries: {gap:.1e}."
+    )
 
 
 def finetune_chosen(

@@ -230,3 +230,60 @@ def test_loss_sweep_rows_runs_and_failures(tmp_path):
     assert all(rechecked[m] == pytest.approx(run["result"][m]) for m in rechecked)
     with pytest.raises(RuntimeError, match="no loss"):
         sweeps.loss_sweep(x, val, ["no_such_loss"], 8, head=head, out_dir=tmp_path, prefix="03b", config={})
+
+
+def test_evaluate_on_test_and_the_answer_values():
+    """evaluate_on_test refits the chosen head (as refit does), applies its post-processing at search time and
+    compares with the candidate's frozen features; answer_values reads the chapter's numbers from it."""
+    x, val, test = _tables()
+    options = dict(embedding_dim=8, epochs=2, p=4, k=2, hidden_dim=16)
+    chosen = ("toy", "multi_similarity", "mlp", "qe k=1")
+    outcome = selection.evaluate_on_test(chosen, {"toy": x}, val, test, ks=(1, 5), **options)
+    emb, _ = selection.refit({"toy": x}, val, test, chosen, **options)
+    np.testing.assert_allclose(outcome.embeddings, emb, atol=1e-6)
+    assert outcome.baseline_embeddings is x and outcome.chosen == chosen
+    expected = selection.post_scores(test, emb, "qe k=1", ks=(1, 5))["recall@1"].mean()
+    assert outcome.results["recall@1"] == pytest.approx(expected)
+    assert outcome.baseline_results["recall@1"] == pytest.approx(evaluation.evaluate(test, x, ks=(1, 5))["recall@1"])
+    assert list(outcome.report.index) == [outcome.name, outcome.baseline_name]
+    diff = 100 * (outcome.results["recall@1"] - outcome.baseline_results["recall@1"])
+    assert outcome.paired.at["recall@1", "points"] == pytest.approx(diff)
+    validation = pd.DataFrame(
+        {"recall@1": [0.5, 0.7], "map@r": [0.4, 0.3], "error": ["", ""]},
+        index=pd.MultiIndex.from_tuples([("toy", "none", "none", "none"), chosen], names=selection.INDEX),
+    )
+    answer = selection.answer_values(outcome, validation, 0.8)
+    assert answer["val_r1"] == 0.7 and answer["candidates"] == 2 and answer["target"] == 0.8
+    assert answer["r1"] == pytest.approx(outcome.results["recall@1"]) and answer["diff"] == round(diff, 1)
+    assert answer["queries"] == int((test["split"] == "query").sum())
+    assert set(selection.PERCENT_ANSWER) <= set(answer)
+
+
+def test_protocol_sizes_and_choose():
+    _, val, test = _tables()
+    sizes = selection.protocol_sizes(val, test, "clothing")
+    assert sizes.loc["query", ("validation protocol", "images")] == int((val["split"] == "query").sum())
+    assert sizes.loc["val", ("validation protocol", "images")] == 0  # the test protocol's val rows only
+    moved = test.assign(split=test["split"].where(test.index != 0, "query"))  # a training row moved out
+    with pytest.raises(ValueError, match="identical rows"):
+        selection.protocol_sizes(val, moved, "clothing")
+    validation = pd.DataFrame(
+        {"recall@1": [0.9, 0.7, 0.7], "map@r": [0.5, 0.3, 0.4], "error": ["failed", "", ""]},
+        index=pd.MultiIndex.from_tuples([("a",) * 4, ("b",) * 4, ("c",) * 4], names=selection.INDEX),
+    )
+    assert selection.choose(validation) == ("c",) * 4  # the failed row never wins; ties broken by mAP@R
+    html = selection.validation_table(validation.assign(seconds=[1.25, 2.0, 3.0]), "toy", 5).to_html()
+    assert "90.0" in html and "2.0<" in html and "2.000000" not in html
+
+
+def test_recorded_runs_table():
+    recorded = pd.DataFrame(
+        {"backbone": ["lite0", "lite2"], "loss": ["ms", "ms"], "test_recall@1": [0.70178, 0.7078],
+         "device": ["H100", "H100"], "command": ["bash run.sh", "bash run.sh"]}
+    )  # fmt: skip
+    table, notes = report.recorded_runs_table(recorded)
+    html = table.to_html()
+    assert "70.2" in html and "font-weight: bold" in html and "70.8" in html
+    assert notes.splitlines() == ["- **device:** `H100`", "- **command:** `bash run.sh`"]
+    with pytest.raises(ValueError, match="no recorded run"):
+        report.recorded_runs_table(recorded.iloc[:0])
