@@ -18,17 +18,17 @@ features (N, D) float32 numpy, chosen from the registry `ENGINES`:
 an ONNX export that fails or misses parity falls back to PyTorch with a warning under "auto" (and raises
 under "onnx").
 
-Measured on this machine (2-core shared CPU, tf_efficientnet_lite0 at 224 px, pooled features; the
-machine was loaded by other jobs during these runs, load average 5-9, so absolute figures are low):
-ONNX Runtime, 2 intra-op threads, batch 1 / 8 / 16 / 32: 81 / 135 / 121 / 49 img/s; quiet-machine
-figures quoted in issue 9: PyTorch 145 img/s at batch 16, ONNX Runtime 205 img/s at batch 16, both
-collapsing at batch 32 (~40 img/s, activations no longer fit the cache). Hence engines run at most
-`batch_size=16` images per call (larger batches are split). Threads: ONNX Runtime gets the caller's
-torch.get_num_threads() (intra-op; inter-op 1) unless `threads` is given, with spinning off: the same
-Lite0 session at batch 16, measured interleaved 4 times on the loaded machine (load average 11), ran at
-18-20 img/s with 2 spinning threads, 23-25 img/s with 2 sleeping threads and 28-32 img/s with 1 thread;
-idle threads that spin also take the cycles extract's decoding threads need. PyTorch on CPU runs in
-channels_last (see fashlib.features.extract); see benchmarks/bench_embedding.py for the comparison.
+Measured on this machine, quiet (2 cores, AMD EPYC, tf_efficientnet_lite0 at 224 px, pooled features, 2
+threads; `python3 benchmarks/bench_embedding.py --threads 2`, 256 CC0 photos, 2026-11-29): forward only,
+ONNX Runtime at batch 4 / 16 / 32: 162 / 151 / 144 img/s; PyTorch (channels_last) at batch 4 / 16 / 32:
+119 / 83 / 73 img/s (an earlier quiet run gave 126 at batch 16: about +-10% between runs). Smaller batches
+keep the activations in the cache, so each engine has its own batch size (`ONNX_BATCH_SIZE` = 4,
+`DEFAULT_BATCH_SIZE` = 16 for PyTorch and for GPUs; larger batches are split). The issue's 205 img/s for
+ONNX Runtime at batch 16 was not reproduced on this machine. Threads: ONNX Runtime gets the caller's
+torch.get_num_threads() (intra-op; inter-op 1) unless `threads` is given, with spinning off: with extract's
+decoding threads running beside it (1,024 CC0 photos, batch 4), 2 sleeping threads gave 131 img/s and 2
+spinning threads 77 img/s; idle threads that spin take the cycles the decoding threads need. PyTorch on
+CPU runs in channels_last (see fashlib.features.extract).
 """
 
 from __future__ import annotations
