@@ -8,7 +8,7 @@ enumeration up to 16 non-zero differences, Monte Carlo beyond), as recommended f
 Smucker, Allan & Carterette (CIKM 2007). "A Metric Learning Reality Check" (Musgrave et al., ECCV 2020)
 is the reason: gaps of one or two points between losses are often within this noise.
 
-Per-query scores are computed here from ranked lists (the one search of `evaluation.Retrieval`, or any
+Per-query scores are computed here from ranked lists (the one search of `retrieval.Retrieval`, or any
 re-ranked index array), so they follow metrics' tie rules; their mean equals `metrics.recall_at_k` /
 `metrics.map_at_r`.
 """
@@ -92,9 +92,9 @@ def per_query_scores(
     """Per-query hit@K and AP@R of query embeddings against gallery embeddings (inner-product search).
 
     One row per query; the column means equal metrics.recall_at_k and metrics.map_at_r. One search
-    (evaluation.Retrieval.from_arrays, read by Retrieval.per_query).
+    (retrieval.Retrieval.from_arrays, read by Retrieval.per_query).
     """
-    from .evaluation import Retrieval  # evaluation imports this module
+    from .retrieval import Retrieval  # retrieval imports this module
 
     found = Retrieval.from_arrays(query_emb, query_labels, gallery_emb, gallery_labels, max_k=max(max(ks), 1))
     return found.per_query(ks)

@@ -143,3 +143,23 @@ def test_retrieval_arrays_are_read_only_and_the_callers_stay_writable():
     assert found.query_labels[0] != "changed"
     with pytest.raises(ValueError, match="max_k must be an integer"):
         evaluation.Retrieval.from_arrays(q, q_lab, g, g_lab, max_k=2.5)
+
+
+def test_retrieval_examples_read_from_the_retrieval_show_the_ranking_the_ranks_came_from():
+    from fashlib import analysis
+
+    rng = np.random.default_rng(5)
+    labels = [f"c{i}" for i in rng.integers(0, 4, 30)]
+    table = _rows(labels, ["query"] * 10 + ["gallery"] * 20).assign(category=labels)
+    emb = postprocess.l2_normalize(rng.normal(size=(30, 8)))
+    found = evaluation.retrieve(table, emb, max_k=5)
+    hardest = found.hardest(3)
+    shown = analysis.retrieval_examples(table, emb, hardest["row"], k=5, retrieval=found)
+    assert shown == analysis.retrieval_examples(table, emb, hardest["row"], k=5)  # no ties: the same search
+    for correct, rank in zip(shown["correct"], hardest["rank"]):
+        assert (correct.index(True) + 1 if True in correct else 0) == rank
+    gallery_rows, _ = found.ranked([2], 3)
+    order = 10 + np.argsort(-(emb[10:] @ emb[2]), kind="stable")[:3]
+    assert gallery_rows.tolist() == [order.tolist()]
+    with pytest.raises(ValueError, match=r"rows \[12\] are not queries"):
+        found.ranked([12], 3)
