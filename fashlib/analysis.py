@@ -228,12 +228,19 @@ def category_separation(embeddings: np.ndarray, labels: Sequence, k: int = 10) -
 
 
 def retrieval_examples(
-    table: pd.DataFrame, embeddings: np.ndarray, query_rows: Sequence[int], k: int = 5, title_column: str = "category"
+    table: pd.DataFrame,
+    embeddings: np.ndarray,
+    query_rows: Sequence[int],
+    k: int = 5,
+    title_column: str = "category",
+    retrieval: Any = None,
 ) -> dict[str, list]:
     """Top-k gallery results of chosen query rows, ready for plots.retrieval_grid.
 
     Returns dict with queries (paths), results (paths), correct (label matches), titles (per result
-    `title_column`) and query_titles.
+    `title_column`) and query_titles. With `retrieval` (an evaluation.Retrieval of this table and these
+    embeddings, e.g. the one first_hit_ranks was read from) the lists are read from its search, so the
+    grid shows exactly the ranking the ranks came from; query_rows must then be query rows.
     """
     from . import metrics
     from .data.protocols import eval_rows
@@ -242,19 +249,22 @@ def retrieval_examples(
     labels = table["label"].to_numpy().astype(str)
     query_rows = np.asarray(query_rows, dtype=np.int64)
     k = min(k, len(gallery))
-    nb = metrics.neighbours(
-        embeddings[query_rows],
-        embeddings[gallery],
-        k=k,
-        query_labels=labels[query_rows],
-        gallery_labels=labels[gallery],
-    )
+    if retrieval is not None:
+        hits, matches = retrieval.ranked(query_rows, k)
+    else:
+        nb = metrics.neighbours(
+            embeddings[query_rows],
+            embeddings[gallery],
+            k=k,
+            query_labels=labels[query_rows],
+            gallery_labels=labels[gallery],
+        )
+        hits, matches = gallery[nb.indices], nb.matches
     paths, titles = table["path"].to_numpy(), table[title_column].astype(str).to_numpy()
-    hits = gallery[nb.indices]
     return {
         "queries": [paths[q] for q in query_rows],
         "results": [list(paths[h]) for h in hits],
-        "correct": [list(map(bool, m)) for m in nb.matches],
+        "correct": [list(map(bool, m)) for m in matches],
         "titles": [list(titles[h]) for h in hits],
         "query_titles": [f"query: {titles[q]}" for q in query_rows],
     }

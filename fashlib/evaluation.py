@@ -1,71 +1,66 @@
-"""Evaluation of embeddings on a table's query/gallery protocol: Recall@K and mAP@R, the Recall@K curve,
-per-query first-hit ranks and the hardest queries, and the best row of a results table.
+"""Evaluation of embeddings on a table's query/gallery protocol: one search, read many ways.
+
+`retrieve(table, embeddings)` runs ONE exact search of the table's queries against its gallery, deep enough
+for every reading, and returns a `Retrieval` (fashlib.retrieval, re-exported here; `Retrieval.from_arrays`
+builds one from query/gallery arrays without a table): Recall@K, mAP@R,
+the Recall@K curve, per-query first-hit ranks, the hardest queries and per-query scores are all read from
+it (as open-metric-learning's retrieval results are computed once, then read). `evaluate`, `recall_curve`
+and `first_hit_ranks` are thin users of it; `pick_best` picks the best row of a results table.
 
 Embeddings are (N, D) float arrays in table order (one row per table row); the query and gallery rows come
 from fashlib.data.protocols.eval_rows. Metrics are fractions in [0, 1] (fashlib.metrics: DeepFashion
-top-k accuracy for Recall@K, Musgrave et al. 2020 for mAP@R).
+top-k accuracy for Recall@K, Musgrave et al. 2020 for mAP@R). The ranking is metrics' exact search with
+its tie rule (score, then gallery index), so every number equals that of metrics.recall_at_k,
+metrics.map_at_r and stats.per_query_scores on the same inputs.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from . import metrics
 from .data.protocols import eval_rows
+from .retrieval import KS, Retrieval, hardest_queries, kept_ks
 
-KS: tuple[int, ...] = (1, 5, 10, 20, 50)
+__all__ = ["KS", "Retrieval", "retrieve", "evaluate", "recall_curve", "first_hit_ranks", "hardest_queries", "pick_best"]
+
+
+def retrieve(table: pd.DataFrame, embeddings: np.ndarray, max_k: int = 50) -> Retrieval:
+    """One search of the table's queries against its gallery (eval_rows), labels from its `label` column.
+
+    embeddings: (N, D) float, one row per table row. query_rows / gallery_rows of the result are table row
+    positions. ValueError as eval_rows and Retrieval.from_arrays raise it."""
+    query, gallery = eval_rows(table)
+    labels = table["label"].to_numpy()
+    return Retrieval.from_arrays(
+        embeddings[query], labels[query], embeddings[gallery], labels[gallery], max_k, query, gallery
+    )
 
 
 def evaluate(table: pd.DataFrame, embeddings: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
-    """Recall@K (DeepFashion top-k accuracy) and mAP@R of the table's queries against its gallery."""
-    query, gallery = eval_rows(table)
-    labels = table["label"].to_numpy()
-    dropped = [k for k in ks if k > len(gallery)]
-    if dropped:
-        warnings.warn(f"Recall@K for K = {dropped} left out: the gallery has only {len(gallery)} images", stacklevel=2)
-    ks = [k for k in ks if k <= len(gallery)]
-    recall = metrics.recall_at_k(embeddings[query], labels[query], embeddings[gallery], labels[gallery], ks=ks)
-    result = {f"recall@{k}": value for k, value in recall.items()}
-    result["map@r"] = metrics.map_at_r(embeddings[query], labels[query], embeddings[gallery], labels[gallery])
-    return result
+    """Recall@K (DeepFashion top-k accuracy) and mAP@R of the table's queries against its gallery.
+
+    Returns {"recall@K": fraction, ..., "map@r": fraction}; K larger than the gallery are left out with a
+    UserWarning; ValueError for invalid K (see Retrieval.metrics)."""
+    ks = kept_ks(ks, len(eval_rows(table)[1]), stacklevel=2)
+    return retrieve(table, embeddings, max_k=max(ks)).metrics(ks)
 
 
 def recall_curve(table: pd.DataFrame, embeddings: np.ndarray, max_k: int = 50) -> dict[int, float]:
-    """Recall@K for every K from 1 to max_k (or the gallery size)."""
-    query, gallery = eval_rows(table)
-    labels = table["label"].to_numpy()
-    ks = range(1, min(max_k, len(gallery)) + 1)
-    return metrics.recall_at_k(embeddings[query], labels[query], embeddings[gallery], labels[gallery], ks=ks)
+    """Recall@K for every K from 1 to max_k (or the gallery size): {K: fraction}."""
+    return retrieve(table, embeddings, max_k=max_k).curve()
 
 
 def first_hit_ranks(table: pd.DataFrame, embeddings: np.ndarray, max_k: int = 50) -> pd.DataFrame:
     """Per query: the rank (1-based) of its first correct gallery result within the top max_k, 0 if none.
 
     Rows: one per query, with `row` (position in the table), `label` and `rank`; the largest ranks and
-    the zeros are the hardest failures.
+    the zeros are the hardest failures (Retrieval.first_hit_ranks).
     """
-    query, gallery = eval_rows(table)
-    labels = table["label"].to_numpy().astype(str)
-    k = min(max_k, len(gallery))
-    nb = metrics.neighbours(
-        embeddings[query], embeddings[gallery], k=k, query_labels=labels[query], gallery_labels=labels[gallery]
-    )
-    hit = nb.matches.any(axis=1)
-    rank = np.where(hit, nb.matches.argmax(axis=1) + 1, 0)
-    return pd.DataFrame({"row": query, "label": labels[query], "rank": rank})
-
-
-def hardest_queries(ranks: pd.DataFrame, n: int) -> pd.DataFrame:
-    """The n queries whose first correct result comes last: those with none in the top K first, then by rank."""
-    order = ranks.assign(missing=ranks["rank"] == 0).sort_values(
-        ["missing", "rank", "row"], ascending=[False, False, True], kind="mergesort"
-    )
-    return order.drop(columns="missing").head(n)
+    return retrieve(table, embeddings, max_k=max_k).first_hit_ranks()
 
 
 def pick_best(results: pd.DataFrame, by: Sequence[str] = ("recall@1", "map@r")) -> Any:

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import metrics
 from .data.protocols import eval_rows
-from .evaluation import KS
+from .evaluation import KS, Retrieval
 from .paths import atomic_write
 
 EMBEDDINGS_FILE = "embeddings.npz"
@@ -62,14 +61,16 @@ def save_run(
 
 
 def check_run(folder: str | os.PathLike, ks: Sequence[int] = KS) -> dict[str, float]:
-    """Recompute Recall@K and mAP@R from a saved run's embeddings alone (an independent check)."""
+    """Recompute Recall@K and mAP@R from a saved run's embeddings alone (an independent check).
+
+    One search of the saved query embeddings against the saved gallery (evaluation.Retrieval); K larger
+    than the gallery are left out silently. Returns {"recall@K": fraction, ..., "map@r": fraction}."""
     with np.load(Path(folder) / EMBEDDINGS_FILE) as saved:
         q, g = saved["query_embeddings"], saved["gallery_embeddings"]
         ql, gl = saved["query_labels"], saved["gallery_labels"]
     ks = [k for k in ks if k <= len(g)]
-    result = {f"recall@{k}": v for k, v in metrics.recall_at_k(q, ql, g, gl, ks=ks).items()}
-    result["map@r"] = metrics.map_at_r(q, ql, g, gl)
-    return result
+    found = Retrieval.from_arrays(q, ql, g, gl, max_k=max(ks, default=1))
+    return found.metrics(ks)
 
 
 def run_name(*parts: Any) -> str:

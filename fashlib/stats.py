@@ -8,8 +8,9 @@ enumeration up to 16 non-zero differences, Monte Carlo beyond), as recommended f
 Smucker, Allan & Carterette (CIKM 2007). "A Metric Learning Reality Check" (Musgrave et al., ECCV 2020)
 is the reason: gaps of one or two points between losses are often within this noise.
 
-Per-query scores are computed here from ranked lists (`metrics.neighbours`, or any re-ranked index
-array), so they follow metrics' tie rules; their mean equals `metrics.recall_at_k` / `metrics.map_at_r`.
+Per-query scores are computed here from ranked lists (the one search of `retrieval.Retrieval`, or any
+re-ranked index array), so they follow metrics' tie rules; their mean equals `metrics.recall_at_k` /
+`metrics.map_at_r`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-
-from . import metrics
 
 __all__ = [
     "relevant_counts",
@@ -92,13 +91,13 @@ def per_query_scores(
 ) -> pd.DataFrame:
     """Per-query hit@K and AP@R of query embeddings against gallery embeddings (inner-product search).
 
-    One row per query; the column means equal metrics.recall_at_k and metrics.map_at_r.
+    One row per query; the column means equal metrics.recall_at_k and metrics.map_at_r. One search
+    (retrieval.Retrieval.from_arrays, read by Retrieval.per_query).
     """
-    q, g = np.asarray(query_labels), np.asarray(gallery_labels)
-    depth = int(max(max(ks), relevant_counts(q, g).max(initial=1)))
-    depth = min(depth, len(g))
-    nb = metrics.neighbours(query_emb, gallery_emb, k=depth, query_labels=q, gallery_labels=g)
-    return scores_from_matches(nb.matches, relevant_counts(q, g), [k for k in ks if k <= depth])
+    from .retrieval import Retrieval  # retrieval imports this module
+
+    found = Retrieval.from_arrays(query_emb, query_labels, gallery_emb, gallery_labels, max_k=max(max(ks), 1))
+    return found.per_query(ks)
 
 
 # ------------------------------------------------------------------------------------------ bootstrap

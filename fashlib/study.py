@@ -17,7 +17,7 @@ import pandas as pd
 from . import postprocess, stats
 from .data.protocols import eval_rows
 from .embeddings import train_head_on_features
-from .evaluation import KS
+from .evaluation import KS, retrieve
 
 __all__ = [
     "train_val_table",
@@ -73,10 +73,8 @@ def refit_on_train_val(
 
 # ------------------------------------------------------------------------------------------ intervals
 def query_scores(table: pd.DataFrame, embeddings: np.ndarray, ks: Sequence[int] = KS) -> pd.DataFrame:
-    """Per-query hit@K and AP@R of the table's queries against its gallery (stats.per_query_scores)."""
-    query, gallery = eval_rows(table)
-    labels = table["label"].to_numpy()
-    return stats.per_query_scores(embeddings[query], labels[query], embeddings[gallery], labels[gallery], ks)
+    """Per-query hit@K and AP@R of the table's queries against its gallery (evaluation.Retrieval.per_query)."""
+    return retrieve(table, embeddings, max_k=max(max(ks), 1)).per_query(ks)
 
 
 def _metric_column(metric: str) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .embeddings import backbone_features, train_head_on_features
-from .evaluation import evaluate, recall_curve
+from .evaluation import KS, evaluate, retrieve
 from .losses import loss_spec
 from .runs import run_name, save_run
 from .study import try_call
@@ -156,7 +156,8 @@ def loss_run(
         features, table, loss=loss, loss_options=loss_options, embedding_dim=dim, progress=False, **head
     )
     seconds = time.perf_counter() - start
-    result = evaluate(table, embeddings)
+    found = retrieve(table, embeddings, max_k=max(max_k, *KS))  # one search: the metrics and the curve
+    result = found.metrics(KS)
     folder = save_run(
         out_dir,
         f"{prefix}/{run_name(variant, dim)}",
@@ -170,7 +171,7 @@ def loss_run(
         history=history,
         seconds=seconds,
         folder=folder,
-        curve=recall_curve(table, embeddings, max_k=max_k),
+        curve=found.curve(max_k),
     )
 
 
@@ -190,7 +191,8 @@ def loss_sweep(
 
     Returns (one row per loss with metrics, embedding_dim, seconds and error; {name: loss_run result} with
     the frozen features under "frozen (no head)"). Raises RuntimeError when no loss could be trained."""
-    frozen = evaluate(table, features)
+    found = retrieve(table, features, max_k=max(max_k, *KS))  # one search: the metrics and the curve
+    frozen = found.metrics(KS)
     name = "frozen (no head)"
     folder = save_run(out_dir, f"{prefix}/{run_name('frozen', features.shape[1])}", table, features, frozen, config)
     runs = {
@@ -199,7 +201,7 @@ def loss_sweep(
             history=[],
             seconds=0.0,
             folder=folder,
-            curve=recall_curve(table, features, max_k),
+            curve=found.curve(max_k),
         )
     }
     rows = [dict(loss=name, embedding_dim=features.shape[1], **frozen, seconds=0.0, error="")]
