@@ -1,13 +1,15 @@
 """Embedding throughput (images/s) of tf_efficientnet_lite0 in one process on the same images: forward only
 per engine, plain PyTorch loops, and fashlib.features.extract with each engine (issue 9).
 
-Usage: python3 benchmarks/bench_embedding.py [--n 256] [--image-size 224] [--threads N] [--data DATA_ROOT]
+Usage: python3 benchmarks/bench_embedding.py [--n 256] [--image-size 224] [--threads N] [--data DATA_ROOT] [--repeat 3]
 Images: the first N (sorted) of <data root>/clothing-dataset/images (data root: --data, else $FASHLIB_DATA,
 else /work/shared/data if present, else ./data). Every row includes JPEG decode + resize + forward except
 "forward only", which times the network alone on pre-decoded tensors. fashlib extract is timed with its
 exported ONNX model already cached (as in the book, where cache_dir keeps it) but features not cached;
 the one-off export + parity time is printed separately. Ratios are against the fastest plain PyTorch loop.
-The load average is printed before and after: other processes on the machine lower every figure.
+The load average is printed before and after: other processes on the machine lower every figure. Every row runs
+`--repeat` times and prints the median with the range: on this shared virtual machine the same row has varied
+by up to 40% between runs minutes apart.
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads of every engine")
     parser.add_argument("--data", default=None, help="data root holding clothing-dataset/")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of every row; the median is printed (this host's speed varies)"
+    )
     args = parser.parse_args()
 
     root = args.data or os.environ.get("FASHLIB_DATA")
@@ -160,12 +165,18 @@ def main() -> None:
     )
     if "onnx" in engines:
         print(f"ONNX export + parity check (one-off, cached afterwards): {export_s:.1f} s")
-    print(f"{'method':42s} {'batch':>5s} {'engine':>6s} {'seconds':>8s} {'images/s':>9s}")
+    header = f"{'method':42s} {'batch':>5s} {'engine':>6s} {'seconds':>8s} {'images/s':>9s}"
+    print(f"{header}  (median of {args.repeat}; range)")
     results, speeds = {}, {}
     for name, batch, engine, fn in runs:
-        seconds, feats = timed(fn)
+        times = []
+        for _ in range(max(1, args.repeat)):
+            seconds, feats = timed(fn)
+            times.append(seconds)
+        seconds = float(np.median(times))
         results[name], speeds[name] = feats, args.n / seconds
-        print(f"{name:42s} {batch:5d} {engine:>6s} {seconds:8.2f} {speeds[name]:9.1f}", flush=True)
+        spread = f"{args.n / max(times):.1f}-{args.n / min(times):.1f}"
+        print(f"{name:42s} {batch:5d} {engine:>6s} {seconds:8.2f} {speeds[name]:9.1f}  ({spread})", flush=True)
     plain = max((s, n) for n, s in speeds.items() if n.startswith("plain"))
     print(f"ratios to the fastest plain loop ({plain[1]}, {plain[0]:.1f} img/s):")
     for name, speed in speeds.items():
