@@ -74,7 +74,8 @@ def percent_table(
     hide_index: bool = False,
 ):
     """A pandas Styler of frame: the percent columns (default: every numeric one) as fractions x 100 with one
-    decimal, the best value of each in bold, other columns as they are, and title as the table's caption.
+    decimal, the best value of each in bold, other float columns (seconds) with one decimal, other columns as
+    they are, and title as the table's caption.
 
     frame holds fractions in [0, 1] (Recall@K, mAP@R); raises ValueError naming the column otherwise, KeyError
     for a column that is not in frame, ValueError for an empty title (say what was measured on which split)."""
@@ -83,9 +84,28 @@ def percent_table(
     cols = _percent_columns(frame, columns)
     bold = best_mask(frame, cols, lower_is_better)
     styler = frame.style.format(_percent, subset=cols, na_rep="–")
+    others = [c for c in frame.select_dtypes("floating").columns if c not in cols]  # e.g. seconds
+    styler = styler.format(f"{{:.{DECIMALS}f}}", subset=others, na_rep="–") if others else styler
     styler = styler.apply(lambda _: np.where(bold, "font-weight: bold", ""), axis=None)
     styler = styler.set_caption(title)
     return styler.hide(axis="index") if hide_index else styler
+
+
+def paired_table(paired: pd.DataFrame, title: str):
+    """A pandas Styler of a paired comparison (selection.paired_report: points, low/high (points), p_value):
+    differences in percentage points with one decimal, p-values with 4, and title as the caption. Raises
+    ValueError for an empty title and KeyError for a missing column."""
+    if not str(title).strip():
+        raise ValueError("a results table needs a caption saying what was measured on which split (see caption())")
+    points = ["points", "low (points)", "high (points)"]
+    missing = [c for c in [*points, "p_value"] if c not in paired]
+    if missing:
+        raise KeyError(f"paired comparison lacks columns {missing}; expected selection.paired_report's frame")
+    return (
+        paired.style.format(f"{{:+.{DECIMALS}f}}", subset=points)
+        .format("{:.4f}", subset=["p_value"])
+        .set_caption(title)
+    )
 
 
 def _percent(value) -> str:

@@ -51,13 +51,13 @@ def test_percent_table_html_caption_one_decimal_and_bold():
     assert values == {
         "row0_col0": "50.0",
         "row0_col1": "80.0",
-        "row0_col2": "12.000000",
+        "row0_col2": "12.0",
         "row1_col0": "70.8",
         "row1_col1": "79.0",
-        "row1_col2": "30.500000",
+        "row1_col2": "30.5",
         "row2_col0": "–",
         "row2_col1": "80.0",
-        "row2_col2": "8.250000",
+        "row2_col2": "8.2",
     }
     style = html[html.index("<style") : html.index("</style>")]
     bold = set(re.findall(r"row\d_col\d", style.split("{")[0]))
@@ -157,3 +157,27 @@ def test_glued_number_renders_in_the_built_page(tmp_path):
     html = (root / "_build" / "html" / "book" / "notebooks" / "01_demo.html").read_text()
     assert re.search(r"The answer: Recall&#64;1 on test is <span[^>]*>70\.8</span> %", html)
     assert "<caption>Recall@1 (%) on the test split of the CC0 clothing set: 503 queries." in html
+
+
+def test_paired_table_has_a_caption_points_and_p_values():
+    paired = pd.DataFrame(
+        {
+            "points": [15.54, 30.6],
+            "low (points)": [11.3, 28.49],
+            "high (points)": [19.5, 32.6],
+            "p_value": [0.0005, 0.02],
+        },
+        index=["recall@1", "map@r"],
+    )
+    html = report.paired_table(paired, "chosen minus baseline on 503 test queries").to_html()
+    assert "chosen minus baseline on 503 test queries" in html and "+15.5" in html and "0.0005" in html
+    with pytest.raises(ValueError, match="caption"):
+        report.paired_table(paired, " ")
+    with pytest.raises(KeyError, match="p_value"):
+        report.paired_table(paired.drop(columns="p_value"), "t")
+
+
+def test_percent_table_shows_other_float_columns_with_one_decimal():
+    frame = pd.DataFrame({"recall@1": [0.7083, 0.6], "seconds": [105.0, 92.71], "epochs": [15, 15]})
+    html = report.percent_table(frame, "caption", columns=["recall@1"]).to_html()
+    assert "105.0<" in html and "92.7<" in html and "105.000000" not in html and ">15<" in html
