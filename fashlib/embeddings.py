@@ -23,7 +23,10 @@ from .postprocess import l2_normalize
 
 
 def eval_transform(embedder: Any, image_size: int | None = None, flip: bool = False):
-    """The evaluation transform of a backbone, at its own input size unless `image_size` is given."""
+    """The evaluation transform of a backbone (data.build_transforms with its mean and std), at its own input
+    size unless `image_size` (pixels) is given; `flip` mirrors every image first. The transform takes a PIL
+    image and returns a (3, size, size) float32 tensor. `embedder`: anything with timm's `data_config`
+    (a models.Embedder); KeyError when its data_config lacks input_size, mean or std."""
     from torchvision import transforms as T
 
     config = embedder.data_config
@@ -52,9 +55,14 @@ def backbone_features(
 ) -> np.ndarray:
     """Pooled backbone features of every row (cached on disk), L2-normalised.
 
+    backbone: a timm name; table: a contract table of N rows (its `path` column is read, boxes when the
+    extraction crops). Returns (N, F) float32, rows in table order, F the backbone's pooled feature size.
     `pretrained=False` gives the random-weights control (seeded, so its cache is reused);
-    `flip_average` averages the features of the image and its mirror image. `engine`: see
+    `flip_average` averages the features of the image and its mirror image; `image_size` in pixels (None: the
+    backbone's own). `cache_dir`: features.extract's cache (None: nothing stored). `engine`: see
     fashlib.engine.create_engine ("auto": ONNX Runtime on the CPU, PyTorch on a GPU).
+    Raises ValueError for an unknown timm name or pooling, models.PretrainedWeightsError when pretrained weights
+    cannot be loaded offline, and data.UndecodableImageError naming a file that does not decode.
     """
     from .features import extract
     from .models import create_embedder
@@ -85,8 +93,9 @@ def backbone_features(
 def ensemble_features(features: Sequence[np.ndarray]) -> np.ndarray:
     """Concatenate several backbones' features of the same rows, each L2-normalised, then re-normalise.
 
-    Normalising each part first gives every backbone the same weight in the cosine similarity, whatever
-    its feature size or scale.
+    features: arrays (N, D_i) of the same N rows. Returns (N, sum D_i) float32. Normalising each part first
+    gives every backbone the same weight in the cosine similarity, whatever its feature size or scale.
+    ValueError for no array, arrays of different row counts, or an array that is not 2-D.
     """
     if len(features) == 0:
         raise ValueError("ensemble_features needs at least one feature array")
@@ -110,7 +119,11 @@ def train_head_on_features(
 ) -> tuple[np.ndarray, list[float], torch.nn.Module]:
     """Train an embedding head on the training rows' cached features; embed every row with it.
 
-    Returns (embeddings of all rows, per-epoch losses, the head). Options go to features.train_head:
+    features: (N, F) float32, one row per table row (table: contract table of N rows; its `split == "train"`
+    rows and their `label` train the head); loss: a fashlib.losses name (variants: losses.loss_spec).
+    Returns ((N, embedding_dim) float32 L2-normalised embeddings of all rows, per-epoch mean losses (floats),
+    the head in eval mode). ValueError as features.train_head raises it (mismatched rows, unknown head,
+    sampler or loss, P x K batches a pair loss cannot learn from). Options go to features.train_head:
     head_type ("linear" | "mlp"), hidden_dim, bnneck, sampler ("pk" | "m_per_class"), p, k, lr,
     weight_decay, loss_options... To refit a chosen configuration on train + validation rows, pass
     study.train_val_table(val_table, test_table) as `table` (or call study.refit_on_train_val).
@@ -142,7 +155,12 @@ def embed_images(
     num_workers: int = 0,
     progress: bool = True,
 ) -> np.ndarray:
-    """Embeddings of every row of `table` through a whole embedder (no cache: the weights are changing)."""
+    """Embeddings of every row of `table` through a whole embedder (no cache: the weights are changing).
+
+    model: a models.Embedder (or anything features.extract embeds with fn="embedding"); table: contract table
+    of N rows. Returns (N, D) float32 in table order, D the model's embedding size (rows L2-normalised by
+    the model). image_size in pixels (None: the model's own). data.UndecodableImageError naming a file that
+    does not decode."""
     from .features import extract
 
     return extract(

@@ -31,8 +31,12 @@ __all__ = ["KS", "Retrieval", "retrieve", "evaluate", "recall_curve", "first_hit
 def retrieve(table: pd.DataFrame, embeddings: np.ndarray, max_k: int = 50) -> Retrieval:
     """One search of the table's queries against its gallery (eval_rows), labels from its `label` column.
 
-    embeddings: (N, D) float, one row per table row. query_rows / gallery_rows of the result are table row
-    positions. ValueError as eval_rows and Retrieval.from_arrays raise it."""
+    table: a contract table (columns `split`, `label`) with N rows; embeddings: (N, D) float32/float64 numpy
+    array, one row per table row in table order (L2-normalised rows for cosine similarity); max_k: the default
+    depth (int >= 1) of the curve and the ranks. query_rows / gallery_rows of the result are table row
+    positions (int64). ValueError when the table has no query or no gallery row (eval_rows) and as
+    Retrieval.from_arrays raises it (non-finite embeddings, missing labels, a max_k that is not an integer);
+    IndexError when `embeddings` has fewer rows than the table."""
     query, gallery = eval_rows(table)
     labels = table["label"].to_numpy()
     return Retrieval.from_arrays(
@@ -43,28 +47,36 @@ def retrieve(table: pd.DataFrame, embeddings: np.ndarray, max_k: int = 50) -> Re
 def evaluate(table: pd.DataFrame, embeddings: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
     """Recall@K (DeepFashion top-k accuracy) and mAP@R of the table's queries against its gallery.
 
-    Returns {"recall@K": fraction, ..., "map@r": fraction}; K larger than the gallery are left out with a
-    UserWarning; ValueError for invalid K (see Retrieval.metrics)."""
+    table: contract table of N rows; embeddings: (N, D) float array in table order; ks: cut-offs (int >= 1).
+    Returns {"recall@K": fraction in [0, 1], ..., "map@r": fraction in [0, 1]} (Python floats); K larger than
+    the gallery are left out with a UserWarning; ValueError for a K that is not an integer >= 1, when no K is
+    left, and as `retrieve` raises it."""
     ks = kept_ks(ks, len(eval_rows(table)[1]), stacklevel=2)
     return retrieve(table, embeddings, max_k=max(ks)).metrics(ks)
 
 
 def recall_curve(table: pd.DataFrame, embeddings: np.ndarray, max_k: int = 50) -> dict[int, float]:
-    """Recall@K for every K from 1 to max_k (or the gallery size): {K: fraction}."""
+    """Recall@K for every K from 1 to min(max_k, gallery size): {K (int): fraction in [0, 1]}.
+
+    table: contract table of N rows; embeddings: (N, D) float array in table order. Errors as `retrieve`."""
     return retrieve(table, embeddings, max_k=max_k).curve()
 
 
 def first_hit_ranks(table: pd.DataFrame, embeddings: np.ndarray, max_k: int = 50) -> pd.DataFrame:
     """Per query: the rank (1-based) of its first correct gallery result within the top max_k, 0 if none.
 
-    Rows: one per query, with `row` (position in the table), `label` and `rank`; the largest ranks and
-    the zeros are the hardest failures (Retrieval.first_hit_ranks).
+    table: contract table of N rows; embeddings: (N, D) float array in table order. Returns a DataFrame, one
+    row per query in table order, with `row` (int64, position in the table), `label` (str) and `rank` (int64,
+    1..min(max_k, G), 0 for none); the largest ranks and the zeros are the hardest failures
+    (Retrieval.first_hit_ranks). Errors as `retrieve`.
     """
     return retrieve(table, embeddings, max_k=max_k).first_hit_ranks()
 
 
 def pick_best(results: pd.DataFrame, by: Sequence[str] = ("recall@1", "map@r")) -> Any:
-    """Index label of the best row: highest by[0], ties broken by by[1], ... (rows with NaN lose)."""
+    """Index label of the best row of `results`: highest by[0], ties broken by by[1], ... (rows with NaN lose;
+    equal rows: the first in table order). ValueError for an empty table; KeyError for a column of `by` that
+    `results` lacks."""
     if len(results) == 0:
         raise ValueError("pick_best needs at least one row")
     ranked = results.sort_values(list(by), ascending=False, na_position="last", kind="mergesort")

@@ -160,7 +160,8 @@ class Retrieval:
         return result
 
     def curve(self, max_k: int | None = None) -> dict[int, float]:
-        """Recall@K for every K from 1 to min(max_k, G) (max_k defaults to the Retrieval's)."""
+        """Recall@K for every K from 1 to min(max_k, G) (max_k defaults to the Retrieval's): {K (int): fraction in
+        [0, 1]}. ValueError when max_k < 1 or reaches deeper than the search; TypeError when it is no integer."""
         max_k = self.max_k if max_k is None else max_k
         return self.recall(range(1, min(max_k, self.n_gallery) + 1))
 
@@ -169,14 +170,15 @@ class Retrieval:
         0 if none (max_k defaults to the Retrieval's).
 
         Columns: `row` (int64, position in the table), `label` (str) and `rank` (int64); the largest ranks
-        and the zeros are the hardest failures."""
+        and the zeros are the hardest failures. ValueError when max_k reaches deeper than the search."""
         max_k = self.max_k if max_k is None else max_k
         top = self._columns(min(max_k, self.n_gallery), "first_hit_ranks")
         rank = np.where(top.any(axis=1), top.argmax(axis=1) + 1, 0)
         return pd.DataFrame({"row": self.query_rows, "label": self.query_labels.astype(str), "rank": rank})
 
     def hardest(self, n: int, max_k: int | None = None) -> pd.DataFrame:
-        """The n queries whose first correct result comes last (hardest_queries of first_hit_ranks)."""
+        """The n queries whose first correct result comes last (hardest_queries of first_hit_ranks): a DataFrame
+        of at most n rows with columns `row` (int64), `label` (str), `rank` (int64, 0 = none in the top K)."""
         return hardest_queries(self.first_hit_ranks(max_k), n)
 
     def ranked(self, rows: Sequence[int], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +204,11 @@ class Retrieval:
 
 
 def hardest_queries(ranks: pd.DataFrame, n: int) -> pd.DataFrame:
-    """The n queries whose first correct result comes last: those with none in the top K first, then by rank."""
+    """The n queries whose first correct result comes last: those with none in the top K first, then by rank
+    (largest first), ties by table row.
+
+    ranks: first_hit_ranks' DataFrame (columns `row`, `label`, `rank`, rank 0 = no correct result in the top K).
+    Returns its first min(n, Q) rows in that order, same columns and index. KeyError for a missing column."""
     order = ranks.assign(missing=ranks["rank"] == 0).sort_values(
         ["missing", "rank", "row"], ascending=[False, False, True], kind="mergesort"
     )

@@ -38,10 +38,14 @@ def save_run(
 ) -> Path:
     """Write a run's query/gallery embeddings and metrics so anyone can recheck the numbers.
 
-    Layout: <out_dir>/<name>/embeddings.npz with arrays query_embeddings, gallery_embeddings (float32,
-    L2-normalised rows), query_labels, gallery_labels, query_paths, gallery_paths (str); and
-    <out_dir>/<name>/metrics.json with the metrics and the configuration that produced them.
-    Both files are written atomically.
+    table: contract table of N rows (`split`, `label`, `path`); embeddings: (N, D) float array in table order
+    (the callers pass L2-normalised rows; they are stored as given, cast to float32); results: the metrics
+    reported for them ({"recall@K": fraction, "map@r": fraction}); config: JSON-serialisable (other values
+    are stored with str). Layout: <out_dir>/<name>/embeddings.npz with arrays query_embeddings (Q, D),
+    gallery_embeddings (G, D) float32, query_labels, gallery_labels, query_paths, gallery_paths (str); and
+    <out_dir>/<name>/metrics.json, {"metrics": results, "config": config}. Both files are written atomically;
+    an existing run of that name is replaced. Returns the folder <out_dir>/<name>. ValueError when the table
+    has no query or no gallery row; IndexError when `embeddings` has fewer rows than the table.
     """
     query, gallery = eval_rows(table)
     folder = Path(out_dir) / name
@@ -64,7 +68,10 @@ def check_run(folder: str | os.PathLike, ks: Sequence[int] = KS) -> dict[str, fl
     """Recompute Recall@K and mAP@R from a saved run's embeddings alone (an independent check).
 
     One search of the saved query embeddings against the saved gallery (evaluation.Retrieval); K larger
-    than the gallery are left out silently. Returns {"recall@K": fraction, ..., "map@r": fraction}."""
+    than the gallery are left out silently. Returns {"recall@K": fraction in [0, 1], ..., "map@r": fraction},
+    comparable with save_run's `results`. FileNotFoundError when <folder>/embeddings.npz is absent; KeyError
+    when it lacks one of save_run's arrays; ValueError as Retrieval.from_arrays raises it (non-finite
+    embeddings, dimension mismatch)."""
     with np.load(Path(folder) / EMBEDDINGS_FILE) as saved:
         q, g = saved["query_embeddings"], saved["gallery_embeddings"]
         ql, gl = saved["query_labels"], saved["gallery_labels"]
@@ -87,7 +94,8 @@ class RunConfigMismatch(ValueError):
 
 
 def config_hash(config: dict[str, Any], length: int = 8) -> str:
-    """Short sha256 of a JSON-serialisable configuration (key order does not matter)."""
+    """The first `length` hex characters of the sha256 of `config` as sorted-key JSON (key order does not
+    matter; values JSON cannot hold are hashed as their str)."""
     text = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
@@ -98,7 +106,8 @@ def run_folder(base: str | os.PathLike, config: dict[str, Any]) -> Path:
 
 
 def table_digest(table: pd.DataFrame) -> str:
-    """Short digest of a table's rows (path, label, split): two runs on other rows never share a folder."""
+    """12 hex characters of sha256 over a table's rows (columns path, label, split, those present, in row
+    order): two runs on other rows never share a folder."""
     cols = [c for c in ("path", "label", "split") if c in table.columns]
     text = "\n".join("\t".join(map(str, row)) for row in table[cols].itertuples(index=False))
     return config_hash({"rows": text}, 12)
@@ -142,8 +151,10 @@ def claim_run_folder(out_dir: str | os.PathLike, config: dict[str, Any]) -> bool
 def load_recorded_runs(folder: str | os.PathLike) -> pd.DataFrame:
     """One row per recorded fine-tuning run (the JSON printed by `python3 -m fashlib.finetune`) in `folder`.
 
-    Columns: run, backbone, loss, epochs, val_/test_ metrics (recall@k, map@r), train_seconds, device,
-    command, data_note, history (dict of per-epoch lists). Files that are not such JSON raise ValueError.
+    Columns: run (file stem), backbone, loss, epochs, val_/test_ metrics (recall@k, map@r: fractions in
+    [0, 1]), train_seconds (float seconds), device, command, data_note, history (dict of per-epoch lists).
+    An empty or absent folder gives an empty table with those columns (no metric columns). ValueError naming
+    the file for a JSON file that is not such a record.
     """
     rows = []
     for path in sorted(Path(folder).glob("*.json")):

@@ -75,7 +75,11 @@ def _mean_scores(scores: pd.DataFrame) -> dict[str, float]:
 
 
 def post_scores(table: pd.DataFrame, embeddings: np.ndarray, post: str, ks: Sequence[int] = KS) -> pd.DataFrame:
-    """Per-query scores (study.postprocessed_scores) of the table's queries after post-processing `post`."""
+    """Per-query scores (study.postprocessed_scores) of the table's queries after post-processing `post`.
+
+    embeddings: (N, D) float in table order; post: a post_settings name. Returns one row per query: `recall@K`
+    (0/1 float) for each K of ks within the search depth and `ap@r` (float, NaN where R = 0). ValueError for an
+    unknown post-processing name and when the table has no query or gallery row."""
     method, params = parse_post(post)
     return study.postprocessed_scores(table, embeddings, method, ks=ks, **params)
 
@@ -91,7 +95,8 @@ def frozen_features(
     """Cached frozen features of every candidate: name -> (N, D) float32 in table order, one per backbone and,
     with ensemble and more than one backbone, their ensemble (embeddings.ensemble_features) under
     ensemble_name(backbones). feature_options go to embeddings.backbone_features (image_size, flip_average,
-    device, cache_dir, seed); extraction shows its progress in the terminal."""
+    device, cache_dir, seed); extraction shows its progress in the terminal. Errors as
+    embeddings.backbone_features (unknown timm name, weights not available offline, an undecodable image)."""
     out = {b: backbone_features(b, table, progress=True, **feature_options) for b in backbones}
     if ensemble and len(backbones) > 1:
         out[ensemble_name(backbones)] = ensemble_features([out[b] for b in backbones])
@@ -181,7 +186,8 @@ def choose(validation: pd.DataFrame) -> tuple[str, str, str, str]:
 
 
 def usable_qe_ks(table: pd.DataFrame, qe_ks: Sequence[int]) -> list[int]:
-    """The k of qe_ks that the table's gallery can serve (k <= gallery size); warns naming the others."""
+    """The k of qe_ks (as ints, in the given order) that the table's gallery can serve (k <= gallery size); one
+    UserWarning names the others. ValueError when the table has no query or gallery row."""
     gallery = len(eval_rows(table)[1])
     dropped = [int(k) for k in qe_ks if int(k) > gallery]
     if dropped:
@@ -316,7 +322,9 @@ def evaluate_on_test(
     features: name -> (N, D) test-table features. Without tuned the chosen head is refitted on train +
     validation (refit, with head_options); tuned is finetune_chosen's (embeddings, network, backbone, loss)
     and replaces the refit. The chosen post-processing is applied at search time; the baseline has none.
-    Intervals: 95% bootstrap over queries (test_report), paired difference (paired_report), seed 0."""
+    Intervals: 95% bootstrap over queries (test_report), paired difference (paired_report), seed 0.
+    Returns a TestOutcome (embeddings (N, D) float32 of every test-table row; metrics as fractions, the paired
+    difference in points). KeyError when `features` lacks the chosen candidate; ValueError as refit raises it."""
     candidate, loss, head, post = chosen
     if tuned is None:
         embeddings, model = refit(features, val_table, test_table, chosen, val_features, **head_options)
@@ -490,8 +498,10 @@ def finetune_chosen(
     """Fine-tune end to end the best single-backbone candidate with a head (by validation Recall@1, then mAP@R).
 
     Trains on the training rows (finetune.finetune, meant for a GPU), monitored on the validation protocol;
-    embeds every row of test_table. Returns (test embeddings, the trained network, backbone, loss label).
-    When no such candidate trained, Lite0 with multi-similarity is used and a note is printed.
+    embeds every row of test_table. Returns ((N, embedding_dim) float32 L2-normalised embeddings of the N
+    test-table rows, the trained network, backbone, loss label). When no such candidate trained, the first of
+    `candidate_backbones` with multi-similarity is used and a note is printed. Errors as finetune.finetune
+    (runs.RunConfigMismatch for a `folder` holding another run).
     """
     from .finetune import finetune
 

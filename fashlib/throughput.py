@@ -20,7 +20,11 @@ def forward_throughput(
 ) -> float:
     """Images per second of the backbone's forward pass to pooled features through `engine` (fashlib.engine).
 
-    Random weights and inputs; one warm-up call first (the ONNX export and its parity check are not timed).
+    Random weights and (batch_size, 3, S, S) float32 inputs, S = image_size pixels or the backbone's own;
+    one warm-up call first (the ONNX export and its parity check are not timed), then `batches` timed calls.
+    Returns images per second (float, wall clock: decoding and preprocessing are not included). ValueError
+    for an unknown timm name or engine; ImportError for engine="onnx" without onnxruntime;
+    engine.EngineParityError when the ONNX export disagrees with PyTorch.
     """
     from .engine import create_engine
     from .models import create_embedder
@@ -46,7 +50,8 @@ def engine_throughputs(
     device: str = "cpu",
     seed: int = 0,
 ) -> dict[str, float]:
-    """forward_throughput of every engine usable on `device` ({"torch": img/s, "onnx": img/s}), measured in turn."""
+    """forward_throughput of every engine usable on `device`, measured in turn: {"torch": img/s, "onnx": img/s}
+    (floats; "onnx" only on the CPU and when onnxruntime is installed). Errors as forward_throughput."""
     from .engine import available_engines
 
     names = [n for n in available_engines() if n == "torch" or torch.device(device).type == "cpu"]

@@ -37,9 +37,13 @@ def load_table(
 ) -> pd.DataFrame:
     """Read `dataset` (downloading the CC0 default when it is absent) and cap it to `max_images` rows.
 
-    `eval_split` is passed to the readers that have a validation protocol (consumer2shop, clothing).
-    Rows whose image cannot be decoded are dropped before capping (data.drop_undecodable: one warning,
-    counts per split in table.attrs["undecodable"]; per-file results cached in `decode_cache`).
+    Returns the contract table (ARCHITECTURE.md, "The table contract"; `split` holds train, query, gallery
+    and the other held-out split's name). `eval_split` ("test" or "val") is passed to the readers that have a
+    validation protocol (consumer2shop, clothing). Rows whose image cannot be decoded are dropped before
+    capping (data.drop_undecodable: one warning, counts per split in table.attrs["undecodable"]; per-file
+    results cached in `decode_cache`). Raises KeyError for an unknown dataset, FileNotFoundError naming the
+    missing dataset folder or annotation file and where to download it (the CC0 set with `download=False`),
+    and the download's errors for the CC0 set.
     """
     if dataset in VALIDATION_DATASETS:
         options.setdefault("eval_split", eval_split)
@@ -107,7 +111,8 @@ def _cap_whole_labels(part: pd.DataFrame, budget: float, rng: np.random.Generato
 
 
 def eval_rows(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions of the query and gallery images of a table."""
+    """Row positions (int64 arrays, ascending) of the query and gallery images of a table (its `split`
+    column). ValueError when it has no query or no gallery row."""
     split = table["split"].to_numpy()
     query, gallery = np.flatnonzero(split == "query"), np.flatnonzero(split == "gallery")
     if len(query) == 0 or len(gallery) == 0:
@@ -118,7 +123,7 @@ def eval_rows(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_rows(table: pd.DataFrame) -> np.ndarray:
-    """Row positions of the training images."""
+    """Row positions (int64 array, ascending; empty when there is none) of the `split == "train"` rows."""
     return np.flatnonzero(table["split"].to_numpy() == "train")
 
 
