@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .data.protocols import eval_rows
+from .data.protocols import check_embedding_rows, eval_rows
 from .retrieval import KS, Retrieval, hardest_queries, kept_ks
 
 __all__ = ["KS", "Retrieval", "retrieve", "evaluate", "recall_curve", "first_hit_ranks", "hardest_queries", "pick_best"]
@@ -35,8 +35,9 @@ def retrieve(table: pd.DataFrame, embeddings: np.ndarray, max_k: int = 50) -> Re
     array, one row per table row in table order (L2-normalised rows for cosine similarity); max_k: the default
     depth (int >= 1) of the curve and the ranks. query_rows / gallery_rows of the result are table row
     positions (int64). ValueError when the table has no query or no gallery row (eval_rows) and as
-    Retrieval.from_arrays raises it (non-finite embeddings, missing labels, a max_k that is not an integer);
-    IndexError when `embeddings` has fewer rows than the table."""
+    Retrieval.from_arrays raises it (non-finite embeddings, missing labels, a max_k that is not an integer),
+    and when `embeddings` is not (N, D) for the table's N rows."""
+    check_embedding_rows(table, embeddings)
     query, gallery = eval_rows(table)
     labels = table["label"].to_numpy()
     return Retrieval.from_arrays(

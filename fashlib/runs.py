@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .data.protocols import eval_rows
+from .data.protocols import check_embedding_rows, eval_rows
 from .evaluation import KS, Retrieval
 from .paths import atomic_write
 
@@ -45,8 +45,9 @@ def save_run(
     gallery_embeddings (G, D) float32, query_labels, gallery_labels, query_paths, gallery_paths (str); and
     <out_dir>/<name>/metrics.json, {"metrics": results, "config": config}. Both files are written atomically;
     an existing run of that name is replaced. Returns the folder <out_dir>/<name>. ValueError when the table
-    has no query or no gallery row; IndexError when `embeddings` has fewer rows than the table.
+    has no query or no gallery row, or when `embeddings` is not (N, D) for the table's N rows.
     """
+    check_embedding_rows(table, embeddings)
     query, gallery = eval_rows(table)
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)

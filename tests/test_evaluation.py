@@ -163,3 +163,18 @@ def test_retrieval_examples_read_from_the_retrieval_show_the_ranking_the_ranks_c
     assert gallery_rows.tolist() == [order.tolist()]
     with pytest.raises(ValueError, match=r"rows \[12\] are not queries"):
         found.ranked([12], 3)
+
+
+def test_embeddings_of_another_length_than_the_table_are_refused(tmp_path):
+    from fashlib import runs
+
+    table = pd.DataFrame(
+        {"split": ["query", "gallery", "gallery", "train"], "label": ["a", "a", "b", "a"], "path": list("wxyz")}
+    )
+    good = np.eye(4, dtype=np.float32)
+    assert evaluation.evaluate(table, good, ks=(1,))["recall@1"] == 1.0  # a tie, broken by gallery order: row 1 (a)
+    for bad in (np.vstack([good, good[:1]]), good[:3], good[:, 0]):  # padded (silently wrong before), cut, 1-D
+        with pytest.raises(ValueError, match="one row per table row"):
+            evaluation.evaluate(table, bad, ks=(1,))
+        with pytest.raises(ValueError, match="one row per table row"):
+            runs.save_run(tmp_path, "r", table, bad, {"recall@1": 0.0})

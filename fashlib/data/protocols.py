@@ -110,6 +110,18 @@ def _cap_whole_labels(part: pd.DataFrame, budget: float, rng: np.random.Generato
     return np.concatenate(keep)
 
 
+def check_embedding_rows(table: pd.DataFrame, embeddings: np.ndarray) -> None:
+    """Raise ValueError unless `embeddings` is a 2-D array with one row per table row (table order is the
+    caller's promise). Rows of another table, or a cut or padded array, would be scored against the wrong
+    labels without any other error."""
+    shape = np.shape(embeddings)
+    if len(shape) != 2 or shape[0] != len(table):
+        raise ValueError(
+            f"embeddings of shape {shape} for a table of {len(table)} rows: pass one row per table row, "
+            "in table order (N, D)"
+        )
+
+
 def eval_rows(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Row positions (int64 arrays, ascending) of the query and gallery images of a table (its `split`
     column). ValueError when it has no query or no gallery row."""
