@@ -92,16 +92,36 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def main() -> None:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse names the option and the value when it is not)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number; give 1 or more")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=256, help="number of images")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads of every engine")
+    parser.add_argument("--n", type=positive_int, default=256, help="number of images")
+    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument(
+        "--threads", type=positive_int, default=os.cpu_count() or 1, help="intra-op threads of every engine"
+    )
     parser.add_argument("--data", default=None, help="data root holding clothing-dataset/")
     parser.add_argument(
-        "--repeat", type=int, default=3, help="runs of every row; the median is printed (this host's speed varies)"
+        "--repeat",
+        type=positive_int,
+        default=3,
+        help="runs of every row; the median is printed (this host's speed varies)",
     )
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     root = args.data or os.environ.get("FASHLIB_DATA")
     if root is None and Path("/work/shared/data/clothing-dataset").is_dir():
@@ -170,7 +190,7 @@ def main() -> None:
     results, speeds = {}, {}
     for name, batch, engine, fn in runs:
         times = []
-        for _ in range(max(1, args.repeat)):
+        for _ in range(args.repeat):
             seconds, feats = timed(fn)
             times.append(seconds)
         seconds = float(np.median(times))
