@@ -29,7 +29,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from fashlib.data.dataset import build_transforms
-from fashlib.engine import available_engines, create_engine
+from fashlib.engine import DEFAULT_BATCH_SIZE, ONNX_BATCH_SIZE, available_engines, create_engine
 from fashlib.features import extract
 from fashlib.models import create_embedder
 from fashlib.paths import data_root
@@ -59,6 +59,15 @@ def plain_loop(model, paths: list[str], size: int, batch_size: int, mean, std) -
             x = torch.stack([load_plain(p, size, mean, std) for p in paths[i : i + batch_size]])
             out.append(model.pooled_features(x))
     return torch.cat(out).numpy()
+
+
+def forward_batch(requested: int, n: int, engine: str = "-", extract: bool = False) -> int:
+    """Images per forward pass a row really runs, for the batch column: fashlib extract on the CPU runs each
+    engine's own batch size (ONNX_BATCH_SIZE, DEFAULT_BATCH_SIZE), whatever it decodes at once; no batch
+    holds more than the n images."""
+    if extract:
+        requested = ONNX_BATCH_SIZE if engine == "onnx" else DEFAULT_BATCH_SIZE
+    return min(requested, n)
 
 
 def forward_only(engine, tensors: torch.Tensor, batch_size: int) -> np.ndarray:
@@ -196,6 +205,7 @@ def main() -> None:
         seconds = float(np.median(times))
         results[name], speeds[name] = feats, args.n / seconds
         spread = f"{args.n / max(times):.1f}-{args.n / min(times):.1f}"
+        batch = forward_batch(batch, args.n, engine, extract=name.startswith("fashlib extract"))
         print(f"{name:42s} {batch:5d} {engine:>6s} {seconds:8.2f} {speeds[name]:9.1f}  ({spread})", flush=True)
     plain = max((s, n) for n, s in speeds.items() if n.startswith("plain"))
     print(f"ratios to the fastest plain loop ({plain[1]}, {plain[0]:.1f} img/s):")

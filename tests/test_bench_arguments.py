@@ -34,3 +34,13 @@ def test_counts_below_one_are_refused_naming_the_option_and_value(bench, capsys,
 def test_valid_arguments_are_kept(bench):
     args = bench.parse_args(["--n", "16", "--repeat", "1", "--threads", "2", "--image-size", "160"])
     assert (args.n, args.repeat, args.threads, args.image_size) == (16, 1, 2, 160)
+
+
+def test_the_batch_column_says_what_each_row_runs(bench):
+    from fashlib.engine import DEFAULT_BATCH_SIZE, ONNX_BATCH_SIZE
+
+    # extract decodes 32 photos at a time but each engine runs its own batch size on the CPU
+    assert bench.forward_batch(32, 256, "onnx", extract=True) == ONNX_BATCH_SIZE
+    assert bench.forward_batch(32, 256, "torch", extract=True) == DEFAULT_BATCH_SIZE
+    assert bench.forward_batch(32, 256, "onnx") == 32
+    assert bench.forward_batch(32, 16, "torch") == 16  # --n 16: "batch 32" rows run one batch of 16
