@@ -29,7 +29,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from fashlib.data.dataset import build_transforms
-from fashlib.engine import available_engines, create_engine
+from fashlib.engine import DEFAULT_BATCH_SIZE, ONNX_BATCH_SIZE, available_engines, create_engine
 from fashlib.features import extract
 from fashlib.models import create_embedder
 from fashlib.paths import data_root
@@ -59,6 +59,15 @@ def plain_loop(model, paths: list[str], size: int, batch_size: int, mean, std) -
             x = torch.stack([load_plain(p, size, mean, std) for p in paths[i : i + batch_size]])
             out.append(model.pooled_features(x))
     return torch.cat(out).numpy()
+
+
+def forward_batch(requested: int, n: int, engine: str = "-", extract: bool = False) -> int:
+    """Images per forward pass a row really runs, for the batch column: fashlib extract on the CPU runs each
+    engine's own batch size (ONNX_BATCH_SIZE, DEFAULT_BATCH_SIZE), whatever it decodes at once; no batch
+    holds more than the n images."""
+    if extract:
+        requested = ONNX_BATCH_SIZE if engine == "onnx" else DEFAULT_BATCH_SIZE
+    return min(requested, n)
 
 
 def forward_only(engine, tensors: torch.Tensor, batch_size: int) -> np.ndarray:
@@ -92,16 +101,36 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def main() -> None:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse names the option and the value when it is not)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number; give 1 or more")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=256, help="number of images")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads of every engine")
+    parser.add_argument("--n", type=positive_int, default=256, help="number of images")
+    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument(
+        "--threads", type=positive_int, default=os.cpu_count() or 1, help="intra-op threads of every engine"
+    )
     parser.add_argument("--data", default=None, help="data root holding clothing-dataset/")
     parser.add_argument(
-        "--repeat", type=int, default=3, help="runs of every row; the median is printed (this host's speed varies)"
+        "--repeat",
+        type=positive_int,
+        default=3,
+        help="runs of every row; the median is printed (this host's speed varies)",
     )
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     root = args.data or os.environ.get("FASHLIB_DATA")
     if root is None and Path("/work/shared/data/clothing-dataset").is_dir():
@@ -170,12 +199,13 @@ def main() -> None:
     results, speeds = {}, {}
     for name, batch, engine, fn in runs:
         times = []
-        for _ in range(max(1, args.repeat)):
+        for _ in range(args.repeat):
             seconds, feats = timed(fn)
             times.append(seconds)
         seconds = float(np.median(times))
         results[name], speeds[name] = feats, args.n / seconds
         spread = f"{args.n / max(times):.1f}-{args.n / min(times):.1f}"
+        batch = forward_batch(batch, args.n, engine, extract=name.startswith("fashlib extract"))
         print(f"{name:42s} {batch:5d} {engine:>6s} {seconds:8.2f} {speeds[name]:9.1f}  ({spread})", flush=True)
     plain = max((s, n) for n, s in speeds.items() if n.startswith("plain"))
     print(f"ratios to the fastest plain loop ({plain[1]}, {plain[0]:.1f} img/s):")

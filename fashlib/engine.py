@@ -145,13 +145,22 @@ class _Forward(nn.Module):
         return self.forward_fn(self.model, x)
 
 
+def _positive_batch_size(batch_size: int) -> int:
+    """`batch_size` as an int; ValueError naming it when it is below 1."""
+    if int(batch_size) < 1:
+        raise ValueError(
+            f"batch_size must be a positive number of images, got {batch_size}; pass None for the engine's own"
+        )
+    return int(batch_size)
+
+
 class _Engine:
     """Common part: split batches into chunks of at most `batch_size`; context manager; close()."""
 
     name = "base"
 
     def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE):
-        self.batch_size = int(batch_size)
+        self.batch_size = _positive_batch_size(batch_size)
 
     def _run(self, images: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
@@ -474,9 +483,12 @@ def create_engine(
     files are kept (None: export in memory). Under "auto" a failing export or parity check warns and falls
     back to PyTorch; naming "onnx" raises instead (ImportError without onnxruntime, EngineParityError).
     `batch_size`: images per engine call (larger batches are split); None = the engine's measured best,
-    ONNX_BATCH_SIZE for ONNX Runtime, DEFAULT_BATCH_SIZE for PyTorch (see the module docstring).
+    ONNX_BATCH_SIZE for ONNX Runtime, DEFAULT_BATCH_SIZE for PyTorch (see the module docstring); ValueError
+    when it is below 1.
     """
     name = default_engine(model, device) if engine == "auto" else engine
+    if batch_size is not None:
+        batch_size = _positive_batch_size(batch_size)
     if name not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose 'auto' or one of {sorted(ENGINES)}")
     factory, available = ENGINES[name]

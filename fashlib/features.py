@@ -459,10 +459,13 @@ def extract(
     and what is missing computed but not stored (warned). `on_shard(index)` runs after each shard is stored.
     Under torch.distributed (torchrun) rank r extracts the shards index % world == r and rank 0 assembles
     the entry (every rank calls extract with a shared cache_dir); every rank returns the whole array. The
-    model's mode and memory format are left as they were. Raises ValueError for an unknown `fn`.
+    model's mode and memory format are left as they were. Raises ValueError for an unknown `fn` or a
+    `batch_size` below 1.
     """
     if fn not in OUTPUTS:
         raise ValueError(f"unknown output {fn!r}; choose one of {sorted(OUTPUTS)}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive number of images, got {batch_size}")
     plan = _plan_cache(model, table, cache_dir, shard_size, transform, crop_boxes, margin, fn, key_extra)
     if plan.cached is not None:
         return plan.cached

@@ -242,9 +242,13 @@ class SavedEmbedder(nn.Module):
     def embed(self, images: Iterable[Any], batch_size: int = 16, progress: bool = False) -> np.ndarray:
         """Images (PIL or paths) -> float32 (N, D) L2-normalised embeddings, in eval mode, no gradients.
 
-        Raises OSError / PIL.UnidentifiedImageError for a path that is not a decodable image.
+        Raises OSError / PIL.UnidentifiedImageError for a path that is not a decodable image, ValueError for a
+        batch_size below 1.
         """
         from tqdm.auto import tqdm
+
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive number of images, got {batch_size}")
 
         items = list(images)
         out = np.empty((len(items), self.embedding_dim), dtype=np.float32)

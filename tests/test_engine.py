@@ -254,3 +254,11 @@ def test_torch_engine_gives_back_the_models_own_memory_format(tiny):
     with create_engine(tiny, "torch") as engine:
         engine(_images(2, 64))
     assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)  # kept as it was
+
+
+@pytest.mark.parametrize("engine", ["torch", "auto"])
+@pytest.mark.parametrize("batch_size", [0, -4])
+def test_a_batch_size_below_one_is_refused_naming_the_value(tiny, engine, batch_size):
+    # 0 used to mean "the default" silently (or a range() error), a negative size gave no features at all
+    with pytest.raises(ValueError, match=rf"batch_size must be a positive number of images, got {batch_size}"):
+        create_engine(tiny, engine, sample=_images(2, 32), batch_size=batch_size)

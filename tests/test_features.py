@@ -532,3 +532,10 @@ def test_shard_write_survives_a_concurrent_finisher_removing_the_folder(tmp_path
     features._write_shard(folder, 0, "k" * 64, (0, 2), array)
     monkeypatch.setattr(features, "atomic_write", real)
     np.testing.assert_array_equal(features._read_shard(folder, 0, "k" * 64, (0, 2)), array)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_extract_refuses_a_batch_size_below_one(model, table, transform, batch_size):
+    # used to fail with "range() arg 3 must not be zero" (0) or a bare KeyError: 0 (negative)
+    with pytest.raises(ValueError, match=rf"batch_size must be a positive number of images, got {batch_size}"):
+        extract(model, table, transform=transform, batch_size=batch_size, progress=False)

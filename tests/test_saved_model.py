@@ -220,3 +220,31 @@ def test_engines_give_the_pytorch_embeddings_for_an_ensemble_with_flips_and_a_ne
         np.testing.assert_allclose(got, expected, atol=1e-4)
         assert model._engines is None  # closed on exit: PyTorch again
         np.testing.assert_array_equal(model.embed(table["path"], batch_size=4), expected)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_embed_refuses_a_batch_size_below_one(table, batch_size):
+    # -1 used to return the uninitialised output array as embeddings (no batch ran); 0 a range() error
+    model = saved_model.features_embedder("tf_efficientnet_lite0", pretrained=False, image_size=SIZE)
+    with pytest.raises(ValueError, match=rf"batch_size must be a positive number of images, got {batch_size}"):
+        model.embed(table["path"], batch_size=batch_size)
+
+
+def test_a_model_saved_before_the_resampler_field_loads_verified_and_embeds_with_pil(table, tmp_path):
+    from fashlib.data import build_transforms
+
+    torch.manual_seed(2)
+    head = models.EmbeddingHead(1280, 8).eval()
+    model = saved_model.features_embedder("tf_efficientnet_lite0", head, pretrained=False, image_size=SIZE)
+    folder = saved_model.save_embedder(model, tmp_path / "old")
+    config = json.loads((folder / "config.json").read_text())
+    del config["backbones"][0]["preprocessing"]["resampler"]  # as fashlib < 0.2 wrote it: digest over that
+    (folder / "config.json").write_text(json.dumps(config))
+    config["digest"] = saved_model.load_embedder(folder, verify=False).digest()
+    (folder / "config.json").write_text(json.dumps(config))
+    old = saved_model.load_embedder(folder)  # verified: sha256 and digest
+    pil = build_transforms(False, image_size=SIZE, resampler="pil")
+    images = torch.stack([pil(saved_model.open_rgb(p)) for p in table["path"]])
+    with torch.inference_mode():
+        expected = head(torch.nn.functional.normalize(model.branches[0].pooled_features(images), dim=1)).numpy()
+    np.testing.assert_allclose(old.embed(table["path"]), expected, atol=1e-5)

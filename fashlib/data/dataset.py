@@ -30,6 +30,9 @@ INTERPOLATIONS: dict[str, T.InterpolationMode] = {
     "lanczos": T.InterpolationMode.LANCZOS,
 }
 RESAMPLERS = ("tensor", "pil")  # how the evaluation transform resizes (build_transforms)
+# resized in PIL even with resampler="tensor": lanczos has no tensor kernel; the tensor "nearest" samples
+# floor(i * scale) instead of PIL's pixel centres (on a CC0 photo 6 grey levels apart on average, up to 244)
+PIL_ONLY_INTERPOLATIONS = ("lanczos", "nearest")
 
 
 def crop_box(size: tuple[int, int], box: Sequence[float], margin: float = 0.1) -> tuple[int, int, int, int] | None:
@@ -128,8 +131,9 @@ def build_transforms(
     `resampler` (eval only): "tensor" resizes the uint8 image as a tensor with torchvision.transforms.v2
     (antialiased, within two grey levels of PIL's result, mean |difference| 4e-5 of the normalised range on
     CC0 photos) in 1.2 ms instead of 3.1 ms for a 400x533 photo on one core; "pil" is the PIL pipeline of
-    fashlib < 0.2 (saved models that recorded no resampler use it). Lanczos has no tensor kernel and always
-    resizes in PIL. Raises ValueError for an unknown interpolation or resampler.
+    fashlib < 0.2 (saved models that recorded no resampler use it). Lanczos (no tensor kernel) and nearest (the
+    tensor kernel samples other pixels than PIL's) always resize in PIL (PIL_ONLY_INTERPOLATIONS). Raises
+    ValueError for an unknown interpolation or resampler.
     """
     try:
         mode = INTERPOLATIONS[interpolation]
@@ -138,7 +142,7 @@ def build_transforms(
     if resampler not in RESAMPLERS:
         raise ValueError(f"resampler must be one of {RESAMPLERS}, got {resampler!r}")
     resize = int(round(image_size / crop_pct))
-    if not train and resampler == "tensor" and interpolation != "lanczos":
+    if not train and resampler == "tensor" and interpolation not in PIL_ONLY_INTERPOLATIONS:
         return v2.Compose(
             [
                 v2.PILToTensor(),
