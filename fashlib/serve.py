@@ -109,12 +109,16 @@ class _Refused(Exception):
         self.status, self.text = status, text
 
 
+MAX_ASPECT = 20  # longer / shorter side of an upload: a 2000 x 1 PNG of a few bytes would need ~500 MB to resize
+
+
 def _decode_upload(upload: Any, max_pixels: int) -> Image.Image:
     """The uploaded photo in RGB (EXIF orientation, transparency on white), as the catalogue photos are read.
 
     `upload` is the werkzeug FileStorage of the form field "photo", or None. Raises _Refused(400) when no file
     was sent or PIL cannot read it, _Refused(413) above `max_pixels` (width x height, from the header, before
-    any decoding: decompression bombs)."""
+    any decoding: decompression bombs) or when one side exceeds MAX_ASPECT times the other (the evaluation
+    transform scales the shorter side up to the model's input size, so a thin strip would need gigabytes)."""
     from .saved_model import open_rgb
 
     if upload is None or upload.filename == "":
@@ -129,6 +133,12 @@ def _decode_upload(upload: Any, max_pixels: int) -> Image.Image:
             413,
             f"{upload.filename!r} is {image.width} x {image.height} pixels, more than the limit "
             f"of {max_pixels / 1e6:g} megapixels; choose a smaller photo.",
+        )
+    if max(image.size) > MAX_ASPECT * max(1, min(image.size)):  # the shorter side is scaled up to the model's size
+        raise _Refused(
+            413,
+            f"{upload.filename!r} is {image.width} x {image.height} pixels: one side is more than {MAX_ASPECT} "
+            "times the other, and resizing its shorter side for the model would blow it up; choose a photo.",
         )
     try:
         image.load()

@@ -181,6 +181,20 @@ def test_decompression_bomb_is_refused_before_decoding(built):
     assert "10000 x 9000 pixels, more than the limit of 64 megapixels" in response.get_data(as_text=True)
 
 
+def test_a_thin_strip_is_refused_before_it_is_blown_up(built):
+    from PIL import Image
+
+    root, _ = built
+    app = create_app(ci.open_index(root / "idx"), k=3)
+    out = io.BytesIO()
+    Image.new("RGB", (2000, 1), (200, 30, 30)).save(out, format="PNG")  # a few hundred bytes, ~500 MB resized
+    response = app.test_client().post(
+        "/search", data={"photo": (io.BytesIO(out.getvalue()), "strip.png")}, content_type="multipart/form-data"
+    )
+    assert response.status_code == 413
+    assert "2000 x 1 pixels: one side is more than 20 times the other" in response.get_data(as_text=True)
+
+
 def test_uploaded_phone_photo_is_shown_and_searched_upright(client, built):
     """A photo stored sideways with an EXIF orientation tag is seen as displayed (as the catalogue photos are)."""
     import base64
