@@ -9,23 +9,14 @@ import numpy as np
 import pandas as pd
 
 from ._annotations import read_annotation, read_annotation_matrix, require_path, require_unique
-from ._common import finish_table, image_base
+from ._common import BASE_COLUMNS, finish_table, image_base
 
 STATUSES = ("train", "val", "test")
 CATEGORY_TYPES = {1: "upper-body", 2: "lower-body", 3: "full-body"}
 ATTRIBUTE_TYPES = {1: "texture", 2: "fabric", 3: "shape", 4: "part", 5: "style"}
 # the table's columns in order (then `attributes` when read)
 TABLE_COLUMNS = (
-    "path",
-    "item_id",
-    "label",
-    "category",
-    "domain",
-    "split",
-    "x1",
-    "y1",
-    "x2",
-    "y2",
+    *BASE_COLUMNS,
     "image_name",
     "category_label",
     "category_type",

@@ -8,22 +8,13 @@ from pathlib import Path
 import pandas as pd
 
 from ._annotations import read_annotation, require_unique
-from ._common import finish_table, image_base
+from ._common import BASE_COLUMNS, finish_table, image_base
 
 STATUSES = ("train", "val", "test")
 SOURCE_TYPES = {1: "shop", 2: "consumer"}
 # the table's columns in order
 TABLE_COLUMNS = (
-    "path",
-    "item_id",
-    "label",
-    "category",
-    "domain",
-    "split",
-    "x1",
-    "y1",
-    "x2",
-    "y2",
+    *BASE_COLUMNS,
     "image_name",
     "group",
     "subcategory",

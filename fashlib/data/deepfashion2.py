@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ._annotations import missing_path_error, read_text
-from ._common import finish_table
+from ._common import BASE_COLUMNS, finish_table
 
 # release folder -> its role; a flat <df2>/{image,annos} is read as the evaluation part
 PARTS: dict[str, str] = {"train": "train", "validation": "eval"}
@@ -48,16 +48,7 @@ ITEM_COLUMNS = (
 )
 # the table's columns in order
 TABLE_COLUMNS = (
-    "path",
-    "item_id",
-    "label",
-    "category",
-    "domain",
-    "split",
-    "x1",
-    "y1",
-    "x2",
-    "y2",
+    *BASE_COLUMNS,
     "category_id",
     "style",
     "pair_id",

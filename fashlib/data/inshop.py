@@ -9,23 +9,14 @@ import numpy as np
 import pandas as pd
 
 from ._annotations import conflicting_rows, read_annotation, require_unique
-from ._common import finish_table, image_base
+from ._common import BASE_COLUMNS, finish_table, image_base
 
 SPLITS = ("train", "query", "gallery")
 CLOTHES_TYPES = {1: "upper-body", 2: "lower-body", 3: "full-body"}
 POSE_TYPES = {1: "frontal", 2: "side", 3: "back", 4: "zoom-out", 5: "zoom-in", 6: "stand-alone"}
 # the table's columns in order
 TABLE_COLUMNS = (
-    "path",
-    "item_id",
-    "label",
-    "category",
-    "domain",
-    "split",
-    "x1",
-    "y1",
-    "x2",
-    "y2",
+    *BASE_COLUMNS,
     "image_name",
     "gender",
     "subcategory",
