@@ -362,6 +362,8 @@ class OnnxEngine(_Engine):
                 "use engine='torch' or model.float()"
             )
         options = ort.SessionOptions()
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads must be a positive number of intra-op threads, got {threads}; or None")
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -262,3 +262,10 @@ def test_a_batch_size_below_one_is_refused_naming_the_value(tiny, engine, batch_
     # 0 used to mean "the default" silently (or a range() error), a negative size gave no features at all
     with pytest.raises(ValueError, match=rf"batch_size must be a positive number of images, got {batch_size}"):
         create_engine(tiny, engine, sample=_images(2, 32), batch_size=batch_size)
+
+
+@pytest.mark.parametrize("threads", [0, -2])
+def test_onnx_threads_below_one_are_refused(tiny, threads):
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ValueError, match="threads must be a positive number"):
+        create_engine(tiny, "onnx", sample=_images(2, 64), threads=threads)
