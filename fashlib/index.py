@@ -651,7 +651,8 @@ def update(
     by another of the same size and time is embedded again). `model` defaults to the one the index was built
     with (ModelMismatchError if another is given); `source` to the folder or CSV it was built from (pass the new
     place of a moved catalogue; paths are relative to it). Returns (index, {added, changed, removed, unchanged,
-    skipped}).
+    skipped}): `removed` counts indexed photos no longer in the index, deleted or now unreadable (those are also
+    in `skipped`, with the reason).
     """
     old = open_index(folder, model)
     embedder = old.require_model()
@@ -672,11 +673,10 @@ def update(
         manifest["index"].get("exact_max", EXACT_MAX),
         manifest["index"]["type"] if manifest["index"]["type"] != "flat" else "hnsw",
     )
-    present = set(images)
     report = {
         "added": sum(e["path"] not in before for e in kept),
         "changed": sum(e["path"] in before for e in kept),
-        "removed": sum(p not in present for p in before),
+        "removed": sum(p not in vectors for p in before),  # deleted, or no longer readable (then also skipped)
         "unchanged": len(same),
         "skipped": len(skipped),
     }

@@ -65,6 +65,15 @@ def test_update_embeds_only_new_and_changed_files(catalogue, model_dir, tmp_path
     assert again["added"] == again["changed"] == again["removed"] == 0
 
 
+def test_a_photo_that_became_unreadable_is_counted_as_removed(catalogue, model_dir, tmp_path):
+    out = tmp_path / "idx"
+    ci.build(catalogue, model_dir, out, progress=False)
+    (catalogue / "p04.jpg").write_bytes(b"not a jpeg any more")
+    idx, report = ci.update(out, progress=False)
+    assert report["removed"] == 1 and report["changed"] == 0 and "p04.jpg" not in idx.paths
+    assert "p04.jpg" in {s["path"] for s in idx.manifest["skipped"]}
+
+
 def test_another_model_is_refused(catalogue, model_dir, tmp_path):
     ci.build(catalogue, model_dir, tmp_path / "idx", progress=False)
     other = saved_model.save_embedder(
