@@ -249,16 +249,7 @@ def test_run_notebooks_passes_declared_params_and_skips_unchanged(tmp_path):
     )
     params = {"seed": 3, "out_dir": "runs", "device": "cpu", "notebooks": {"n1": {"epochs": 2}}}
     logs: list[str] = []
-    # a fixed library hash: the fashlib sources may change under a developer's feet while this runs
-    run = functools.partial(
-        book.run_notebooks,
-        notebooks_dir=nbdir,
-        output_dir=outdir,
-        root=tmp_path,
-        progress_bar=False,
-        library_hash="lib",
-        log=logs.append,
-    )
+    run = _runner(nbdir, outdir, tmp_path, log=logs.append)
     runs = run(params)
     assert [r.status for r in runs] == ["executed"]
     assert runs[0].ignored == ["device"]  # not declared by the notebook: never injected
@@ -523,18 +514,24 @@ def test_bad_parameter_value_stops_the_build_before_any_notebook_runs(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
-def _data_notebook(tmp_path: Path) -> tuple[Path, Path, functools.partial]:
-    nbdir, outdir = tmp_path / "notebooks", tmp_path / "executed"
-    make_notebook(nbdir / "d.ipynb", "dataset = 'clothing'\ndata_root = None\ngpu_runs_dir = None", "x = 1")
-    run = functools.partial(
+def _runner(nbdir: Path, outdir: Path, root: Path, log=lambda m: None) -> functools.partial:
+    """book.run_notebooks over nbdir -> outdir, quiet, with a fixed library hash (the fashlib sources may change
+    under a developer's feet while a test runs)."""
+    return functools.partial(
         book.run_notebooks,
         notebooks_dir=nbdir,
         output_dir=outdir,
-        root=tmp_path,
+        root=root,
         progress_bar=False,
         library_hash="lib",
-        log=lambda m: None,
+        log=log,
     )
+
+
+def _data_notebook(tmp_path: Path) -> tuple[Path, Path, functools.partial]:
+    nbdir, outdir = tmp_path / "notebooks", tmp_path / "executed"
+    make_notebook(nbdir / "d.ipynb", "dataset = 'clothing'\ndata_root = None\ngpu_runs_dir = None", "x = 1")
+    run = _runner(nbdir, outdir, tmp_path)
     return nbdir, outdir, run
 
 
@@ -578,15 +575,7 @@ def test_tree_fingerprint_sees_names_sizes_and_mtimes(tmp_path):
 def test_an_interrupted_run_leaves_nothing_that_the_html_build_publishes(tmp_path, monkeypatch):
     nbdir, outdir = tmp_path / "notebooks", tmp_path / "book" / "notebooks"
     make_notebook(nbdir / "n.ipynb", "seed = 0", "print('seed', seed)")
-    run = functools.partial(
-        book.run_notebooks,
-        notebooks_dir=nbdir,
-        output_dir=outdir,
-        root=tmp_path,
-        progress_bar=False,
-        library_hash="lib",
-        log=lambda m: None,
-    )
+    run = _runner(nbdir, outdir, tmp_path)
     assert run({"seed": 1, "notebooks": {"n": {}}})[0].status == "executed"
     good = (outdir / "n.ipynb").read_text()
     assert book.read_valid_stamp(outdir / "n.ipynb") is not None
