@@ -276,46 +276,24 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
     print(json.dumps(rows[-1]), flush=True)
     del flat
     nlist = args.nlist or int(2 ** round(np.log2(np.sqrt(n))))
-    for m in args.pq_bytes:
-        t0 = time.perf_counter()
-        index = build_ivfpq(gallery, m, nlist, max(args.train_size, 39 * nlist), args.seed, args.opq)
-        build = time.perf_counter() - t0
-        ivf = faiss.extract_index_ivf(index)
-        rows += sweep(
+    train = max(args.train_size, 39 * nlist)
+    ivf_indexes = [
+        (
             f"{'OPQ+' if args.opq else ''}IVF{nlist},PQ{m}",
-            index,
-            build,
-            lambda v, ivf=ivf: setattr(ivf, "nprobe", v),
-            args.nprobes,
-            "nprobe",
-            query,
-            exact,
-            lat_q,
-            k,
-            n,
-            p50,
+            lambda m=m: build_ivfpq(gallery, m, nlist, train, args.seed, args.opq),
         )
-        print("\n".join(json.dumps(r) for r in rows[-len(args.nprobes) :]), flush=True)
-        del index
-    for spec in args.pqr:
+        for m in args.pq_bytes
+    ] + [
+        (f"IVF{nlist},PQ{spec} (PQ re-ranking)", lambda spec=spec: build_ivfpqr(gallery, spec, nlist, train, args.seed))
+        for spec in args.pqr
+    ]
+    for name, make in ivf_indexes:  # built one at a time, swept over nprobe, then freed
         t0 = time.perf_counter()
-        index = build_ivfpqr(gallery, spec, nlist, max(args.train_size, 39 * nlist), args.seed)
+        index = make()
         build = time.perf_counter() - t0
         ivf = faiss.extract_index_ivf(index)
-        rows += sweep(
-            f"IVF{nlist},PQ{spec} (PQ re-ranking)",
-            index,
-            build,
-            lambda v, ivf=ivf: setattr(ivf, "nprobe", v),
-            args.nprobes,
-            "nprobe",
-            query,
-            exact,
-            lat_q,
-            k,
-            n,
-            p50,
-        )
+        set_nprobe = lambda v, ivf=ivf: setattr(ivf, "nprobe", v)  # noqa: E731
+        rows += sweep(name, index, build, set_nprobe, args.nprobes, "nprobe", query, exact, lat_q, k, n, p50)
         print("\n".join(json.dumps(r) for r in rows[-len(args.nprobes) :]), flush=True)
         del index
     rows += run_factories(gallery, query, exact, lat_q, p50, tuning, args)
