@@ -6,7 +6,8 @@ features (N, D) float32 numpy, chosen from the registry `ENGINES`:
 - "onnx": the model (backbone + pooling for fn="pooled", the whole embedder with its head for
   fn="embedding", or any nn.Module) exported with the TorchScript ONNX exporter (`dynamo=False`: the
   dynamo exporter of torch 2.14 needs onnxscript, which is not installed and not needed here) at
-  opset 17 with a dynamic batch axis, and run by an ONNX Runtime CPU session. Every export is checked
+  opset 17 with a dynamic batch axis, and run by ONNX Runtime CPU sessions (one with the batch fixed to
+  the engine's batch size for full batches, one dynamic for the rest). Every export is checked
   against PyTorch on a sample batch (`check_parity`: max |diff| of L2-normalised outputs <= 1e-4 and
   identical top-10 rankings; when the tracer warns that it turned a tensor into a Python value, also on
   a second, different batch); with `cache_dir` the .onnx file is kept under a key of (weights and
@@ -18,13 +19,15 @@ features (N, D) float32 numpy, chosen from the registry `ENGINES`:
 an ONNX export that fails or misses parity falls back to PyTorch with a warning under "auto" (and raises
 under "onnx").
 
-Measured on this machine, quiet (2 cores, AMD EPYC, tf_efficientnet_lite0 at 224 px, pooled features, 2
-threads; `python3 benchmarks/bench_embedding.py --threads 2`, 256 CC0 photos, 2026-11-29): forward only,
-ONNX Runtime at batch 4 / 16 / 32: 162 / 151 / 144 img/s; PyTorch (channels_last) at batch 4 / 16 / 32:
-119 / 83 / 73 img/s (an earlier quiet run gave 126 at batch 16: about +-10% between runs). Smaller batches
-keep the activations in the cache, so each engine has its own batch size (`ONNX_BATCH_SIZE` = 4,
-`DEFAULT_BATCH_SIZE` = 16 for PyTorch and for GPUs; larger batches are split). The issue's 205 img/s for
-ONNX Runtime at batch 16 was not reproduced on this machine. Threads: ONNX Runtime gets the caller's
+Measured on this machine (2 cores, AMD EPYC, tf_efficientnet_lite0 at 224 px, pooled features, 2 threads;
+`python3 benchmarks/bench_embedding.py --threads 2 --repeat 3`, 256 CC0 photos, 2026-11-29 18:55, median of 3):
+forward only, ONNX Runtime at batch 4 / 16 / 32: 216 / 209 / 199 img/s; PyTorch (channels_last): 113 / 120 /
+115 img/s. Full batches run in a session whose batch axis is fixed (`_fixed_session`: ONNX Runtime's
+free-dimension override on the exported dynamic axis): with every shape known its layout optimisations
+apply, and the same model ran at 215 img/s fixed against 86-168 img/s with the batch left dynamic (batch 4,
+same process, minutes apart). A last shorter batch runs in the dynamic session. Smaller batches keep the activations
+in the cache, so each engine has its own batch size (`ONNX_BATCH_SIZE` = 4, `DEFAULT_BATCH_SIZE` = 16 for
+PyTorch and for GPUs; larger batches are split). Threads: ONNX Runtime gets the caller's
 torch.get_num_threads() (intra-op; inter-op 1) unless `threads` is given, with spinning off: with extract's
 decoding threads running beside it (1,024 CC0 photos, batch 4), 2 sleeping threads gave 131 img/s and 2
 spinning threads 77 img/s; idle threads that spin take the cycles the decoding threads need. PyTorch on
@@ -330,6 +333,43 @@ def _cached_export(
     return onnx_bytes
 
 
+def _session_options(ort: Any, threads: int, spin: bool, batch: int | None = None) -> Any:
+    """ONNX Runtime CPU session options: `threads` intra-op threads (inter-op 1, sequential), every graph
+    optimisation, spinning as `spin` says; `batch` fixes the exported dynamic batch axis to that size."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # idle intra-op threads sleep instead of spinning: the decoding threads need those cycles (module docstring)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if batch is not None:
+        options.add_free_dimension_override_by_name("batch", int(batch))
+    return options
+
+
+def _fixed_session(session: Any, make: Callable[[], Any], sample: torch.Tensor, batch: int) -> Any:
+    """A second session with the batch axis fixed to `batch`, or None (warned) when it differs from `session`.
+
+    With every shape known, ONNX Runtime's layout optimisations apply (module docstring: about 1.3x the
+    dynamic session's img/s). It is checked against the dynamic session on `batch` rows of `sample` (rows
+    repeated when it has fewer) with check_parity's tolerance and top-k rankings.
+    """
+    rows = sample[torch.arange(batch) % len(sample)].numpy()
+    k = PARITY_TOP_K if len(sample) >= batch else 0  # repeated rows tie: compare values only
+    try:
+        fixed = make()
+        check_parity(session.run(None, {"images": rows})[0], fixed.run(None, {"images": rows})[0], k=k)
+    except Exception as err:  # an optimisation that fails costs speed, never correctness
+        warnings.warn(
+            f"ONNX Runtime session with the batch fixed to {batch} unusable ({type(err).__name__}: {err}); "
+            "every batch runs in the dynamic-batch session (slower)",
+            stacklevel=4,
+        )
+        return None
+    return fixed
+
+
 class OnnxEngine(_Engine):
     """ONNX Runtime CPU session over the exported model; parity with PyTorch checked at every export.
 
@@ -361,19 +401,14 @@ class OnnxEngine(_Engine):
                 f"the ONNX engine exports float32 models; this one is {model_dtype(model)}: "
                 "use engine='torch' or model.float()"
             )
-        options = ort.SessionOptions()
         if threads is not None and int(threads) < 1:
             raise ValueError(f"threads must be a positive number of intra-op threads, got {threads}; or None")
-        options.intra_op_num_threads = int(threads or torch.get_num_threads())
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # idle intra-op threads sleep instead of spinning: the decoding threads need those cycles (see above)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        threads = int(threads or torch.get_num_threads())
         sample = sample.detach().float().cpu().contiguous()
         self.parity: dict | None = None
 
-        def make(onnx_bytes: bytes) -> Any:
+        def make(onnx_bytes: bytes, batch: int | None = None) -> Any:
+            options = _session_options(ort, threads, spin, batch)
             return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
 
         checked: dict[str, Any] = {}
@@ -397,6 +432,7 @@ class OnnxEngine(_Engine):
 
         onnx_bytes = _cached_export(model, fn, sample, None if cache_dir is None else Path(cache_dir), parity)
         self.session = checked.get("session") or make(onnx_bytes)  # the checked session, or the cached file's
+        self.fixed = _fixed_session(self.session, lambda: make(onnx_bytes, self.batch_size), sample, self.batch_size)
         self.model, self.fn, self.shape = model, fn, tuple(sample.shape[1:])
         self.fallback: TorchEngine | None = None
 
@@ -404,7 +440,8 @@ class OnnxEngine(_Engine):
         if tuple(images.shape[1:]) != self.shape:  # the graph's image size is fixed at export
             return self._other_size(images)
         x = np.ascontiguousarray(images.detach().float().cpu().numpy())
-        return self.session.run(None, {"images": x})[0]
+        session = self.fixed if self.fixed is not None and len(x) == self.batch_size else self.session
+        return session.run(None, {"images": x})[0]
 
     def _other_size(self, images: torch.Tensor) -> np.ndarray:
         """Images of another size than the exported one run in PyTorch (warned once per engine)."""

@@ -269,3 +269,43 @@ def test_onnx_threads_below_one_are_refused(tiny, threads):
     pytest.importorskip("onnxruntime")
     with pytest.raises(ValueError, match="threads must be a positive number"):
         create_engine(tiny, "onnx", sample=_images(2, 64), threads=threads)
+
+
+def test_full_batches_run_in_a_fixed_batch_session_with_the_same_features(tiny, monkeypatch):
+    x = _images(11, 64)  # batches of 4: two full ones (fixed session) and a remainder of 3 (dynamic session)
+    with create_engine(tiny, "onnx", sample=_images(8, 64, seed=1), batch_size=4) as eng:
+        assert eng.fixed is not None
+        used = []
+        for name in ("fixed", "session"):
+            real = getattr(eng, name)
+            monkeypatch.setattr(eng, name, _Recording(real, name, used))
+        got = eng(x)
+    assert used == ["fixed", "fixed", "session"]
+    np.testing.assert_allclose(got, _torch_features(tiny, x), atol=1e-4)
+
+
+class _Recording:
+    """An ONNX Runtime session stand-in that records which session ran and delegates to the real one."""
+
+    def __init__(self, session, name, log):
+        self.session, self.name, self.log = session, name, log
+
+    def run(self, *args, **kwargs):
+        self.log.append(self.name)
+        return self.session.run(*args, **kwargs)
+
+
+def test_a_fixed_batch_session_that_differs_is_dropped_with_a_warning(tiny, monkeypatch):
+    real_check = engines.check_parity
+
+    def fail_the_fixed_session_check(reference, candidate, **kwargs):
+        if "k" in kwargs:  # only the dynamic-vs-fixed session check passes k
+            raise EngineParityError("planted difference")
+        return real_check(reference, candidate, **kwargs)
+
+    monkeypatch.setattr(engines, "check_parity", fail_the_fixed_session_check)
+    with pytest.warns(UserWarning, match="batch fixed to 4 unusable.*planted difference"):
+        eng = create_engine(tiny, "onnx", sample=_images(8, 64), batch_size=4)
+    assert eng.fixed is None
+    x = _images(9, 64, seed=3)
+    np.testing.assert_allclose(eng(x), _torch_features(tiny, x), atol=1e-4)
