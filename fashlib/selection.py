@@ -28,6 +28,7 @@ from .data.protocols import eval_rows, same_training_rows, train_rows
 from .embeddings import backbone_features, embed_images, ensemble_features, train_head_on_features
 from .evaluation import KS, pick_best
 from .losses import loss_spec
+from .pool import default_workers, map_jobs
 from .study import try_call
 
 __all__ = [
@@ -110,40 +111,55 @@ def candidate_scores(
     head_types: Sequence[str] = ("linear",),
     qe_ks: Sequence[int] = (),
     ks: Sequence[int] = KS,
+    workers: int | None = None,
+    progress: bool = False,
     **head_options: Any,
 ) -> pd.DataFrame:
     """Score every candidate configuration on `table`'s queries (the validation protocol).
 
     features: name -> (N, D) cached features in table order; losses: fashlib loss variant names
     (losses.loss_spec); head_options go to embeddings.train_head_on_features (embedding_dim, epochs,
-    seed, sampler, p, k, lr, ...). Returns a frame indexed by (candidate, loss, head, post) with Recall@K and
-    mAP@R (fractions), `seconds` (head training) and `error` ("" or the message of a head that failed to
-    train; such a row has no metrics). Loss and head "none" rows are the frozen features.
+    seed, sampler, p, k, lr, ...). The heads train side by side in `workers` processes, one intra-op
+    thread each (pool.map_jobs; None = one per CPU, 1 on a GPU): the table does not depend on `workers`;
+    `progress` shows a bar over the heads.
+    Returns a frame indexed by (candidate, loss, head, post) with Recall@K and mAP@R (fractions),
+    `seconds` (head training, one thread) and `error` ("" or the message of a head that failed to train;
+    such a row has no metrics). Loss and head "none" rows are the frozen features.
     """
+    qe_ks = usable_qe_ks(table, qe_ks)
     rows = []
     for candidate, feats in features.items():
         rows += _post_rows(table, feats, dict(candidate=candidate, loss=NONE, head=NONE, seconds=0.0), qe_ks, ks)
-        for variant in losses:
-            loss, loss_options = loss_spec(variant)
-            for head in head_types:
-                base = dict(candidate=candidate, loss=variant, head=head)
-                start = time.perf_counter()
-                trained, error = try_call(
-                    train_head_on_features,
-                    feats,
-                    table,
-                    loss=loss,
-                    loss_options=loss_options,
-                    head_type=head,
-                    progress=False,
-                    **head_options,
-                )
-                base["seconds"] = time.perf_counter() - start
-                if error:
-                    rows.append({**base, "post": NONE, "error": error})
-                    continue
-                rows += _post_rows(table, trained[0], base, qe_ks, ks)
-    return pd.DataFrame(rows).set_index(INDEX)
+    jobs = [(candidate, variant, head) for candidate in features for variant in losses for head in head_types]
+    device = head_options.get("device", "cpu")
+    shared = dict(features=features, table=table, qe_ks=qe_ks, ks=ks, head_options=head_options)
+    workers = default_workers(len(jobs), device) if workers is None else workers
+    for job_rows in map_jobs(_candidate_rows, jobs, shared=shared, workers=workers, progress=progress, desc="heads"):
+        rows += job_rows
+    order = {name: i for i, name in enumerate(features)}
+    return pd.DataFrame(rows).sort_values("candidate", key=lambda c: c.map(order), kind="stable").set_index(INDEX)
+
+
+def _candidate_rows(shared: dict, job: tuple[str, str, str]) -> list[dict]:
+    """candidate_scores' job: one candidate x loss variant x head type trained and scored (map_jobs)."""
+    candidate, variant, head = job
+    loss, loss_options = loss_spec(variant)
+    base = dict(candidate=candidate, loss=variant, head=head)
+    start = time.perf_counter()
+    trained, error = try_call(
+        train_head_on_features,
+        shared["features"][candidate],
+        shared["table"],
+        loss=loss,
+        loss_options=loss_options,
+        head_type=head,
+        progress=False,
+        **shared["head_options"],
+    )
+    base["seconds"] = time.perf_counter() - start
+    if error:
+        return [{**base, "post": NONE, "error": error}]
+    return _post_rows(shared["table"], trained[0], base, shared["qe_ks"], shared["ks"])
 
 
 def validation_table(validation: pd.DataFrame, dataset: str, n_queries: int, n: int = 20):

@@ -18,6 +18,7 @@ from . import postprocess, stats
 from .data.protocols import eval_rows
 from .embeddings import train_head_on_features
 from .evaluation import KS, retrieve
+from .pool import default_workers, map_jobs
 
 __all__ = [
     "train_val_table",
@@ -199,49 +200,66 @@ def seed_comparison(
     metrics: Sequence[str] = ("recall@1", "map@r"),
     n_boot: int = 2000,
     progress: bool = False,
+    workers: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, pd.DataFrame]]:
     """Every configuration trained with every seed; mean ± std over seeds and a bootstrap interval over queries.
 
     features: name -> (N, D) float array in table order; configs: name -> {"features": a features name, plus
     embeddings.train_head_on_features options (loss is required); {"features": name, "loss": None} scores
-    the features themselves (no head, the same for every seed)}. Returns (runs: one row per configuration
-    and seed, metrics as fractions; summary: one row per configuration with `<metric>` (mean over seeds),
-    `<metric> std` (over seeds, ddof=1) and `<metric> low` / `<metric> high`, the 95% percentile bootstrap
-    over queries of the seed-averaged per-query scores; per_query: name -> (Q, metrics) seed-averaged scores,
-    the input of noise_verdicts). Raises KeyError for a configuration naming unknown features.
+    the features themselves (no head, the same for every seed)}. The heads train side by side in `workers`
+    processes, one intra-op thread each (pool.map_jobs; None = one per CPU, 1 on a GPU): the results do not
+    depend on `workers`. Returns (runs: one row per configuration and seed, metrics as fractions; summary:
+    one row per configuration with `<metric>` (mean over seeds), `<metric> std` (over seeds, ddof=1) and
+    `<metric> low` / `<metric> high`, the 95% percentile bootstrap over queries of the seed-averaged
+    per-query scores; per_query: name -> (Q, metrics) seed-averaged scores, the input of noise_verdicts).
+    Raises KeyError for a configuration naming unknown features.
     """
-    rows, summary, per_query = [], [], {}
     for name, config in configs.items():
         if config["features"] not in features:
             raise KeyError(f"configuration {name!r} names features {config['features']!r}; known: {sorted(features)}")
-        options = {k: v for k, v in config.items() if k != "features"}
-        scores = []
-        for seed in seeds:
-            if options.get("loss") is None:
-                emb = features[config["features"]]
-            else:
-                emb = train_head_on_features(
-                    features[config["features"]], table, seed=seed, progress=progress, **options
-                )[0]
-            scores.append(query_scores(table, emb))
-            rows.append(
-                {"config": name, "seed": seed, **{m: float(np.nanmean(scores[-1][_metric_column(m)])) for m in metrics}}
-            )
-        per_query[name] = sum(scores[1:], scores[0].copy()) / len(scores)
-        runs = pd.DataFrame(rows[-len(seeds) :])
-        entry: dict[str, Any] = {"config": name}
-        for m in metrics:
-            ci = stats.bootstrap_ci(per_query[name][_metric_column(m)].to_numpy(), n_boot=n_boot)
-            entry.update(
-                {
-                    m: runs[m].mean(),
-                    f"{m} std": runs[m].std(ddof=1) if len(runs) > 1 else 0.0,
-                    f"{m} low": ci.low,
-                    f"{m} high": ci.high,
-                }
-            )
-        summary.append(entry)
+    jobs = [(name, seed) for name in configs for seed in seeds]
+    device = next((c.get("device", "cpu") for c in configs.values() if c.get("loss") is not None), "cpu")
+    workers = default_workers(len(jobs), device) if workers is None else workers
+    shared = dict(features=features, table=table, configs=configs)
+    scores = dict(zip(jobs, map_jobs(_seed_scores, jobs, shared=shared, workers=workers, progress=progress)))
+    rows, summary, per_query = [], [], {}
+    for name in configs:
+        means = [{m: float(np.nanmean(scores[name, seed][_metric_column(m)])) for m in metrics} for seed in seeds]
+        runs = pd.DataFrame([{"config": name, "seed": seed, **mean} for seed, mean in zip(seeds, means)])
+        rows += runs.to_dict("records")
+        per_query[name] = sum((scores[name, seed] for seed in seeds[1:]), scores[name, seeds[0]].copy()) / len(seeds)
+        summary.append(_seed_summary(name, runs, per_query[name], metrics, n_boot))
     return pd.DataFrame(rows), pd.DataFrame(summary).set_index("config"), per_query
+
+
+def _seed_scores(shared: dict, job: tuple[str, int]) -> pd.DataFrame:
+    """seed_comparison's job: per-query scores of one configuration trained with one seed (map_jobs)."""
+    name, seed = job
+    config = shared["configs"][name]
+    features = shared["features"][config["features"]]
+    options = {k: v for k, v in config.items() if k != "features"}
+    if options.get("loss") is None:
+        return query_scores(shared["table"], features)
+    embeddings = train_head_on_features(features, shared["table"], seed=seed, progress=False, **options)[0]
+    return query_scores(shared["table"], embeddings)
+
+
+def _seed_summary(
+    name: str, runs: pd.DataFrame, per_query: pd.DataFrame, metrics: Sequence[str], n_boot: int
+) -> dict[str, Any]:
+    """One summary row of seed_comparison: mean and std over seeds, bootstrap interval over queries."""
+    entry: dict[str, Any] = {"config": name}
+    for m in metrics:
+        ci = stats.bootstrap_ci(per_query[_metric_column(m)].to_numpy(), n_boot=n_boot)
+        entry.update(
+            {
+                m: runs[m].mean(),
+                f"{m} std": runs[m].std(ddof=1) if len(runs) > 1 else 0.0,
+                f"{m} low": ci.low,
+                f"{m} high": ci.high,
+            }
+        )
+    return entry
 
 
 def noise_verdicts(

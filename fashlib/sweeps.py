@@ -18,6 +18,7 @@ import pandas as pd
 from .embeddings import backbone_features, train_head_on_features
 from .evaluation import KS, evaluate, retrieve
 from .losses import loss_spec
+from .pool import default_workers, map_jobs
 from .runs import run_name, save_run
 from .study import try_call
 from .throughput import engine_throughputs
@@ -175,6 +176,12 @@ def loss_run(
     )
 
 
+def _loss_job(shared: dict, variant: str) -> tuple[dict | None, str | None]:
+    """loss_sweep's job: loss_run for one variant, a failure kept as its message (map_jobs)."""
+    options = {k: shared[k] for k in ("head", "out_dir", "prefix", "config", "max_k")}
+    return try_call(loss_run, shared["features"], shared["table"], variant, shared["dim"], **options)
+
+
 def loss_sweep(
     features: np.ndarray,
     table: pd.DataFrame,
@@ -186,8 +193,12 @@ def loss_sweep(
     prefix: str,
     config: dict,
     max_k: int = 50,
+    workers: int | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Chapter 03: the frozen features and one head per loss variant (loss_run), seed head["seed"].
+
+    The heads train side by side in `workers` processes, one intra-op thread each (pool.map_jobs; None = one
+    per CPU, 1 on a GPU): the results do not depend on `workers`.
 
     Returns (one row per loss with metrics, embedding_dim, seconds and error; {name: loss_run result} with
     the frozen features under "frozen (no head)"). Raises RuntimeError when no loss could be trained."""
@@ -205,19 +216,10 @@ def loss_sweep(
         )
     }
     rows = [dict(loss=name, embedding_dim=features.shape[1], **frozen, seconds=0.0, error="")]
-    for variant in variants:
-        run, error = try_call(
-            loss_run,
-            features,
-            table,
-            variant,
-            dim,
-            head=head,
-            out_dir=out_dir,
-            prefix=prefix,
-            config=config,
-            max_k=max_k,
-        )
+    shared = dict(features=features, table=table, dim=dim, head=head, out_dir=out_dir, prefix=prefix, config=config)
+    shared["max_k"] = max_k
+    workers = default_workers(len(variants), head.get("device", "cpu")) if workers is None else workers
+    for variant, (run, error) in zip(variants, map_jobs(_loss_job, variants, shared=shared, workers=workers)):
         if error:
             rows.append(dict(loss=variant, embedding_dim=dim, seconds=float("nan"), error=error))
             continue

@@ -1,0 +1,109 @@
+"""Tests for fashlib.pool: jobs in worker processes give the results of the same jobs run here, in order."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fashlib import pool
+from fashlib.features import train_head
+from fashlib.pool import intra_op_threads, map_jobs
+
+
+def _head_weights(shared: dict, seed: int) -> np.ndarray:
+    """An MLP head (BatchNorm: its arithmetic depends on the thread count) trained briefly; flat weights."""
+    head, _ = train_head(
+        shared["x"], shared["y"], head_type="mlp", hidden_dim=64, embedding_dim=8, epochs=2, p=4, k=2, seed=seed,
+        progress=False,
+    )  # fmt: skip
+    return torch.cat([t.flatten() for t in head.state_dict().values() if t.is_floating_point()]).numpy()
+
+
+def _warn_or_fail(shared: dict, job: str) -> str:
+    if job == "fail":
+        raise ValueError("planted failure of job 'fail'")
+    if job.startswith("warn"):
+        warnings.warn("planted warning", UserWarning, stacklevel=1)
+    return job.upper() + str(torch.get_num_threads())
+
+
+@pytest.fixture(scope="module")
+def data() -> dict:
+    rng = np.random.default_rng(0)
+    return {"x": rng.standard_normal((96, 40)).astype(np.float32), "y": np.repeat(np.arange(24), 4)}
+
+
+def test_workers_give_the_results_of_the_jobs_run_here_in_job_order(data):
+    seeds = [3, 0, 2, 1]
+    here = map_jobs(_head_weights, seeds, shared=data, workers=1, progress=False)
+    there = map_jobs(_head_weights, seeds, shared=data, workers=2, progress=False)
+    for a, b in zip(here, there):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(here[0], here[1])  # different seeds: different heads, so order is checked
+
+
+def test_every_job_runs_with_the_given_thread_count_and_this_process_keeps_its_own():
+    before = torch.get_num_threads()
+    assert map_jobs(_warn_or_fail, ["a", "b"], workers=2, threads=1, progress=False) == ["A1", "B1"]
+    assert map_jobs(_warn_or_fail, ["a"], workers=1, threads=1, progress=False) == ["A1"]
+    assert torch.get_num_threads() == before
+
+
+def test_a_warning_raised_in_a_worker_is_raised_here_once():
+    with pytest.warns(UserWarning, match="planted warning") as caught:
+        map_jobs(_warn_or_fail, ["warn1", "a", "warn2"], workers=2, progress=False)
+    assert sum("planted warning" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_job_raises_its_own_error(workers):
+    with pytest.raises(ValueError, match="planted failure of job 'fail'"):
+        map_jobs(_warn_or_fail, ["a", "fail", "b"], workers=workers, progress=False)
+
+
+@pytest.mark.parametrize(("option", "value"), [("threads", 0), ("workers", 0), ("workers", -1)])
+def test_counts_below_one_are_refused_naming_the_value(option, value):
+    with pytest.raises(ValueError, match=f"{option} must be a positive.*got {value}"):
+        map_jobs(_warn_or_fail, ["a"], progress=False, **{option: value})
+
+
+def test_intra_op_threads_restores_the_count_after_an_error():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError
+    assert torch.get_num_threads() == before
+
+
+def test_default_workers_is_one_per_cpu_at_most_one_per_job_and_one_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(pool, "available_cpus", lambda: 4)
+    assert [pool.default_workers(n) for n in (0, 1, 3, 9)] == [1, 1, 3, 4]
+    assert pool.default_workers(9, "cuda") == 1
+
+
+def _tiny_table(n_labels: int = 12, per_label: int = 4) -> pd.DataFrame:
+    labels = np.repeat(np.arange(n_labels), per_label)
+    split = np.where(labels < n_labels // 2, "train", np.where(np.arange(len(labels)) % 2, "query", "gallery"))
+    return pd.DataFrame({"path": [f"{i}.jpg" for i in range(len(labels))], "label": labels, "split": split})
+
+
+def test_seed_comparison_and_candidate_scores_do_not_depend_on_workers():
+    from fashlib import selection, study
+
+    table = _tiny_table()
+    rng = np.random.default_rng(1)
+    features = {"a": rng.standard_normal((len(table), 24)).astype(np.float32)}
+    configs = {"mlp": dict(features="a", loss="multi_similarity", head_type="mlp", embedding_dim=8, epochs=2, p=4, k=2)}
+    one = study.seed_comparison(features, table, configs, seeds=[0, 1], n_boot=50, workers=1)
+    two = study.seed_comparison(features, table, configs, seeds=[0, 1], n_boot=50, workers=2)
+    pd.testing.assert_frame_equal(one[0], two[0])
+    pd.testing.assert_frame_equal(one[1], two[1])
+    options = dict(embedding_dim=8, epochs=2, p=4, k=2, ks=(1, 2))
+    one = selection.candidate_scores(features, table, ["multi_similarity"], ("linear", "mlp"), workers=1, **options)
+    two = selection.candidate_scores(features, table, ["multi_similarity"], ("linear", "mlp"), workers=2, **options)
+    pd.testing.assert_frame_equal(one.drop(columns="seconds"), two.drop(columns="seconds"))
+    assert list(one.index.get_level_values("head")) == ["none", "linear", "mlp"]
