@@ -94,15 +94,17 @@ def map_jobs(
     threads: int = 1,
     desc: str = "jobs",
     progress: bool = True,
+    cost: Callable[[J], float] | None = None,
 ) -> list[R]:
     """[fn(shared, job) for job in jobs], run in `workers` processes with `threads` intra-op threads each.
 
     fn: a module-level function (workers find it by name); jobs: picklable; shared: read-only data every
     job needs (feature arrays, the table), given to each worker once. workers: None = default_workers
     (one per available CPU, at most one per job); 1 runs the jobs here, in order. Results come back in job
-    order and do not depend on `workers` (see the module docstring). An exception raised by a job is
-    raised here, after the jobs already running have finished; catch errors inside fn to keep the others
-    (study.try_call). ValueError for threads or workers below 1.
+    order and do not depend on `workers` (see the module docstring). With `cost` (job -> a relative cost),
+    workers take the costliest jobs first, so that no long job starts last and runs alone. An exception
+    raised by a job is raised here, after the jobs already running have finished; catch errors inside fn
+    to keep the others (study.try_call). ValueError for threads or workers below 1.
     """
     if int(threads) < 1:
         raise ValueError(f"threads must be a positive number of intra-op threads per job, got {threads}")
@@ -118,7 +120,8 @@ def map_jobs(
         warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks.*")
         pool = ProcessPoolExecutor(workers, _context(), initializer=_start_worker, initargs=(shared, threads))
         with pool:
-            futures: dict[Future, int] = {pool.submit(_run_in_worker, fn, job): i for i, job in enumerate(jobs)}
+            order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i])) if cost else range(len(jobs))
+            futures: dict[Future, int] = {pool.submit(_run_in_worker, fn, jobs[i]): i for i in order}
             try:
                 for future in as_completed(futures):
                     outcomes[futures[future]] = _tick(bar, future.result())

@@ -134,7 +134,11 @@ def candidate_scores(
     device = head_options.get("device", "cpu")
     shared = dict(features=features, table=table, qe_ks=qe_ks, ks=ks, head_options=head_options)
     workers = default_workers(len(jobs), device) if workers is None else workers
-    for job_rows in map_jobs(_candidate_rows, jobs, shared=shared, workers=workers, progress=progress, desc="heads"):
+    widths = {name: feats.shape[1] for name, feats in features.items()}
+    for job_rows in map_jobs(
+        _candidate_rows, jobs, shared=shared, workers=workers, progress=progress, desc="heads",
+        cost=lambda job: widths[job[0]] * (2 if job[2] == "mlp" else 1),  # wide features and MLPs first
+    ):  # fmt: skip
         rows += job_rows
     order = {name: i for i, name in enumerate(features)}
     return pd.DataFrame(rows).sort_values("candidate", key=lambda c: c.map(order), kind="stable").set_index(INDEX)

@@ -107,3 +107,19 @@ def test_seed_comparison_and_candidate_scores_do_not_depend_on_workers():
     two = selection.candidate_scores(features, table, ["multi_similarity"], ("linear", "mlp"), workers=2, **options)
     pd.testing.assert_frame_equal(one.drop(columns="seconds"), two.drop(columns="seconds"))
     assert list(one.index.get_level_values("head")) == ["none", "linear", "mlp"]
+
+
+def test_costliest_jobs_start_first_and_results_stay_in_job_order():
+    jobs = ["a", "b", "c", "d"]
+    started = map_jobs(_start_order, jobs, workers=2, progress=False, cost=lambda job: "abcd".index(job))
+    assert [job for job, _ in started] == jobs  # job order
+    first_two = {job for job, _ in sorted(started, key=lambda pair: pair[1])[:2]}
+    assert first_two == {"d", "c"}  # the two costliest, one per worker
+
+
+def _start_order(shared, job):
+    import time
+
+    start = time.monotonic()
+    time.sleep(0.3)  # each worker is busy long enough for the other to take the next job
+    return job, start
