@@ -35,6 +35,7 @@ __all__ = [
     "NONE",
     "post_settings",
     "parse_post",
+    "post_retrieval",
     "ensemble_name",
     "frozen_features",
     "candidate_scores",
@@ -83,6 +84,15 @@ def post_scores(table: pd.DataFrame, embeddings: np.ndarray, post: str, ks: Sequ
     unknown post-processing name and when the table has no query or gallery row."""
     method, params = parse_post(post)
     return study.postprocessed_scores(table, embeddings, method, ks=ks, **params)
+
+
+def post_retrieval(table: pd.DataFrame, embeddings: np.ndarray, post: str, max_k: int = 50) -> Any:
+    """The one search of the table's queries after post-processing `post` (a post_settings name): an
+    evaluation Retrieval (study.postprocessed_retrieval) whose curve, first-hit ranks and rankings are those
+    the chosen configuration's scores come from. embeddings: (N, D) float in table order. ValueError for an
+    unknown post-processing name and as evaluation.retrieve raises it."""
+    method, params = parse_post(post)
+    return study.postprocessed_retrieval(table, embeddings, method, max_k, **params)
 
 
 def ensemble_name(backbones: Sequence[str]) -> str:

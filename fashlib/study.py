@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 
 from . import postprocess, stats
-from .data.protocols import eval_rows
+from .data.protocols import check_embedding_rows, eval_rows
 from .embeddings import train_head_on_features
 from .evaluation import KS, retrieve
 from .pool import default_workers, map_jobs
+from .retrieval import Retrieval
 
 __all__ = [
     "train_val_table",
@@ -27,6 +28,7 @@ __all__ = [
     "intervals_row",
     "POSTPROCESSING",
     "postprocessed_scores",
+    "postprocessed_retrieval",
     "postprocessing_sweep",
     "postprocessing_test",
     "seed_comparison",
@@ -134,6 +136,24 @@ def postprocessed_scores(
     else:
         raise ValueError(f"unknown post-processing {method!r}; choose one of {sorted(POSTPROCESSING) + ['rerank']}")
     return stats.scores_from_ranking(ranking, labels[query], labels[gallery], [k for k in ks if k <= depth])
+
+
+def postprocessed_retrieval(
+    table: pd.DataFrame, embeddings: np.ndarray, method: str = "none", max_k: int = 50, **params: Any
+) -> Retrieval:
+    """The table's one search after a post-processing method of POSTPROCESSING (not "rerank", which returns
+    a ranking, not embeddings): query and gallery embeddings (L2-normalised, then post-processed) searched
+    once, read many ways (curve, first_hit_ranks, ranked for retrieval_examples). Its Recall@K and mAP@R
+    are postprocessed_scores' for the same method. embeddings: (N, D) float in table order. ValueError for
+    another method and as evaluation.retrieve raises it."""
+    if method not in POSTPROCESSING:
+        raise ValueError(f"unknown post-processing {method!r} for a search; choose one of {sorted(POSTPROCESSING)}")
+    check_embedding_rows(table, embeddings)
+    query, gallery = eval_rows(table)
+    labels = table["label"].to_numpy()
+    q, g = postprocess.l2_normalize(embeddings[query]), postprocess.l2_normalize(embeddings[gallery])
+    q, g = POSTPROCESSING[method](q, g, **params)
+    return Retrieval.from_arrays(q, labels[query], g, labels[gallery], max_k, query, gallery)
 
 
 def postprocessing_sweep(

@@ -287,3 +287,19 @@ def test_recorded_runs_table():
     assert notes.splitlines() == ["- **device:** `H100`", "- **command:** `bash run.sh`"]
     with pytest.raises(ValueError, match="no recorded run"):
         report.recorded_runs_table(recorded.iloc[:0])
+
+
+def test_post_retrieval_is_the_search_the_chosen_scores_come_from():
+    x, table, _ = _tables(n_labels=12, seed=5)
+    raw = evaluation.retrieve(table, x, max_k=20)
+    for post in ("none", "qe k=3"):
+        found = selection.post_retrieval(table, x, post, max_k=20)
+        scores = selection.post_scores(table, x, post, ks=(1, 5))
+        metrics = found.metrics((1, 5))
+        assert metrics["recall@1"] == pytest.approx(scores["recall@1"].mean())
+        assert metrics["map@r"] == pytest.approx(np.nanmean(scores["ap@r"]))
+        assert found.curve(20)[5] == pytest.approx(scores["recall@5"].mean())
+    expanded = selection.post_retrieval(table, x, "qe k=3", max_k=20)
+    assert not np.array_equal(expanded.first_hit_ranks()["rank"], raw.first_hit_ranks()["rank"])
+    with pytest.raises(ValueError, match="unknown post-processing 'rerank'"):
+        study.postprocessed_retrieval(table, x, "rerank")
