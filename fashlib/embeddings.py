@@ -19,6 +19,7 @@ import torch
 
 from . import data
 from .data.protocols import train_rows
+from .pool import intra_op_threads
 from .postprocess import l2_normalize
 
 
@@ -115,6 +116,7 @@ def train_head_on_features(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    threads: int | None = 1,
     **options: Any,
 ) -> tuple[np.ndarray, list[float], torch.nn.Module]:
     """Train an embedding head on the training rows' cached features; embed every row with it.
@@ -127,22 +129,26 @@ def train_head_on_features(
     head_type ("linear" | "mlp"), hidden_dim, bnneck, sampler ("pk" | "m_per_class"), p, k, lr,
     weight_decay, loss_options... To refit a chosen configuration on train + validation rows, pass
     study.train_val_table(val_table, test_table) as `table` (or call study.refit_on_train_val).
+    threads: torch intra-op threads while training and embedding; 1 (the default, as in pool.map_jobs) makes
+    the result independent of the machine's core count (BatchNorm's reductions change with it); None keeps
+    torch's current setting.
     """
     from .features import embed_features, train_head
 
     rows = train_rows(table)
-    head, history = train_head(
-        features[rows],
-        table["label"].to_numpy()[rows],
-        loss=loss,
-        embedding_dim=embedding_dim,
-        epochs=epochs,
-        seed=seed,
-        device=device,
-        progress=progress,
-        **options,
-    )
-    return embed_features(head, features, device=device), history, head
+    with intra_op_threads(threads or torch.get_num_threads()):
+        head, history = train_head(
+            features[rows],
+            table["label"].to_numpy()[rows],
+            loss=loss,
+            embedding_dim=embedding_dim,
+            epochs=epochs,
+            seed=seed,
+            device=device,
+            progress=progress,
+            **options,
+        )
+        return embed_features(head, features, device=device), history, head
 
 
 def embed_images(

@@ -10,6 +10,7 @@ Every job runs with the same number of intra-op threads (`threads`, default 1), 
 `workers=1`, in this process. The thread count is part of the arithmetic (BatchNorm's reductions split
 differently with 2 threads than with 1), so fixing it makes results independent of `workers` and of the
 machine's core count: a head trained here equals the same head trained on a 16-core machine.
+`embeddings.train_head_on_features` trains with one thread too, also outside a pool.
 
 Workers are forked where the platform allows it (Linux): the shared data (`shared`, e.g. the feature
 arrays) is inherited, not copied, and nothing is re-imported. Elsewhere they are spawned, and `shared` is

@@ -123,3 +123,19 @@ def _start_order(shared, job):
     start = time.monotonic()
     time.sleep(0.3)  # each worker is busy long enough for the other to take the next job
     return job, start
+
+
+def test_a_head_trained_in_this_process_does_not_depend_on_its_thread_count():
+    from fashlib.embeddings import train_head_on_features
+
+    table = _tiny_table()
+    x = np.random.default_rng(2).standard_normal((len(table), 24)).astype(np.float32)
+    options = dict(loss="multi_similarity", head_type="mlp", embedding_dim=8, epochs=3, p=4, k=2, progress=False)
+    before = torch.get_num_threads()
+    got = []
+    for threads in (1, 2):
+        with intra_op_threads(threads):
+            got.append(train_head_on_features(x, table, **options)[0])
+            assert torch.get_num_threads() == threads  # given back after training
+    np.testing.assert_array_equal(got[0], got[1])
+    assert torch.get_num_threads() == before
