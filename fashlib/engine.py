@@ -169,7 +169,9 @@ class _Engine:
         raise NotImplementedError
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """Images (N, 3, H, W) float32 -> features (N, D) float32 numpy, in row order."""
+        """Images (N, 3, H, W) float32 -> features (N, D) float32 numpy, in row order; N = 0 gives (0, D)."""
+        if len(images) == 0:  # D from one blank image (np.concatenate refuses an empty list)
+            return self._run(torch.zeros((1, *images.shape[1:]), dtype=images.dtype))[:0].astype(np.float32)
         parts = [self._run(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
         return np.concatenate(parts).astype(np.float32, copy=False)
 
@@ -404,6 +406,11 @@ class OnnxEngine(_Engine):
         if threads is not None and int(threads) < 1:
             raise ValueError(f"threads must be a positive number of intra-op threads, got {threads}; or None")
         threads = int(threads or torch.get_num_threads())
+        if sample.dim() != 4 or len(sample) == 0:
+            raise ValueError(
+                f"sample must be a batch (N, 3, H, W) of at least one image, got shape {tuple(sample.shape)}; "
+                "pass real images of the size to extract, or None for random ones"
+            )
         sample = sample.detach().float().cpu().contiguous()
         self.parity: dict | None = None
 

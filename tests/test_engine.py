@@ -309,3 +309,20 @@ def test_a_fixed_batch_session_that_differs_is_dropped_with_a_warning(tiny, monk
     assert eng.fixed is None
     x = _images(9, 64, seed=3)
     np.testing.assert_allclose(eng(x), _torch_features(tiny, x), atol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_a_batch_of_no_images_gives_no_rows_of_the_right_width(tiny, engine):
+    if engine == "onnx":
+        pytest.importorskip("onnxruntime")
+    with create_engine(tiny, engine, sample=_images(4, 64)) as eng:
+        width = eng(_images(1, 64)).shape[1]
+        got = eng(_images(0, 64))  # used to fail in np.concatenate: "need at least one array to concatenate"
+    assert got.shape == (0, width) and got.dtype == np.float32
+
+
+def test_an_empty_sample_is_refused_naming_the_sample_not_the_batch_size(tiny):
+    pytest.importorskip("onnxruntime")
+    # used to say "batch_size must be a positive number of images, got 0" for batch_size=4
+    with pytest.raises(ValueError, match=r"sample must be a batch .* got shape \(0, 3, 64, 64\)"):
+        create_engine(tiny, "onnx", sample=_images(0, 64), batch_size=4)
