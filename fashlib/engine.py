@@ -355,7 +355,8 @@ def _fixed_session(session: Any, make: Callable[[], Any], sample: torch.Tensor, 
 
     With every shape known, ONNX Runtime's layout optimisations apply (module docstring: about 1.3x the
     dynamic session's img/s). It is checked against the dynamic session on `batch` rows of `sample` (rows
-    repeated when it has fewer) with check_parity's tolerance and top-k rankings.
+    repeated when it has fewer) with check_parity's tolerance and top-k rankings. OnnxEngine builds it at
+    construction when its sample has at least `batch` rows, else on the first full batch, with that batch.
     """
     rows = sample[torch.arange(batch) % len(sample)].numpy()
     k = PARITY_TOP_K if len(sample) >= batch else 0  # repeated rows tie: compare values only
@@ -439,7 +440,9 @@ class OnnxEngine(_Engine):
 
         onnx_bytes = _cached_export(model, fn, sample, None if cache_dir is None else Path(cache_dir), parity)
         self.session = checked.get("session") or make(onnx_bytes)  # the checked session, or the cached file's
-        self.fixed = _fixed_session(self.session, lambda: make(onnx_bytes, self.batch_size), sample, self.batch_size)
+        lazy = self.batch_size > len(sample)  # then built on the first full batch, not on repeated sample rows
+        self._make_fixed, self._fixed_pending = (lambda: make(onnx_bytes, self.batch_size)), lazy
+        self.fixed = None if lazy else _fixed_session(self.session, self._make_fixed, sample, self.batch_size)
         self.model, self.fn, self.shape = model, fn, tuple(sample.shape[1:])
         self.fallback: TorchEngine | None = None
 
@@ -447,6 +450,9 @@ class OnnxEngine(_Engine):
         if tuple(images.shape[1:]) != self.shape:  # the graph's image size is fixed at export
             return self._other_size(images)
         x = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        if self._fixed_pending and len(x) == self.batch_size:
+            self._fixed_pending = False
+            self.fixed = _fixed_session(self.session, self._make_fixed, torch.from_numpy(x), self.batch_size)
         session = self.fixed if self.fixed is not None and len(x) == self.batch_size else self.session
         return session.run(None, {"images": x})[0]
 

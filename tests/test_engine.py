@@ -326,3 +326,17 @@ def test_an_empty_sample_is_refused_naming_the_sample_not_the_batch_size(tiny):
     # used to say "batch_size must be a positive number of images, got 0" for batch_size=4
     with pytest.raises(ValueError, match=r"sample must be a batch .* got shape \(0, 3, 64, 64\)"):
         create_engine(tiny, "onnx", sample=_images(0, 64), batch_size=4)
+
+
+def test_a_batch_size_above_the_samples_rows_builds_the_fixed_session_on_the_first_full_batch(tiny):
+    pytest.importorskip("onnxruntime")
+    # batch_size=10**7 used to build a batch of repeated sample rows at construction: a 491 GB allocation
+    with create_engine(tiny, "onnx", sample=_images(2, 64), batch_size=10**7) as eng:
+        x = _images(3, 64)
+        np.testing.assert_allclose(eng(x), _torch_features(tiny, x), atol=1e-4)
+        assert eng.fixed is None  # never a full batch: never built
+    with create_engine(tiny, "onnx", sample=_images(2, 64), batch_size=6) as eng:
+        assert eng.fixed is None
+        x = _images(8, 64, seed=5)  # one full batch of 6, checked against the dynamic session, then 2 rows
+        np.testing.assert_allclose(eng(x), _torch_features(tiny, x), atol=1e-4)
+        assert eng.fixed is not None
