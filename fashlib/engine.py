@@ -40,6 +40,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import operator
 import os
 import tempfile
 import warnings
@@ -148,13 +149,15 @@ class _Forward(nn.Module):
         return self.forward_fn(self.model, x)
 
 
-def _positive_batch_size(batch_size: int) -> int:
-    """`batch_size` as an int; ValueError naming it when it is below 1."""
-    if int(batch_size) < 1:
-        raise ValueError(
-            f"batch_size must be a positive number of images, got {batch_size}; pass None for the engine's own"
-        )
-    return int(batch_size)
+def _positive_count(value: Any, name: str = "batch_size", hint: str = "images") -> int:
+    """`value` as an int; ValueError naming it when it is below 1 or not a whole number (2.5, "4", True)."""
+    try:
+        count = 0 if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{name} must be a positive number of {hint}, got {value!r}; pass None for the engine's own")
+    return count
 
 
 class _Engine:
@@ -163,7 +166,7 @@ class _Engine:
     name = "base"
 
     def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE):
-        self.batch_size = _positive_batch_size(batch_size)
+        self.batch_size = _positive_count(batch_size)
 
     def _run(self, images: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
@@ -404,9 +407,7 @@ class OnnxEngine(_Engine):
                 f"the ONNX engine exports float32 models; this one is {model_dtype(model)}: "
                 "use engine='torch' or model.float()"
             )
-        if threads is not None and int(threads) < 1:
-            raise ValueError(f"threads must be a positive number of intra-op threads, got {threads}; or None")
-        threads = int(threads or torch.get_num_threads())
+        threads = _positive_count(torch.get_num_threads() if threads is None else threads, "threads", "threads")
         if sample.dim() != 4 or len(sample) == 0:
             raise ValueError(
                 f"sample must be a batch (N, 3, H, W) of at least one image, got shape {tuple(sample.shape)}; "
@@ -540,7 +541,7 @@ def create_engine(
     """
     name = default_engine(model, device) if engine == "auto" else engine
     if batch_size is not None:
-        batch_size = _positive_batch_size(batch_size)
+        batch_size = _positive_count(batch_size)
     if name not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose 'auto' or one of {sorted(ENGINES)}")
     factory, available = ENGINES[name]

@@ -340,3 +340,10 @@ def test_a_batch_size_above_the_samples_rows_builds_the_fixed_session_on_the_fir
         x = _images(8, 64, seed=5)  # one full batch of 6, checked against the dynamic session, then 2 rows
         np.testing.assert_allclose(eng(x), _torch_features(tiny, x), atol=1e-4)
         assert eng.fixed is not None
+
+
+@pytest.mark.parametrize(("option", "value"), [("batch_size", 2.5), ("batch_size", "4"), ("threads", 1.5)])
+def test_counts_that_are_not_whole_numbers_are_refused_not_truncated(tiny, option, value):
+    pytest.importorskip("onnxruntime")  # 2.5 used to run batches of 2, "4" to be taken as 4, 1.5 as 1 thread
+    with pytest.raises(ValueError, match=f"{option} must be a positive number of .*got {value!r}"):
+        create_engine(tiny, "onnx", sample=_images(2, 32), **{option: value})
