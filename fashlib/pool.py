@@ -26,6 +26,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -185,6 +186,13 @@ def map_jobs(
             try:
                 for future in as_completed(futures):
                     outcomes[futures[future]] = _tick(bar, pickle.loads(future.result()))
+            except BrokenProcessPool as err:
+                left = [job for job, outcome in zip(jobs, outcomes) if outcome is None]
+                raise BrokenProcessPool(
+                    f"a worker process died (killed by the system, e.g. out of memory, or a job called os._exit) "
+                    f"with {len(left)} job(s) unfinished, among them {left[:3]!r:.200}; pass fewer workers, or "
+                    "workers=1 to run the jobs here and see where it fails"
+                ) from err
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise

@@ -165,3 +165,18 @@ def test_counts_that_are_not_whole_numbers_are_refused_not_truncated(option, val
 
 def test_jobs_may_be_any_iterable():
     assert map_jobs(_awkward, (job for job in "abc"), workers=2, progress=False) == ["a", "b", "c"]
+
+
+def _dies(shared, job: str) -> str:
+    if job == "die":
+        import os
+
+        os._exit(1)  # as the system's out-of-memory killer would end it
+    return job
+
+
+def test_a_worker_that_dies_is_reported_with_the_unfinished_jobs_and_the_fix():
+    from concurrent.futures.process import BrokenProcessPool
+
+    with pytest.raises(BrokenProcessPool, match=r"worker process died .*'die'.*workers=1"):
+        map_jobs(_dies, ["a", "die"], workers=2, progress=False)
