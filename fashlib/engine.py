@@ -40,6 +40,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import operator
 import os
 import tempfile
 import warnings
@@ -148,13 +149,15 @@ class _Forward(nn.Module):
         return self.forward_fn(self.model, x)
 
 
-def _positive_batch_size(batch_size: int) -> int:
-    """`batch_size` as an int; ValueError naming it when it is below 1."""
-    if int(batch_size) < 1:
-        raise ValueError(
-            f"batch_size must be a positive number of images, got {batch_size}; pass None for the engine's own"
-        )
-    return int(batch_size)
+def _positive_count(value: Any, name: str = "batch_size", hint: str = "images") -> int:
+    """`value` as an int; ValueError naming it when it is below 1 or not a whole number (2.5, "4", True)."""
+    try:
+        count = 0 if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{name} must be a positive number of {hint}, got {value!r}; pass None for the engine's own")
+    return count
 
 
 class _Engine:
@@ -163,13 +166,15 @@ class _Engine:
     name = "base"
 
     def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE):
-        self.batch_size = _positive_batch_size(batch_size)
+        self.batch_size = _positive_count(batch_size)
 
     def _run(self, images: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
 
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """Images (N, 3, H, W) float32 -> features (N, D) float32 numpy, in row order."""
+        """Images (N, 3, H, W) float32 -> features (N, D) float32 numpy, in row order; N = 0 gives (0, D)."""
+        if len(images) == 0:  # D from one blank image (np.concatenate refuses an empty list)
+            return self._run(torch.zeros((1, *images.shape[1:]), dtype=images.dtype))[:0].astype(np.float32)
         parts = [self._run(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
         return np.concatenate(parts).astype(np.float32, copy=False)
 
@@ -353,7 +358,8 @@ def _fixed_session(session: Any, make: Callable[[], Any], sample: torch.Tensor, 
 
     With every shape known, ONNX Runtime's layout optimisations apply (module docstring: about 1.3x the
     dynamic session's img/s). It is checked against the dynamic session on `batch` rows of `sample` (rows
-    repeated when it has fewer) with check_parity's tolerance and top-k rankings.
+    repeated when it has fewer) with check_parity's tolerance and top-k rankings. OnnxEngine builds it at
+    construction when its sample has at least `batch` rows, else on the first full batch, with that batch.
     """
     rows = sample[torch.arange(batch) % len(sample)].numpy()
     k = PARITY_TOP_K if len(sample) >= batch else 0  # repeated rows tie: compare values only
@@ -401,9 +407,12 @@ class OnnxEngine(_Engine):
                 f"the ONNX engine exports float32 models; this one is {model_dtype(model)}: "
                 "use engine='torch' or model.float()"
             )
-        if threads is not None and int(threads) < 1:
-            raise ValueError(f"threads must be a positive number of intra-op threads, got {threads}; or None")
-        threads = int(threads or torch.get_num_threads())
+        threads = _positive_count(torch.get_num_threads() if threads is None else threads, "threads", "threads")
+        if sample.dim() != 4 or len(sample) == 0:
+            raise ValueError(
+                f"sample must be a batch (N, 3, H, W) of at least one image, got shape {tuple(sample.shape)}; "
+                "pass real images of the size to extract, or None for random ones"
+            )
         sample = sample.detach().float().cpu().contiguous()
         self.parity: dict | None = None
 
@@ -432,7 +441,9 @@ class OnnxEngine(_Engine):
 
         onnx_bytes = _cached_export(model, fn, sample, None if cache_dir is None else Path(cache_dir), parity)
         self.session = checked.get("session") or make(onnx_bytes)  # the checked session, or the cached file's
-        self.fixed = _fixed_session(self.session, lambda: make(onnx_bytes, self.batch_size), sample, self.batch_size)
+        lazy = self.batch_size > len(sample)  # then built on the first full batch, not on repeated sample rows
+        self._make_fixed, self._fixed_pending = (lambda: make(onnx_bytes, self.batch_size)), lazy
+        self.fixed = None if lazy else _fixed_session(self.session, self._make_fixed, sample, self.batch_size)
         self.model, self.fn, self.shape = model, fn, tuple(sample.shape[1:])
         self.fallback: TorchEngine | None = None
 
@@ -440,6 +451,9 @@ class OnnxEngine(_Engine):
         if tuple(images.shape[1:]) != self.shape:  # the graph's image size is fixed at export
             return self._other_size(images)
         x = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        if self._fixed_pending and len(x) == self.batch_size:
+            self._fixed_pending = False
+            self.fixed = _fixed_session(self.session, self._make_fixed, torch.from_numpy(x), self.batch_size)
         session = self.fixed if self.fixed is not None and len(x) == self.batch_size else self.session
         return session.run(None, {"images": x})[0]
 
@@ -527,7 +541,7 @@ def create_engine(
     """
     name = default_engine(model, device) if engine == "auto" else engine
     if batch_size is not None:
-        batch_size = _positive_batch_size(batch_size)
+        batch_size = _positive_count(batch_size)
     if name not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose 'auto' or one of {sorted(ENGINES)}")
     factory, available = ENGINES[name]

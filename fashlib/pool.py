@@ -20,11 +20,14 @@ pickled once per worker.
 from __future__ import annotations
 
 import multiprocessing
+import operator
 import os
+import pickle
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -73,12 +76,70 @@ def _start_worker(shared: Any, threads: int) -> None:
     sys.stderr = sys.__stderr__ or sys.stdout
 
 
-def _run_in_worker(fn: Callable[[Any, Any], Any], job: Any) -> tuple[Any, list[tuple[type[Warning], str]]]:
-    """fn(shared, job) and the warnings it raised (category, text), which the parent raises again."""
+def _run_in_worker(fn: Callable[[Any, Any], Any], job_bytes: bytes) -> bytes:
+    """Pickled (fn(shared, job), the warnings it raised as (category, text)), which the parent raises again.
+
+    What cannot go back to the parent fails here, naming the job: a result that cannot be pickled, and an
+    exception that cannot be unpickled (the pool would report it as a worker "terminated abruptly").
+    """
+    job = pickle.loads(job_bytes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = fn(_WORKER["shared"], job)
-    return result, [(w.category, str(w.message)) for w in caught]
+        try:
+            result = fn(_WORKER["shared"], job)
+        except Exception as err:
+            try:
+                pickle.loads(pickle.dumps(err))
+            except Exception:
+                raise RuntimeError(
+                    f"job {job!r:.80} raised {type(err).__name__}: {err} (its traceback follows; the exception "
+                    "itself cannot be sent back from a worker process: pass workers=1 to get it as raised)"
+                ) from err
+            raise
+    try:
+        return pickle.dumps((result, [(w.category, str(w.message)) for w in caught]))
+    except Exception as err:
+        raise TypeError(
+            f"the result of job {job!r:.80} cannot be sent back from a worker process ({type(err).__name__}: "
+            f"{err}); return picklable data (numbers, arrays, tensors, dicts, DataFrames) or pass workers=1"
+        ) from err
+
+
+def _pickled_jobs(fn: Callable[[Any, Any], Any], jobs: Sequence[Any]) -> list[bytes]:
+    """Each job pickled here, fn checked to pickle (by name): what cannot go to a worker fails here, named.
+
+    Left to the pool, a pickling error surfaces in its queue thread, and on Python 3.11 the pool can then
+    hang for ever on shutdown (a lambda as fn, measured 2026-11-29).
+    """
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        pickle.dumps(fn)
+    except Exception as err:
+        raise TypeError(
+            f"fn {name!r} cannot be sent to worker processes ({type(err).__name__}: {err}); define it at "
+            "module level (not a lambda or a nested function), or pass workers=1"
+        ) from err
+    packed = []
+    for i, job in enumerate(jobs):
+        try:
+            packed.append(pickle.dumps(job))
+        except Exception as err:
+            raise TypeError(
+                f"job {i} ({job!r:.80}) cannot be sent to worker processes ({type(err).__name__}: {err}); "
+                "jobs must be picklable data (numbers, strings, tuples, dicts), or pass workers=1"
+            ) from err
+    return packed
+
+
+def _count(name: str, value: Any, hint: str) -> int:
+    """`value` as a positive int; ValueError naming `name` and the value for anything else (2.5, "2", 0)."""
+    try:
+        count = operator.index(value) if not isinstance(value, bool) else 0
+    except TypeError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{name} must be a positive number of {hint}, got {value!r}")
+    return count
 
 
 def _context() -> Any:
@@ -105,15 +166,15 @@ def map_jobs(
     order and do not depend on `workers` (see the module docstring). With `cost` (job -> a relative cost),
     workers take the costliest jobs first, so that no long job starts last and runs alone. An exception
     raised by a job is raised here, after the jobs already running have finished; catch errors inside fn
-    to keep the others (study.try_call). ValueError for threads or workers below 1.
+    to keep the others (study.try_call). ValueError for threads or workers that are not whole numbers
+    >= 1; TypeError, before any job runs, for an fn or a job that cannot be pickled (with workers > 1).
     """
-    if int(threads) < 1:
-        raise ValueError(f"threads must be a positive number of intra-op threads per job, got {threads}")
-    workers = default_workers(len(jobs)) if workers is None else int(workers)
-    if workers < 1:
-        raise ValueError(f"workers must be a positive number of processes, got {workers}; or None for one per CPU")
+    jobs = list(jobs)
+    threads = _count("threads", threads, "intra-op threads per job")
+    workers = _count("workers", default_workers(len(jobs)) if workers is None else workers, "processes, or None")
+    packed = _pickled_jobs(fn, jobs) if workers > 1 and len(jobs) > 1 else None  # fails before any job runs
     bar = tqdm(total=len(jobs), desc=desc, unit="job", disable=not progress)
-    if workers == 1 or len(jobs) <= 1:
+    if packed is None:
         with intra_op_threads(threads), bar:
             return [_tick(bar, fn(shared, job)) for job in jobs]
     outcomes: list[Any] = [None] * len(jobs)
@@ -122,10 +183,17 @@ def map_jobs(
         pool = ProcessPoolExecutor(workers, _context(), initializer=_start_worker, initargs=(shared, threads))
         with pool:
             order = sorted(range(len(jobs)), key=lambda i: -cost(jobs[i])) if cost else range(len(jobs))
-            futures: dict[Future, int] = {pool.submit(_run_in_worker, fn, jobs[i]): i for i in order}
+            futures: dict[Future, int] = {pool.submit(_run_in_worker, fn, packed[i]): i for i in order}
             try:
                 for future in as_completed(futures):
-                    outcomes[futures[future]] = _tick(bar, future.result())
+                    outcomes[futures[future]] = _tick(bar, pickle.loads(future.result()))
+            except BrokenProcessPool as err:
+                left = [job for job, outcome in zip(jobs, outcomes) if outcome is None]
+                raise BrokenProcessPool(
+                    f"a worker process died (killed by the system, e.g. out of memory, or a job called os._exit) "
+                    f"with {len(left)} job(s) unfinished, among them {left[:3]!r:.200}; pass fewer workers, or "
+                    "workers=1 to run the jobs here and see where it fails"
+                ) from err
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise

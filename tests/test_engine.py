@@ -309,3 +309,41 @@ def test_a_fixed_batch_session_that_differs_is_dropped_with_a_warning(tiny, monk
     assert eng.fixed is None
     x = _images(9, 64, seed=3)
     np.testing.assert_allclose(eng(x), _torch_features(tiny, x), atol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_a_batch_of_no_images_gives_no_rows_of_the_right_width(tiny, engine):
+    if engine == "onnx":
+        pytest.importorskip("onnxruntime")
+    with create_engine(tiny, engine, sample=_images(4, 64)) as eng:
+        width = eng(_images(1, 64)).shape[1]
+        got = eng(_images(0, 64))  # used to fail in np.concatenate: "need at least one array to concatenate"
+    assert got.shape == (0, width) and got.dtype == np.float32
+
+
+def test_an_empty_sample_is_refused_naming_the_sample_not_the_batch_size(tiny):
+    pytest.importorskip("onnxruntime")
+    # used to say "batch_size must be a positive number of images, got 0" for batch_size=4
+    with pytest.raises(ValueError, match=r"sample must be a batch .* got shape \(0, 3, 64, 64\)"):
+        create_engine(tiny, "onnx", sample=_images(0, 64), batch_size=4)
+
+
+def test_a_batch_size_above_the_samples_rows_builds_the_fixed_session_on_the_first_full_batch(tiny):
+    pytest.importorskip("onnxruntime")
+    # batch_size=10**7 used to build a batch of repeated sample rows at construction: a 491 GB allocation
+    with create_engine(tiny, "onnx", sample=_images(2, 64), batch_size=10**7) as eng:
+        x = _images(3, 64)
+        np.testing.assert_allclose(eng(x), _torch_features(tiny, x), atol=1e-4)
+        assert eng.fixed is None  # never a full batch: never built
+    with create_engine(tiny, "onnx", sample=_images(2, 64), batch_size=6) as eng:
+        assert eng.fixed is None
+        x = _images(8, 64, seed=5)  # one full batch of 6, checked against the dynamic session, then 2 rows
+        np.testing.assert_allclose(eng(x), _torch_features(tiny, x), atol=1e-4)
+        assert eng.fixed is not None
+
+
+@pytest.mark.parametrize(("option", "value"), [("batch_size", 2.5), ("batch_size", "4"), ("threads", 1.5)])
+def test_counts_that_are_not_whole_numbers_are_refused_not_truncated(tiny, option, value):
+    pytest.importorskip("onnxruntime")  # 2.5 used to run batches of 2, "4" to be taken as 4, 1.5 as 1 thread
+    with pytest.raises(ValueError, match=f"{option} must be a positive number of .*got {value!r}"):
+        create_engine(tiny, "onnx", sample=_images(2, 32), **{option: value})

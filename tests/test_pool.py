@@ -139,3 +139,60 @@ def test_a_head_trained_in_this_process_does_not_depend_on_its_thread_count():
             assert torch.get_num_threads() == threads  # given back after training
     np.testing.assert_array_equal(got[0], got[1])
     assert torch.get_num_threads() == before
+
+
+class _NeedsTwoArguments(Exception):
+    def __init__(self, text: str, code: int):
+        super().__init__(text)
+        self.code = code
+
+
+def _awkward(shared, job: str):
+    if job == "odd error":
+        raise _NeedsTwoArguments("planted error that does not unpickle", 7)
+    if job == "lock":
+        import threading
+
+        return threading.Lock()
+    return job
+
+
+def test_a_lambda_or_an_unpicklable_job_is_refused_before_any_job_runs_naming_it():
+    # a lambda as fn used to hang for ever in the pool's shutdown (Python 3.11)
+    with pytest.raises(TypeError, match="fn '.*<lambda>' cannot be sent to worker processes.*workers=1"):
+        map_jobs(lambda shared, job: job, ["a", "b"], workers=2, progress=False)
+    with pytest.raises(TypeError, match="job 1 .* cannot be sent to worker processes"):
+        map_jobs(_awkward, ["a", lambda: 0], workers=2, progress=False)
+    assert map_jobs(lambda shared, job: job + "!", ["a", "b"], workers=1, progress=False) == ["a!", "b!"]
+
+
+def test_what_cannot_come_back_from_a_worker_is_named_not_reported_as_a_dead_worker():
+    with pytest.raises(RuntimeError, match="job 'odd error' raised _NeedsTwoArguments: planted error"):
+        map_jobs(_awkward, ["a", "odd error"], workers=2, progress=False)
+    with pytest.raises(TypeError, match="result of job 'lock' cannot be sent back.*workers=1"):
+        map_jobs(_awkward, ["a", "lock"], workers=2, progress=False)
+
+
+@pytest.mark.parametrize(("option", "value"), [("workers", 2.7), ("workers", "2"), ("threads", 1.5), ("workers", True)])
+def test_counts_that_are_not_whole_numbers_are_refused_not_truncated(option, value):
+    with pytest.raises(ValueError, match=f"{option} must be a positive number .*got {value!r}"):
+        map_jobs(_warn_or_fail, ["a", "b"], progress=False, **{option: value})
+
+
+def test_jobs_may_be_any_iterable():
+    assert map_jobs(_awkward, (job for job in "abc"), workers=2, progress=False) == ["a", "b", "c"]
+
+
+def _dies(shared, job: str) -> str:
+    if job == "die":
+        import os
+
+        os._exit(1)  # as the system's out-of-memory killer would end it
+    return job
+
+
+def test_a_worker_that_dies_is_reported_with_the_unfinished_jobs_and_the_fix():
+    from concurrent.futures.process import BrokenProcessPool
+
+    with pytest.raises(BrokenProcessPool, match=r"worker process died .*'die'.*workers=1"):
+        map_jobs(_dies, ["a", "die"], workers=2, progress=False)
