@@ -24,8 +24,9 @@ Measured on this machine (2 cores, AMD EPYC, tf_efficientnet_lite0 at 224 px, po
 forward only, ONNX Runtime at batch 4 / 16 / 32: 216 / 209 / 199 img/s; PyTorch (channels_last): 113 / 120 /
 115 img/s. Full batches run in a session whose batch axis is fixed (`_fixed_session`: ONNX Runtime's
 free-dimension override on the exported dynamic axis): with every shape known its layout optimisations
-apply, and the same model ran at 215 img/s fixed against 86-168 img/s with the batch left dynamic (batch 4,
-same process, minutes apart). A last shorter batch runs in the dynamic session. Smaller batches keep the activations
+apply: in six passes over the same model (batch 4, same process, minutes apart) the fixed session ran at
+155-221 img/s and the dynamic one at 86-168 img/s, the fixed one 1.3-2.6x faster in each pass. A last
+shorter batch runs in the dynamic session. Smaller batches keep the activations
 in the cache, so each engine has its own batch size (`ONNX_BATCH_SIZE` = 4, `DEFAULT_BATCH_SIZE` = 16 for
 PyTorch and for GPUs; larger batches are split). Threads: ONNX Runtime gets the caller's
 torch.get_num_threads() (intra-op; inter-op 1) unless `threads` is given, with spinning off: with extract's
@@ -356,7 +357,7 @@ def _session_options(ort: Any, threads: int, spin: bool, batch: int | None = Non
 def _fixed_session(session: Any, make: Callable[[], Any], sample: torch.Tensor, batch: int) -> Any:
     """A second session with the batch axis fixed to `batch`, or None (warned) when it differs from `session`.
 
-    With every shape known, ONNX Runtime's layout optimisations apply (module docstring: about 1.3x the
+    With every shape known, ONNX Runtime's layout optimisations apply (module docstring: 1.3-2.6x the
     dynamic session's img/s). It is checked against the dynamic session on `batch` rows of `sample` (rows
     repeated when it has fewer) with check_parity's tolerance and top-k rankings. OnnxEngine builds it at
     construction when its sample has at least `batch` rows, else on the first full batch, with that batch.
