@@ -41,7 +41,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import operator
 import os
 import tempfile
 import warnings
@@ -52,6 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .pool import positive_count
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -151,14 +152,8 @@ class _Forward(nn.Module):
 
 
 def _positive_count(value: Any, name: str = "batch_size", hint: str = "images") -> int:
-    """`value` as an int; ValueError naming it when it is below 1 or not a whole number (2.5, "4", True)."""
-    try:
-        count = 0 if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        count = 0
-    if count < 1:
-        raise ValueError(f"{name} must be a positive number of {hint}, got {value!r}; pass None for the engine's own")
-    return count
+    """pool.positive_count, with the engine's fix: None for the engine's own value."""
+    return positive_count(value, name, hint, fix="; pass None for the engine's own")
 
 
 class _Engine:

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["available_cpus", "default_workers", "intra_op_threads", "map_jobs"]
+__all__ = ["available_cpus", "default_workers", "intra_op_threads", "map_jobs", "positive_count"]
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -131,14 +131,15 @@ def _pickled_jobs(fn: Callable[[Any, Any], Any], jobs: Sequence[Any]) -> list[by
     return packed
 
 
-def _count(name: str, value: Any, hint: str) -> int:
-    """`value` as a positive int; ValueError naming `name` and the value for anything else (2.5, "2", 0)."""
+def positive_count(value: Any, name: str, hint: str, fix: str = "") -> int:
+    """`value` as a positive int; ValueError naming `name`, the value and `fix` for anything else (2.5, "2", True,
+    0): a count (workers, threads, a batch size) is never truncated or guessed."""
     try:
         count = operator.index(value) if not isinstance(value, bool) else 0
     except TypeError:
         count = 0
     if count < 1:
-        raise ValueError(f"{name} must be a positive number of {hint}, got {value!r}")
+        raise ValueError(f"{name} must be a positive number of {hint}, got {value!r}{fix}")
     return count
 
 
@@ -170,8 +171,10 @@ def map_jobs(
     >= 1; TypeError, before any job runs, for an fn or a job that cannot be pickled (with workers > 1).
     """
     jobs = list(jobs)
-    threads = _count("threads", threads, "intra-op threads per job")
-    workers = _count("workers", default_workers(len(jobs)) if workers is None else workers, "processes, or None")
+    threads = positive_count(threads, "threads", "intra-op threads per job")
+    workers = positive_count(
+        default_workers(len(jobs)) if workers is None else workers, "workers", "processes, or None"
+    )
     packed = _pickled_jobs(fn, jobs) if workers > 1 and len(jobs) > 1 else None  # fails before any job runs
     bar = tqdm(total=len(jobs), desc=desc, unit="job", disable=not progress)
     if packed is None:
